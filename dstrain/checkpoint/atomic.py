@@ -1,0 +1,55 @@
+"""Crash-safe writes: write beside the target, fsync, rename, fsync the parent.
+
+A reader sees either the old state or the complete new one, never a half-written file or directory,
+whatever kills the process and whenever.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    fsync_path(tmp)
+    tmp.replace(path)
+    fsync_path(path.parent)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling dir to fill; on success fsync everything and rename it to `final`.
+
+    On failure the temporary dir is removed and `final` (if it existed) is left untouched.
+    """
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            fsync_path(child)
+        fsync_path(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+        fsync_path(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

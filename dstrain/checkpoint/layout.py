@@ -1,0 +1,105 @@
+"""Checkpoint names, the manifest, the `latest` pointer and pruning.
+
+checkpoints/step-00000120/   adapter_model.safetensors, adapter_config.json, trainer_state.json,
+                             config.yaml, ds_config.json, manifest.json (written last)
+checkpoints/latest           text file naming the newest complete checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from dstrain.checkpoint.atomic import TMP_PREFIX, write_text_atomic
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+FORMAT = "dstrain-checkpoint/1"
+STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(directory: Path) -> dict:
+    files = {
+        p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    return {"format": FORMAT, "files": files}
+
+
+def verify_checkpoint(directory: Path) -> list[str]:
+    """Every way `directory` differs from its manifest, as 'file: problem' lines (empty when intact)."""
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        return [f"{directory}: not a directory"]
+    if not manifest_path.is_file():
+        return [f"{manifest_path}: missing (the checkpoint was not completed)"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return [f"{manifest_path}: unreadable manifest"]
+    problems = []
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{path}: size {path.stat().st_size} != {entry['size']} in the manifest")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 does not match the manifest")
+    return problems
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint dirs, oldest first (temporary dirs are never listed)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name))
+
+
+def write_latest(root: Path, name: str) -> None:
+    write_text_atomic(root / LATEST, name + "\n")
+
+
+def read_latest(root: Path) -> str | None:
+    path = root / LATEST
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def prune(root: Path, keep_last: int, protect: set[str] | None = None) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (never a protected one); return what was removed."""
+    protect = protect or set()
+    doomed = [p for p in list_checkpoints(root)[:-keep_last] if p.name not in protect]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def remove_stale_temp(root: Path) -> list[Path]:
+    """Temporary dirs left by a save that was killed; safe to delete before a new save starts."""
+    stale = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale

@@ -1,0 +1,119 @@
+"""The `dstrain` command. Each subcommand delegates; none holds logic of its own."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dstrain.errors import DstrainError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="LoRA/QLoRA fine-tuning for RAG inside DeepSpeed ZeRO.",
+)
+DEBUG = {"on": False}
+
+
+def fail(exc: DstrainError) -> None:
+    if DEBUG["on"]:
+        raise exc
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for user errors")] = False,
+) -> None:
+    DEBUG["on"] = debug
+
+
+def launcher_command(num_gpus: int | None, hostfile: Path | None, entry_args: list[str]) -> list[str]:
+    """The deepspeed launcher line that runs `python -m dstrain.train` on every rank."""
+    cmd = ["deepspeed"]
+    if hostfile is not None:
+        cmd += ["--hostfile", str(hostfile)]
+    if num_gpus is not None:
+        cmd += ["--num_gpus", str(num_gpus)]
+    return [*cmd, "--module", "dstrain.train", *entry_args]
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="run YAML; omit for the bundled demo")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE override (repeatable)")
+    ] = None,
+    ds_config: Annotated[
+        str | None, typer.Option("--ds-config", help="ZeRO JSON (overrides the YAML)")
+    ] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="start the deepspeed launcher")] = None,
+    hostfile: Annotated[
+        Path | None, typer.Option("--hostfile", help="deepspeed hostfile (multi-node)")
+    ] = None,
+) -> None:
+    """Train. Without --config: the bundled demo (tiny model, sample RAG data, runs/demo/)."""
+    args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
+    args += ["--ds-config", ds_config] if ds_config else []
+    args += ["--debug"] if DEBUG["on"] else []
+    if num_gpus is not None or hostfile is not None:
+        cmd = launcher_command(num_gpus, hostfile, args)
+        typer.echo(f"launching: {shlex.join(cmd)}", err=True)
+        raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+    from dstrain.train import main as train_main
+
+    raise typer.Exit(train_main(args))
+
+
+@app.command("validate-data")
+def validate_data(
+    path: Annotated[Path, typer.Argument(help="JSONL file to check")],
+    format: Annotated[str, typer.Option("--format", help="preference | sft-rag | messages")],
+) -> None:
+    """Check every record; print PATH:LINE: reason per problem and a summary. Exit 1 on any problem."""
+    from dstrain.data.records import BadRecord, read_file
+
+    if format not in ("preference", "sft-rag", "messages"):
+        fail(DstrainError(f"--format must be preference, sft-rag or messages, got {format!r}"))
+    if not path.is_file():
+        fail(DstrainError(f"{path}: no such file"))
+    good = bad = 0
+    for _, item in read_file(path, format):
+        if isinstance(item, BadRecord):
+            bad += 1
+            typer.echo(str(item))
+        else:
+            good += 1
+    typer.echo(f"{path}: {good + bad} records, {good} ok, {bad} bad")
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="a run's output_dir")]) -> None:
+    """Write loss / eval / throughput curves of a run as RUN_DIR/loss.png."""
+    from dstrain.plot import plot_run
+
+    try:
+        typer.echo(str(plot_run(run_dir)))
+    except DstrainError as exc:
+        fail(exc)
+
+
+def main() -> None:
+    try:
+        app()
+    except DstrainError as exc:  # raised past `fail` only with --debug: the traceback is wanted then
+        if not DEBUG["on"]:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,296 @@
+"""Typed, strict run config: YAML + `--set a.b=c` overrides, every problem reported at once.
+
+The run config says *what* is trained (model, data, LoRA, objective, schedule, output). How it is optimised
+(micro batch, accumulation, precision, optimizer, scheduler, offload) belongs to the ZeRO JSON: see
+`ds_config.py`, which validates the two together.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from dstrain.errors import ConfigError
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+DataFormat = Literal["preference", "sft-rag", "messages"]
+ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll"]
+
+DEFAULT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:tiny"
+    dtype: Dtype = "fp32"
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    init_seed: int = 0  # seeds random init of builtin models, so every rank builds identical weights
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    format: DataFormat = "sft-rag"
+    max_seq_len: int = 512
+    max_passage_tokens: int = 384
+    packing: bool = False
+    num_workers: int = 0
+    on_error: Literal["fail", "skip"] = "fail"
+    max_bad_fraction: float = 0.0
+    seed: int = 0
+    prompt_template: str = DEFAULT_TEMPLATE
+    chat_template: bool = False  # wrap the RAG prompt in the tokenizer's chat template
+    max_eval_samples: int = 0  # 0: the whole eval set
+
+
+@dataclass
+class ObjectiveConfig:
+    name: ObjectiveName = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0  # 0: run `epochs` full epochs
+    epochs: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic eval (eval still runs at the end when eval data is given)
+    save_every: int = 0  # 0: save only at the end
+    keep_last: int = 3
+    seed: int = 42
+    global_batch_size: int = 0  # fills "auto" train_batch_size in the ZeRO JSON; 0: micro x world
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ds_config: str = "ds_configs/zero2.json"
+    output_dir: str = "runs/default"
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a YAML run config (or start from `base`), apply `a.b=c` overrides, validate strictly."""
+    raw: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+    apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path) if path else "run config")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"{path}: file not found (pass an existing run YAML with --config)"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(raw).__name__}"])
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `section.key=value` overrides in place; values are parsed as YAML scalars/lists."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+            continue
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item!r}: {part} is not a section")
+                break
+        else:
+            node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    if problems:
+        raise ConfigError(problems, source="overrides")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConfig:
+    problems: list[str] = []
+    cfg = _build(RunConfig, raw, "", problems)
+    if not problems:
+        problems.extend(check_values(cfg))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, collecting unknown keys and type errors into `problems`."""
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(raw)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    values = {}
+    for name in fields:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.", problems)
+        else:
+            ok, value = _coerce(hint, raw[name])
+            if ok:
+                values[name] = value
+            else:
+                problems.append(f"{prefix}{name}: expected {_describe(hint)}, got {_show(raw[name])}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any) -> tuple[bool, Any]:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return value in get_args(hint), value
+    if origin in (Union, types.UnionType):
+        for arm in get_args(hint):
+            ok, out = _coerce(arm, value)
+            if ok:
+                return True, out
+        return False, value
+    if origin is list:
+        (item,) = get_args(hint)
+        if isinstance(value, str) and item is str:
+            return True, [value]  # a single path is a one-element list
+        if not isinstance(value, list):
+            return False, value
+        pairs = [_coerce(item, v) for v in value]
+        return all(ok for ok, _ in pairs), [v for _, v in pairs]
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is type(None):
+        return value is None, value
+    raise TypeError(f"unsupported config type {hint}")
+
+
+def _describe(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return " | ".join(str(a) for a in get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(get_args(hint)[0])}"
+    return {bool: "true|false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+
+
+# ------------------------------------------------------------------------------------------ semantics
+
+
+def check_values(cfg: RunConfig) -> list[str]:
+    """Range and cross-field checks that types alone cannot express."""
+    p: list[str] = []
+    positive = {
+        "lora.r": cfg.lora.r,
+        "lora.alpha": cfg.lora.alpha,
+        "data.max_seq_len": cfg.data.max_seq_len,
+        "train.log_every": cfg.train.log_every,
+        "train.keep_last": cfg.train.keep_last,
+    }
+    p += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
+    non_negative = {
+        "data.max_passage_tokens": cfg.data.max_passage_tokens,
+        "data.num_workers": cfg.data.num_workers,
+        "data.max_eval_samples": cfg.data.max_eval_samples,
+        "train.max_steps": cfg.train.max_steps,
+        "train.epochs": cfg.train.epochs,
+        "train.eval_every": cfg.train.eval_every,
+        "train.save_every": cfg.train.save_every,
+        "train.global_batch_size": cfg.train.global_batch_size,
+    }
+    p += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
+        p.append("train: set max_steps or epochs (both are 0, nothing would be trained)")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        p.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        p.append(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    if cfg.data.max_passage_tokens >= cfg.data.max_seq_len:
+        p.append(
+            f"data.max_passage_tokens ({cfg.data.max_passage_tokens}) must be below data.max_seq_len "
+            f"({cfg.data.max_seq_len}) to leave room for the query and the answer"
+        )
+    for name in ("{passages}", "{query}"):
+        if name not in cfg.data.prompt_template:
+            p.append(f"data.prompt_template: must contain {name}")
+    if not cfg.data.train:
+        p.append("data.train: no training files given (a list of JSONL/Parquet paths or globs)")
+    if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
+        p.append(
+            f"lora.target_modules: a list of module names or 'all-linear', got {cfg.lora.target_modules!r}"
+        )
+    if cfg.objective.name != "sft":
+        p.append(
+            f"objective.name: '{cfg.objective.name}' is not available in this version of dstrain; use 'sft' "
+            "(preference data then trains on the chosen answer)"
+        )
+    if cfg.data.packing:
+        p.append("data.packing: not available in this version of dstrain; set data.packing=false")
+    if cfg.model.load_in_4bit:
+        p.append("model.load_in_4bit: not available in this version of dstrain; set model.load_in_4bit=false")
+    if not cfg.output_dir.strip():
+        p.append("output_dir: must not be empty")
+    return p
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,104 @@
+"""Tokenise records into (input_ids, labels) with prompt tokens masked, and pad them into batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dstrain.config import DataConfig
+from dstrain.data.prompts import render_rag_prompt
+from dstrain.data.records import MessagesRecord, RagRecord, Record
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+
+    @property
+    def supervised(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def tokenize_rag(tokenizer: PreTrainedTokenizerBase, record: RagRecord, cfg: DataConfig) -> Example:
+    """Prompt (masked) + " answer" + EOS; an answer that does not fit is cut, a prompt that does not is an error."""
+    prompt = render_rag_prompt(
+        tokenizer,
+        cfg.prompt_template,
+        record.query,
+        record.passages,
+        cfg.max_passage_tokens,
+        cfg.chat_template,
+    )
+    prompt_ids = _ids(tokenizer, prompt, special=not cfg.chat_template)
+    answer_ids = _ids(tokenizer, " " + record.answer.strip(), special=False)
+    if tokenizer.eos_token_id is not None:
+        answer_ids.append(tokenizer.eos_token_id)
+    room = cfg.max_seq_len - len(prompt_ids)
+    if room < 1:
+        raise ValueError(
+            f"over-long record: the prompt alone is {len(prompt_ids)} tokens (query + passages cut to "
+            f"{cfg.max_passage_tokens}), data.max_seq_len is {cfg.max_seq_len}"
+        )
+    answer_ids = answer_ids[:room]
+    return Example(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+
+
+def tokenize_messages(
+    tokenizer: PreTrainedTokenizerBase, record: MessagesRecord, max_seq_len: int
+) -> Example:
+    """Chat-template the conversation; only assistant turns carry labels."""
+    messages = [{"role": role, "content": content} for role, content in record.messages]
+    full = _render(tokenizer, messages, generation_prompt=False)
+    labels = [IGNORE] * len(full)
+    for i, (role, _) in enumerate(record.messages):
+        if role != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        end = len(_render(tokenizer, messages[: i + 1], generation_prompt=False))
+        if full[:end] != _render(tokenizer, messages[: i + 1], generation_prompt=False):
+            raise ValueError(
+                "the tokenizer's chat template does not render turns as prefixes; cannot mask turns"
+            )
+        labels[start:end] = full[start:end]
+    example = Example(full[:max_seq_len], labels[:max_seq_len])
+    if example.supervised == 0:
+        raise ValueError(f"over-long record: no assistant token falls within data.max_seq_len={max_seq_len}")
+    return example
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:
+    if not messages:
+        return []
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return _ids(tokenizer, text, special=False)
+
+
+def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, cfg: DataConfig) -> Example:
+    if isinstance(record, MessagesRecord):
+        return tokenize_messages(tokenizer, record, cfg.max_seq_len)
+    return tokenize_rag(tokenizer, record, cfg)
+
+
+def collate(examples: Sequence[Example], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example (rounded up to `multiple_of`); padding carries no loss."""
+    longest = max(len(e.input_ids) for e in examples)
+    length = -(-longest // multiple_of) * multiple_of
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,130 @@
+"""The training loop: objective -> backward -> step -> metrics -> eval -> checkpoint. Short on purpose."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+from peft import PeftModel
+
+from dstrain import engine as eng
+from dstrain.checkpoint.save import TrainerState, save_checkpoint
+from dstrain.config import RunConfig
+from dstrain.data.batches import Example
+from dstrain.ds_config import BatchPlan
+from dstrain.evaluate import evaluate
+from dstrain.metrics import MetricsSink, StepMeter, memory_gb
+from dstrain.objectives import sft_loss
+
+
+@dataclass
+class Session:
+    """What the loop needs, built once by `dstrain.train`."""
+
+    cfg: RunConfig
+    ds: dict[str, Any]
+    plan: BatchPlan
+    engine: DeepSpeedEngine
+    peft_model: PeftModel
+    batches: Iterator[dict[str, torch.Tensor]]
+    eval_examples: list[Example]
+    steps_per_epoch: int
+    total_steps: int
+    output_dir: Path
+    config_yaml: str
+    pad_id: int
+    rank: int
+    sink: MetricsSink
+
+
+def micro_step(session: Session, meter: StepMeter) -> None:
+    """One micro batch: fetch (timed), forward, backward, and an optimizer step at the boundary."""
+    started = time.perf_counter()
+    batch = next(session.batches)
+    waited = time.perf_counter() - started
+    nll_sum, num_tokens = eng.forward(session.engine, batch)
+    loss = sft_loss(nll_sum, num_tokens)
+    eng.backward(session.engine, loss)
+    eng.step(session.engine)
+    meter.add(loss, batch["attention_mask"], waited)
+
+
+def due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def log_train(session: Session, state: TrainerState, meter: StepMeter, steps: int) -> None:
+    row = meter.collect(steps)
+    state.tokens += row["tokens"]
+    row.update(step=state.step, lr=eng.current_lr(session.engine), mem_gb=memory_gb(), epoch=state.epoch)
+    row["tokens"] = state.tokens
+    row["samples"] = state.samples
+    norm = eng.grad_norm(session.engine)
+    if norm is not None:
+        row["grad_norm"] = norm
+    session.sink.log(dict(sorted(row.items(), key=lambda kv: kv[0] != "step")))
+    meter.reset()
+
+
+def run_eval(session: Session, state: TrainerState) -> float | None:
+    if not session.eval_examples:
+        return None
+    result = evaluate(
+        session.engine,
+        session.eval_examples,
+        session.plan.micro,
+        session.rank,
+        session.plan.world,
+        session.pad_id,
+    )
+    session.sink.log({"step": state.step, "eval_loss": result})
+    if state.best_metric is None or result < state.best_metric:
+        state.best_metric = result
+    return result
+
+
+def advance_position(session: Session, state: TrainerState) -> None:
+    state.step += 1
+    state.samples = state.step * session.plan.global_batch
+    state.epoch, slot = divmod(state.step, session.steps_per_epoch)
+    state.cursor = slot * session.plan.global_batch
+
+
+def save(session: Session, state: TrainerState) -> Path:
+    path = save_checkpoint(
+        session.output_dir,
+        session.peft_model,
+        state,
+        session.config_yaml,
+        session.ds,
+        session.cfg.train.keep_last,
+        is_main=session.rank == 0,
+    )
+    session.sink.print(f"saved {path}")
+    return path
+
+
+def train(session: Session, state: TrainerState) -> TrainerState:
+    """Run steps state.step+1 .. total_steps, logging, evaluating and saving on schedule."""
+    cfg, total = session.cfg.train, session.total_steps
+    meter, since_log = StepMeter(), 0
+    session.engine.train()
+    while state.step < total:
+        for _ in range(session.plan.accumulation):
+            micro_step(session, meter)
+        advance_position(session, state)
+        since_log += 1
+        session.sink.advance(state.step)
+        if due(state.step, cfg.log_every, total):
+            log_train(session, state, meter, since_log)
+            since_log = 0
+        if due(state.step, cfg.eval_every, total):
+            run_eval(session, state)
+        if due(state.step, cfg.save_every, total):
+            save(session, state)
+    return state

@@ -1,0 +1,141 @@
+"""Step metrics: accumulated on device without host syncs, reduced across ranks only when logged.
+
+Sinks (rank 0 only): metrics.jsonl (one JSON object per logged step), TensorBoard under tb/, and a rich
+progress bar with ETA on the console.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from dstrain.distributed import all_reduce_sum
+
+
+def memory_gb() -> float:
+    """Peak accelerator memory of this rank, or the process RSS on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class StepMeter:
+    """Sums per-micro-batch loss and token counts as tensors; `.collect()` is the one host sync per log."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum: torch.Tensor | None = None
+        self.micro_batches = 0
+        self.tokens: torch.Tensor | None = None
+        self.samples = 0
+        self.data_wait_s = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor, data_wait_s: float) -> None:
+        loss, tokens = loss.detach().float(), attention_mask.sum()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.tokens = tokens if self.tokens is None else self.tokens + tokens
+        self.micro_batches += 1
+        self.samples += attention_mask.shape[0]
+        self.data_wait_s += data_wait_s
+
+    def collect(self, steps: int) -> dict[str, float]:
+        """Reduce over ranks: loss is the mean micro-batch loss, tokens/samples are global sums."""
+        device = self.loss_sum.device
+        local = torch.stack(
+            [
+                self.loss_sum,
+                self.tokens.to(device, torch.float32),
+                torch.tensor(float(self.micro_batches), device=device),
+                torch.tensor(float(self.samples), device=device),
+                torch.tensor(self.data_wait_s, device=device),
+            ]
+        )
+        loss_sum, tokens, micro, samples, wait = all_reduce_sum(local.double()).tolist()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        ranks = micro / max(1, self.micro_batches)
+        return {
+            "loss": loss_sum / micro,
+            "tokens": int(tokens),
+            "samples": int(samples),
+            "tokens_per_s": tokens / elapsed,
+            "samples_per_s": samples / elapsed,
+            "step_time_s": elapsed / max(1, steps),
+            "data_wait_s": wait / ranks,  # mean over ranks, summed over the logged steps
+        }
+
+
+class MetricsSink:
+    """metrics.jsonl + TensorBoard + console; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, start_step: int = 0) -> None:
+        self.enabled = enabled
+        self.console = Console(stderr=False)
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+        self.progress.start()
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        step = int(row["step"])
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(
+                    f"train/{key}" if not key.startswith("eval_") else f"eval/{key[5:]}", value, step
+                )
+        if "loss" in row:
+            info = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, info=info)
+        if "eval_loss" in row:
+            self.console.print(f"step {step}: eval_loss {row['eval_loss']:.4f}")
+
+    def advance(self, step: int) -> None:
+        if self.enabled:
+            self.progress.update(self.task, completed=step)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.progress.stop()
+        self.jsonl.close()
+        self.tb.close()

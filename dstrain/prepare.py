@@ -1,0 +1,127 @@
+"""Everything checked and loaded before a process group exists: config, ZeRO JSON, model path, data.
+
+Nothing here touches torch.distributed, so a bad config or bad data fails on every rank the same way,
+at once, with one message, instead of leaving peers waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from dstrain.config import RunConfig, dump_yaml
+from dstrain.data.batches import Example, tokenize_record
+from dstrain.data.loader import steps_per_epoch
+from dstrain.data.records import BadRecord, LoadedRecords, enforce_policy, expand_paths, load_records
+from dstrain.ds_config import BatchPlan, find_ds_config, load_ds_config, resolve_ds_config
+from dstrain.errors import ConfigError, DstrainError
+from dstrain.model import check_model_path, hidden_size, load_tokenizer
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    ds: dict[str, Any]
+    plan: BatchPlan
+    tokenizer: PreTrainedTokenizerBase
+    train: list[Example]
+    eval: list[Example]
+    skipped: int
+    steps_per_epoch: int
+    total_steps: int
+    config_yaml: str
+    config_digest: str
+
+
+def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    except DstrainError as exc:
+        problems.append(str(exc))
+    return None
+
+
+def preflight(cfg: RunConfig, world: int) -> dict[str, Any]:
+    """Check every file the run needs and the batch arithmetic; raise one ConfigError listing all problems."""
+    problems = check_model_path(cfg.model)
+    raw = None
+    path = _collect(problems, find_ds_config, cfg.ds_config)
+    if path is not None:
+        raw = _collect(problems, load_ds_config, path)
+    _collect(problems, expand_paths, cfg.data.train, "data.train")
+    if cfg.data.eval:
+        _collect(problems, expand_paths, cfg.data.eval, "data.eval")
+    if raw is not None:
+        # A dry run of the resolution with a placeholder schedule: batch and precision problems surface now.
+        _collect(problems, lambda: resolve_ds_config(raw, cfg, world, 1, None, *device_precision()))
+    if problems:
+        raise ConfigError(problems, source="run")
+    return raw
+
+
+def device_precision() -> tuple[bool, bool]:
+    """(bf16 supported, fp16 supported) on this rank's accelerator."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return bool(acc.is_bf16_supported()), bool(acc.is_fp16_supported())
+
+
+def tokenize_all(loaded: LoadedRecords, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example]:
+    """Tokenise in order; records too long for max_seq_len join the bad records (line numbers kept)."""
+    examples = []
+    for record, where in zip(loaded.records, loaded.origins, strict=True):
+        try:
+            examples.append(tokenize_record(tokenizer, record, cfg.data))
+        except ValueError as exc:
+            loaded.bad.append(BadRecord(where[0], where[1], str(exc)))
+    return examples
+
+
+def load_split(
+    patterns: list[str], what: str, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig
+) -> tuple[list[Example], int]:
+    """Read, validate and tokenise one split; returns (examples, number of bad records skipped)."""
+    loaded = load_records(expand_paths(patterns, what), cfg.data.format)
+    examples = tokenize_all(loaded, tokenizer, cfg)
+    enforce_policy(loaded, cfg.data.on_error, cfg.data.max_bad_fraction, what)
+    return examples, len(loaded.bad)
+
+
+def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
+    payload = cfg_yaml + json.dumps(ds, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare(cfg: RunConfig, world: int) -> Prepared:
+    raw = preflight(cfg, world)
+    tokenizer = load_tokenizer(cfg.model)
+    train, skipped = load_split(cfg.data.train, "data.train", tokenizer, cfg)
+    eval_set, _ = load_split(cfg.data.eval, "data.eval", tokenizer, cfg) if cfg.data.eval else ([], 0)
+    if cfg.data.max_eval_samples:
+        eval_set = eval_set[: cfg.data.max_eval_samples]
+    precision = device_precision()
+    _, plan = resolve_ds_config(raw, cfg, world, 1, None, *precision)
+    per_epoch = steps_per_epoch(len(train), plan)
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    ds, plan = resolve_ds_config(raw, cfg, world, total, hidden_size(cfg.model), *precision)
+    config_yaml = dump_yaml(cfg)
+    return Prepared(
+        cfg,
+        ds,
+        plan,
+        tokenizer,
+        train,
+        eval_set,
+        skipped,
+        per_epoch,
+        total,
+        config_yaml,
+        digest(config_yaml, ds),
+    )

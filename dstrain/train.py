@@ -1,0 +1,197 @@
+"""`python -m dstrain.train`: the per-rank entry the deepspeed and torchrun launchers start.
+
+deepspeed --num_gpus 2 -m dstrain.train --config RUN.yaml [--set k=v ...] [--ds-config zero3.json]
+torchrun --nproc_per_node 2 -m dstrain.train --config RUN.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dstrain.checkpoint.save import TrainerState
+from dstrain.config import RunConfig, load_config
+from dstrain.ds_config import zero_stage
+from dstrain.errors import DstrainError
+
+if TYPE_CHECKING:  # heavy imports (torch, deepspeed) stay out of `--help` and argument errors
+    import torch
+
+    from dstrain.loop import Session
+    from dstrain.prepare import Prepared
+
+# Versions recorded in every checkpoint: what produced the weights matters when they stop loading.
+TRACKED_PACKAGES = ("dstrain", "torch", "deepspeed", "transformers", "peft", "safetensors")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dstrain.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="run YAML (omit for the bundled demo)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run-config key, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    parser.add_argument("--ds-config", help="ZeRO JSON; overrides ds_config in the run YAML")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def resolve_config(config: str | None, overrides: list[str], ds_config: str | None) -> RunConfig:
+    """The run config from a YAML, or the bundled demo when no YAML is given."""
+    from dstrain.demo import demo_config
+
+    extra = [f"ds_config={ds_config}"] if ds_config else []
+    if config is None:
+        return load_config(None, [*overrides, *extra], base=demo_config())
+    return load_config(config, [*overrides, *extra])
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def write_run_files(output_dir: Path, config_yaml: str, ds: dict) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+
+
+def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
+    """Prepare on every rank, join the process group, build model, engine, loader and metrics sinks."""
+    from dstrain import distributed, engine
+    from dstrain.data.loader import train_loader
+    from dstrain.loop import Session
+    from dstrain.metrics import MetricsSink
+    from dstrain.model import build_model
+    from dstrain.prepare import prepare
+    from dstrain.supervised import SupervisedLM
+
+    env = distributed.read_env()
+    prepared = prepare(cfg, env.world_size)
+    env = distributed.init_process_group(env)
+    output_dir = Path(cfg.output_dir)
+    if env.is_main:
+        write_run_files(output_dir, prepared.config_yaml, prepared.ds)
+    peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds))
+    ds_engine = engine.create_engine(SupervisedLM(peft_model), prepared.ds)
+    loader = train_loader(
+        prepared.train,
+        prepared.plan,
+        env.rank,
+        cfg.data.seed,
+        prepared.total_steps,
+        prepared.tokenizer.pad_token_id,
+        cfg.data.num_workers,
+    )
+    sink = MetricsSink(output_dir, prepared.total_steps, enabled=env.is_main)
+    sink.print(describe(cfg, prepared, peft_model))
+    session = Session(
+        cfg,
+        prepared.ds,
+        prepared.plan,
+        ds_engine,
+        peft_model,
+        iter(loader),
+        prepared.eval,
+        prepared.steps_per_epoch,
+        prepared.total_steps,
+        output_dir,
+        prepared.config_yaml,
+        prepared.tokenizer.pad_token_id,
+        env.rank,
+        sink,
+    )
+    state = TrainerState(
+        world_size=env.world_size,
+        global_batch=prepared.plan.global_batch,
+        config_digest=prepared.config_digest,
+        versions=versions(),
+    )
+    return session, state
+
+
+def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
+    from dstrain.model import count_parameters
+
+    trainable, total = count_parameters(peft_model)
+    plan = prepared.plan
+    skipped = f", {prepared.skipped} bad records skipped" if prepared.skipped else ""
+    return (
+        f"dstrain: {cfg.model.path} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
+        f"ZeRO-{zero_stage(prepared.ds)}, world {plan.world}, global batch {plan.global_batch} = micro "
+        f"{plan.micro} x accumulation {plan.accumulation} x world {plan.world}, {len(prepared.train)} train / "
+        f"{len(prepared.eval)} eval samples, {prepared.total_steps} steps{skipped}"
+    )
+
+
+def run(cfg: RunConfig) -> TrainerState:
+    """Train to the end, then plot (rank 0) and leave the process group."""
+    from dstrain import distributed
+    from dstrain.loop import train
+
+    session, state = start(cfg)
+    try:
+        state = train(session, state)
+    finally:
+        session.sink.close()
+    if session.rank == 0:
+        from dstrain.plot import plot_run
+
+        plot_run(session.output_dir)
+        session.sink.print(f"done: {state.step} steps, {state.tokens:,} tokens; run dir {session.output_dir}")
+    distributed.shutdown()
+    return state
+
+
+def report_error(exc: BaseException, debug: bool) -> int:
+    """Print a user error once (rank 0, or any rank for a rank-specific failure) and return the exit code."""
+    from dstrain.distributed import env_rank
+    from dstrain.errors import ConfigError, DataError
+
+    shared = isinstance(exc, (ConfigError, DataError))  # identical on every rank: say it once
+    if env_rank() == 0 or not shared:
+        prefix = f"[rank {env_rank()}] " if env_rank() else ""
+        if debug:
+            traceback.print_exception(exc)
+        print(f"{prefix}error: {exc}", file=sys.stderr)
+    return getattr(exc, "exit_code", 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Library deprecation chatter (transformers, torch.distributed) says nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        run(resolve_config(args.config, args.overrides, args.ds_config))
+    except DstrainError as exc:
+        return report_error(exc, args.debug)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

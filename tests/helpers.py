@@ -1,0 +1,101 @@
+"""Test helpers: small run configs on the bundled data, and real subprocess launches as users run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dstrain.demo import asset
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subset(src: str, dst: Path, n: int) -> Path:
+    lines = Path(src).read_text(encoding="utf-8").splitlines()[:n]
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
+
+
+def make_small_data(tmp_path: Path) -> dict[str, Path]:
+    """64 train and 16 eval records of the bundled sft-rag set."""
+    return {
+        "train": subset(asset("data", "sft_rag_train.jsonl"), tmp_path / "train.jsonl", 64),
+        "eval": subset(asset("data", "sft_rag_eval.jsonl"), tmp_path / "eval.jsonl", 16),
+    }
+
+
+def write_config(tmp_path: Path, data: dict[str, Path], name: str = "run", **sections: dict) -> Path:
+    """A run YAML on `data` with output under tmp_path/name; `sections` update the defaults per section."""
+    raw = {
+        "model": {"path": "builtin:tiny", "dtype": "fp32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": [str(data["train"])], "eval": [str(data["eval"])], "format": "sft-rag",
+                 "max_seq_len": 256, "max_passage_tokens": 160},
+        "train": {"max_steps": 4, "log_every": 1, "save_every": 2, "keep_last": 5, "global_batch_size": 8},
+        "ds_config": "ds_configs/zero2.json",
+        "output_dir": str(tmp_path / name),
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def dstrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([str(VENV_BIN / "dstrain"), *args], cwd)
+
+
+def train_single(config: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """One local process: `python -m dstrain.train`."""
+    return run([sys.executable, "-m", "dstrain.train", "--config", str(config), *args], cwd)
+
+
+def train_deepspeed(config: Path, *args: str, cwd: Path, nproc: int = 2, module: str = "dstrain.train") -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N -m dstrain.train ...`, exactly as a user starts it (gloo on CPU)."""
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           "--module", module, "--config", str(config), *args]
+    return run(cmd, cwd)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in metrics(run_dir) if "loss" in row]

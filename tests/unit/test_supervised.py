@@ -1,0 +1,150 @@
+"""SupervisedLM's (nll_sum, n) against plain transformers' loss on the bundled tiny model; LoRA-only grads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import dstrain
+from dstrain.config import DataConfig, LoraConfig, ModelConfig
+from dstrain.data.batches import IGNORE, collate, tokenize_record
+from dstrain.data.records import load_records
+from dstrain.model import build_model
+from dstrain.objectives import sft_loss, token_nll_sum
+from dstrain.supervised import SupervisedLM
+
+DATA = Path(dstrain.__file__).parent / "assets" / "data" / "sft_rag_train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    peft_model = build_model(ModelConfig(), LoraConfig(dropout=0.0), zero_stage=2)
+    # Fresh LoRA B matrices are zero, which would make the adapters a no-op: give them values so the
+    # comparison exercises the LoRA path too.
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.eval()  # no dropout anywhere: both paths must see the same function
+    return peft_model
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    loaded = load_records([DATA], "sft-rag")
+    cfg = DataConfig(max_seq_len=256, max_passage_tokens=128)
+    examples = [tokenize_record(tokenizer, record, cfg) for record in loaded.records[:3]]
+    assert len({len(e.input_ids) for e in examples}) > 1, "want rows of different lengths (padding)"
+    return collate(examples, pad_id=tokenizer.pad_token_id)
+
+
+def _zero_grads(model) -> None:
+    for param in model.parameters():
+        param.grad = None
+
+
+def test_loss_matches_plain_transformers(model, batch):
+    with torch.no_grad():
+        nll_sum, n = SupervisedLM(model)(**batch)
+        reference = model(**batch).loss
+    expected_n = (batch["labels"][:, 1:] != IGNORE).sum()
+    assert n.item() == expected_n.item() > 0
+    assert n.item() == (batch["labels"] != IGNORE).sum().item()  # position 0 is prompt, never labelled
+    loss = sft_loss(nll_sum, n)
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_gradients_match_plain_transformers_and_reach_only_lora(model, batch):
+    wrapped = SupervisedLM(model)
+    _zero_grads(model)
+    nll_sum, n = wrapped(**batch)
+    sft_loss(nll_sum, n).backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    _zero_grads(model)
+    model(**batch).loss.backward()
+    theirs = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    _zero_grads(model)
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert set(ours) == trainable == set(theirs)
+    assert any(g.abs().sum() > 0 for name, g in ours.items() if "lora_A" in name)
+    assert any(g.abs().sum() > 0 for name, g in ours.items() if "lora_B" in name)
+    for name in trainable:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-7)
+
+
+def test_frozen_base_params_get_no_gradient(model, batch):
+    _zero_grads(model)
+    nll_sum, n = SupervisedLM(model)(**batch)
+    (nll_sum / n).backward()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad and param.grad is not None, name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+    _zero_grads(model)
+
+
+def test_padding_does_not_change_the_loss(model, batch, tokenizer):
+    wrapped = SupervisedLM(model)
+    with torch.no_grad():
+        together, n_together = wrapped(**batch)
+        apart = torch.zeros(())
+        n_apart = 0
+        for row in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][row].sum())
+            single = {k: v[row : row + 1, :length] for k, v in batch.items()}
+            nll, n = wrapped(**single)
+            apart += nll
+            n_apart += int(n)
+    assert int(n_together) == n_apart
+    assert together.item() == pytest.approx(apart.item(), rel=1e-5)
+
+
+def test_no_supervised_tokens_gives_zero_loss_with_a_graph(model, batch):
+    empty = dict(batch, labels=torch.full_like(batch["labels"], IGNORE))
+    _zero_grads(model)
+    nll_sum, n = SupervisedLM(model)(**empty)
+    assert n.item() == 0
+    loss = sft_loss(nll_sum, n)
+    assert loss.item() == 0.0
+    assert loss.grad_fn is not None
+    loss.backward()  # every rank must still be able to run backward
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and torch.count_nonzero(param.grad) == 0, name
+    _zero_grads(model)
+
+
+def test_sft_loss_with_zero_tokens_keeps_grad_fn():
+    logits = torch.randn(0, 11, requires_grad=True)
+    nll_sum = token_nll_sum(logits, torch.zeros(0, dtype=torch.long))
+    loss = sft_loss(nll_sum, torch.tensor(0))
+    assert loss.item() == 0.0
+    assert loss.grad_fn is not None
+    loss.backward()
+    assert logits.grad is not None and logits.grad.shape == (0, 11)
+
+
+def test_sft_loss_is_the_mean_token_nll():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 13, generator=generator)
+    targets = torch.randint(0, 13, (7,), generator=generator)
+    nll_sum = token_nll_sum(logits.to(torch.bfloat16), targets)
+    assert nll_sum.dtype == torch.float32  # computed in fp32 whatever the logits dtype
+    expected = torch.nn.functional.cross_entropy(logits.to(torch.bfloat16).float(), targets)
+    assert sft_loss(nll_sum, torch.tensor(7)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_builtin_model_is_identical_on_every_build(model):
+    again = build_model(ModelConfig(), LoraConfig(dropout=0.0), zero_stage=2)
+    base_a = dict(model.get_base_model().named_parameters())
+    for name, param in again.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_a[name]), name
