@@ -139,9 +139,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
                 problems.append(f"--set {item!r}: {part} is not a section")
                 break
         else:
-            node[leaf] = yaml.safe_load(value) if value.strip() else ""
+            try:
+                node[leaf] = parse_override_value(value)
+            except ValueError as exc:
+                problems.append(f"--set {item!r}: {exc}")
     if problems:
         raise ConfigError(problems, source="overrides")
+
+
+def parse_override_value(text: str) -> Any:
+    """A YAML scalar or list (`100`, `true`, `[a, b]`); anything else, e.g. a template with ': ', stays text."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        if text.lstrip()[:1] in ("[", "{"):  # meant as a list or mapping: a typo, not text
+            raise ValueError(f"not a valid YAML list/mapping ({getattr(exc, 'problem', exc)})") from None
+        return text
+    return text if isinstance(value, dict) else value
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConfig:

@@ -99,7 +99,7 @@ def resolve_precision(
 ) -> None:
     for key, want in (("bf16", cfg.model.dtype == "bf16"), ("fp16", cfg.model.dtype == "fp16")):
         section = ds.setdefault(key, {})
-        enabled = section.get("enabled", False)
+        enabled = section.setdefault("enabled", False)
         if enabled == AUTO:
             section["enabled"] = want
         elif bool(enabled) != want:
@@ -137,24 +137,25 @@ def resolve_zero(ds: dict[str, Any], hidden_size: int | None, problems: list[str
 
 
 def resolve_schedule(ds: dict[str, Any], total_steps: int, problems: list[str]) -> None:
-    optimizer = ds.get("optimizer")
-    if not isinstance(optimizer, dict) or "type" not in optimizer:
-        problems.append('optimizer: the ZeRO JSON must name an optimizer, e.g. {"type": "AdamW", ...}')
-        return
-    lr = optimizer.setdefault("params", {}).get("lr")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
-        problems.append(f"optimizer.params.lr: must be a non-negative number, got {lr!r}")
-        return
     params = ds.get("scheduler", {}).get("params", {})
-    fills = {
+    fills: dict[str, Any] = {
         "total_num_steps": total_steps,
         "warmup_num_steps": max(1, math.ceil(0.05 * total_steps)),  # 5% warmup when "auto"
-        "warmup_max_lr": lr,
         "cos_min_ratio": 0.0,
     }
+    optimizer = ds.get("optimizer")
+    lr = optimizer.get("params", {}).get("lr") if isinstance(optimizer, dict) else None
+    if not isinstance(optimizer, dict) or "type" not in optimizer:
+        problems.append('optimizer: the ZeRO JSON must name an optimizer, e.g. {"type": "AdamW", ...}')
+    elif not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
+        problems.append(f"optimizer.params.lr: must be a non-negative number, got {lr!r}")
+    else:
+        fills["warmup_max_lr"] = lr
     for key, value in fills.items():
         if params.get(key) == AUTO:
             params[key] = value
+    if "warmup_max_lr" not in fills and params.get("warmup_max_lr") == AUTO:
+        params.pop("warmup_max_lr")  # the optimizer problem above already says it; do not report it twice
 
 
 def find_autos(node: Any, path: str = "") -> list[str]:

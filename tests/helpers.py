@@ -42,8 +42,13 @@ def write_config(tmp_path: Path, data: dict[str, Path], name: str = "run", **sec
     raw = {
         "model": {"path": "builtin:tiny", "dtype": "fp32"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": [str(data["train"])], "eval": [str(data["eval"])], "format": "sft-rag",
-                 "max_seq_len": 256, "max_passage_tokens": 160},
+        "data": {
+            "train": [str(data["train"])],
+            "eval": [str(data["eval"])],
+            "format": "sft-rag",
+            "max_seq_len": 256,
+            "max_passage_tokens": 160,
+        },
         "train": {"max_steps": 4, "log_every": 1, "save_every": 2, "keep_last": 5, "global_batch_size": 8},
         "ds_config": "ds_configs/zero2.json",
         "output_dir": str(tmp_path / name),
@@ -73,7 +78,9 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -86,10 +93,22 @@ def train_single(config: Path, *args: str, cwd: Path) -> subprocess.CompletedPro
     return run([sys.executable, "-m", "dstrain.train", "--config", str(config), *args], cwd)
 
 
-def train_deepspeed(config: Path, *args: str, cwd: Path, nproc: int = 2, module: str = "dstrain.train") -> subprocess.CompletedProcess:
+def train_deepspeed(
+    config: Path, *args: str, cwd: Path, nproc: int = 2, module: str = "dstrain.train"
+) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N -m dstrain.train ...`, exactly as a user starts it (gloo on CPU)."""
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           "--module", module, "--config", str(config), *args]
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        module,
+        "--config",
+        str(config),
+        *args,
+    ]
     return run(cmd, cwd)
 
 

@@ -46,10 +46,24 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         for child in tmp.iterdir():
             fsync_path(child)
         fsync_path(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        tmp.rename(final)
-        fsync_path(final.parent)
+        _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`. An existing `final` (re-saving a step) is moved aside first and deleted only
+    after the new one is in place, so a crash at any point leaves one complete copy under a known name."""
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}.{os.getpid()}") if final.exists() else None
+    if old is not None:
+        final.rename(old)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if old is not None:
+            old.rename(final)
+        raise
+    fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

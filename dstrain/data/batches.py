@@ -69,11 +69,20 @@ def tokenize_messages(
             raise ValueError(
                 "the tokenizer's chat template does not render turns as prefixes; cannot mask turns"
             )
+        end = _through_last_eos(full, start, end, tokenizer.eos_token_id)
         labels[start:end] = full[start:end]
     example = Example(full[:max_seq_len], labels[:max_seq_len])
     if example.supervised == 0:
         raise ValueError(f"over-long record: no assistant token falls within data.max_seq_len={max_seq_len}")
     return example
+
+
+def _through_last_eos(ids: list[int], start: int, end: int, eos_id: int | None) -> int:
+    """End a turn's labels at its EOS: template whitespace after it is not something to learn."""
+    for pos in range(end - 1, start - 1, -1):
+        if ids[pos] == eos_id:
+            return pos + 1
+    return end
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:

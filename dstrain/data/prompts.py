@@ -6,12 +6,34 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+SEPARATOR = "\n"
+
+
+def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def cut_to_tokens(tokenizer: PreTrainedTokenizerBase, ids: list[int], budget: int) -> str:
+    """The longest prefix of `ids` within `budget` tokens that decodes to whole characters.
+
+    Byte-level tokenizers can split a multi-byte character (Chinese text) across tokens: a cut there would
+    decode to U+FFFD, which re-tokenises into more tokens than it replaced.
+    """
+    for end in range(min(budget, len(ids)), 0, -1):
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True).rstrip()
+        if "\ufffd" not in text and _count(tokenizer, text) <= budget:
+            return text
+    return ""
+
 
 def fit_passages(tokenizer: PreTrainedTokenizerBase, passages: Sequence[str], budget: int) -> list[str]:
-    """Keep whole passages while they fit in `budget` tokens; cut the first one that does not, then stop."""
+    """Keep whole passages while they fit in `budget` tokens (separators counted); cut the next one, stop."""
     kept: list[str] = []
     left = budget
+    sep_cost = _count(tokenizer, SEPARATOR)
     for passage in passages:
+        if kept:
+            left -= sep_cost
         if left <= 0:
             break
         ids = tokenizer(passage, add_special_tokens=False)["input_ids"]
@@ -19,7 +41,7 @@ def fit_passages(tokenizer: PreTrainedTokenizerBase, passages: Sequence[str], bu
             kept.append(passage)
             left -= len(ids)
             continue
-        cut = tokenizer.decode(ids[:left], skip_special_tokens=True).rstrip()
+        cut = cut_to_tokens(tokenizer, ids, left)
         if cut:
             kept.append(cut)
         break
@@ -36,7 +58,7 @@ def render_rag_prompt(
 ) -> str:
     """Fill the template; with `chat`, wrap it as the user turn of the tokenizer's chat template."""
     kept = fit_passages(tokenizer, passages, max_passage_tokens)
-    prompt = template.replace("{passages}", "\n".join(kept)).replace("{query}", query)
+    prompt = template.replace("{passages}", SEPARATOR.join(kept)).replace("{query}", query)
     if chat:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True

@@ -37,7 +37,10 @@ def main() -> None:
     with torch.no_grad():
         logits = session.peft_model(**{k: v.to(session.engine.device) for k, v in batch.items()}).logits
     if session.rank == 0:
-        save_file({"logits": logits.float().cpu().contiguous(), **batch}, str(Path(cfg.output_dir) / "probe_logits.safetensors"))
+        save_file(
+            {"logits": logits.float().cpu().contiguous(), **batch},
+            str(Path(cfg.output_dir) / "probe_logits.safetensors"),
+        )
     distributed.shutdown()
 
 

@@ -7,7 +7,6 @@ without gathering.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,24 @@ LOGITS_ATOL = 1e-5
 
 
 def launch_probe(config: Path, cwd: Path) -> None:
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "distributed" / "probe_logits.py"), "--config", str(config)]
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "distributed" / "probe_logits.py"),
+        "--config",
+        str(config),
+    ]
     check(run(cmd, cwd))
 
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_two_rank_training_saves_an_adapter_that_reproduces_the_logits(tmp_path, small_data, ds_config):
-    config = write_config(tmp_path, small_data, ds_config=f"ds_configs/{ds_config}",
-                          train={"max_steps": 4, "save_every": 2})
+    config = write_config(
+        tmp_path, small_data, ds_config=f"ds_configs/{ds_config}", train={"max_steps": 4, "save_every": 2}
+    )
     launch_probe(config, tmp_path)
     run_dir = tmp_path / "run"
     losses = train_losses(run_dir)
@@ -46,8 +54,12 @@ def test_two_rank_training_saves_an_adapter_that_reproduces_the_logits(tmp_path,
     ckpt = ckpt_root / "step-00000004"
     assert verify_checkpoint(ckpt) == []
     adapter = load_file(str(ckpt / "adapter_model.safetensors"))
-    assert adapter and all(t.numel() > 0 and t.dim() == 2 for t in adapter.values()), "empty or [0]-shaped adapter"
-    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k), "lora_B still zero: nothing trained"
+    assert adapter and all(t.numel() > 0 and t.dim() == 2 for t in adapter.values()), (
+        "empty or [0]-shaped adapter"
+    )
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k), (
+        "lora_B still zero: nothing trained"
+    )
 
     probe = load_file(str(run_dir / "probe_logits.safetensors"))
     model = PeftModel.from_pretrained(load_base_model(ModelConfig()), str(ckpt)).eval()

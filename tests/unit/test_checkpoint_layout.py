@@ -102,22 +102,18 @@ def test_atomic_dir_clears_a_leftover_temp_of_the_same_pid(tmp_path: Path):
     assert temps(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: atomic_dir deletes an existing `final` (shutil.rmtree) before renaming the new dir in, so a "
-    "failure or kill between the two loses the old checkpoint (or leaves it half deleted); move the old dir "
-    "aside under a TMP_PREFIX name first, rename the new one in, then delete the old one (restore it if the "
-    "rename fails)",
-    strict=True,
-)
 def test_atomic_dir_failed_rename_keeps_the_old_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     final = tmp_path / "step-00000001"
     final.mkdir()
     (final / "old.txt").write_text("old", encoding="utf-8")
     real_rename, real_replace = os.rename, os.replace
 
+    failures = [1]  # one rename into place fails (a crash there); the restore that follows may succeed
+
     def failing(real):
         def move(src, dst, *args, **kwargs):
-            if Path(dst) == final and Path(src).name.startswith(TMP_PREFIX):
+            if Path(dst) == final and Path(src).name.startswith(TMP_PREFIX) and failures:
+                failures.pop()
                 raise OSError("simulated crash at the rename")
             return real(src, dst, *args, **kwargs)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dstrain.config import (
     DEFAULT_TEMPLATE,
@@ -208,12 +207,6 @@ def test_set_through_a_scalar_is_reported():
     assert problems == ["output_dir: expected a string, got dict {'sub': 1}"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: apply_overrides calls yaml.safe_load on the --set value without catching yaml.YAMLError, "
-    "so a value that is not valid YAML escapes as a raw ParserError traceback instead of a ConfigError",
-    raises=yaml.YAMLError,
-    strict=True,
-)
 def test_set_value_that_is_not_yaml_is_a_config_error_not_a_traceback():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["data.train=[a.jsonl"])
@@ -221,12 +214,6 @@ def test_set_value_that_is_not_yaml_is_a_config_error_not_a_traceback():
     assert "data.train" in info.value.problems[0]
 
 
-@pytest.mark.xfail(
-    reason="BUG: --set values are parsed as YAML, so a string with ': ' (every realistic prompt template) "
-    "fails to parse or becomes a mapping; string-typed keys should keep the raw text",
-    raises=yaml.YAMLError,
-    strict=True,
-)
 def test_set_prompt_template_with_colons_keeps_the_text():
     template = "Context: {passages} Question: {query} Answer:"
     cfg = load_config(None, ["data.train=a.jsonl", f"data.prompt_template={template}"])

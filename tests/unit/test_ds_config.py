@@ -144,12 +144,6 @@ def test_all_problems_at_once():
     assert problems[2].startswith("optimizer: the ZeRO JSON must name an optimizer")
 
 
-@pytest.mark.xfail(
-    reason="BUG: resolve_schedule returns early when the optimizer is missing, so the scheduler's "
-    '"auto" total_num_steps/warmup_num_steps are left unfilled and reported as values dstrain cannot '
-    "fill: three misleading extra problems on top of the real one",
-    strict=True,
-)
 def test_all_problems_at_once_with_a_shipped_scheduler():
     raw = _shipped()
     raw["train_batch_size"] = 10
@@ -159,12 +153,6 @@ def test_all_problems_at_once_with_a_shipped_scheduler():
     assert len(problems) == 3, problems
 
 
-@pytest.mark.xfail(
-    reason="BUG: resolve_precision does setdefault(key, {}) but never stores the default 'enabled', then "
-    "reads ds['bf16']['enabled'], so any ZeRO JSON without a bf16/fp16 section crashes with KeyError",
-    raises=KeyError,
-    strict=True,
-)
 def test_json_without_precision_sections_means_fp32():
     raw = _minimal()
     del raw["bf16"], raw["fp16"]

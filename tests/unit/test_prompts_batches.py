@@ -57,7 +57,7 @@ def test_budget_zero_keeps_nothing(tokenizer):
 def test_exact_fit_keeps_whole_passage_and_stops(tokenizer):
     first = ntok(tokenizer, PASSAGES[0])
     assert fit_passages(tokenizer, PASSAGES, first) == [PASSAGES[0]]
-    two = first + ntok(tokenizer, PASSAGES[1])
+    two = first + ntok(tokenizer, "\n") + ntok(tokenizer, PASSAGES[1])  # the separator counts too
     assert fit_passages(tokenizer, PASSAGES, two) == list(PASSAGES[:2])
 
 
@@ -94,31 +94,12 @@ def test_total_tokens_never_exceed_the_budget(tokenizer, budget: int):
 def test_chinese_passages_cut_on_a_character_boundary(tokenizer):
     passages = ["渭河是黄河的最大支流，发源于甘肃。", "黄河流入渤海。"]
     first = ntok(tokenizer, passages[0])
-    kept = fit_passages(tokenizer, passages, first + 4)  # 4 tokens end exactly after "黄河"
+    sep = ntok(tokenizer, "\n")
+    kept = fit_passages(tokenizer, passages, first + sep + 4)  # 4 tokens end exactly after "黄河"
     assert kept == [passages[0], "黄河"]
-    assert sum(ntok(tokenizer, p) for p in kept) <= first + 4
+    assert sum(ntok(tokenizer, p) for p in kept) + sep <= first + sep + 4
 
 
-@pytest.mark.xfail(
-    reason="BUG: fit_passages decodes ids[:left] even when the cut falls inside a multi-byte UTF-8 character "
-    "(byte-level BPE), which yields U+FFFD in the prompt; each U+FFFD re-tokenizes to 3 tokens, so the "
-    "passages also exceed max_passage_tokens",
-    strict=True,
-)
-@pytest.mark.parametrize("extra", [1, 2, 6, 9])
-def test_chinese_cut_inside_a_character_adds_no_replacement_chars(tokenizer, extra: int):
-    passages = ["渭河是黄河的最大支流，发源于甘肃。", "黄河流入渤海。"]
-    budget = ntok(tokenizer, passages[0]) + extra
-    kept = fit_passages(tokenizer, passages, budget)
-    assert all("\ufffd" not in p for p in kept), kept
-    assert sum(ntok(tokenizer, p) for p in kept) <= budget
-
-
-@pytest.mark.xfail(
-    reason="BUG: fit_passages does not count the '\\n' separator tokens that render_rag_prompt puts between "
-    "passages, so the rendered passage block can be max_passage_tokens + (passages - 1) tokens long",
-    strict=True,
-)
 def test_joined_passage_block_fits_the_budget(tokenizer):
     for budget in (25, 30, 40, 46):
         kept = fit_passages(tokenizer, PASSAGES, budget)
@@ -257,11 +238,6 @@ def test_messages_two_turns_each_assistant_turn_labelled(tokenizer):
     assert "<|assistant|>" in masked and "<|assistant|>" not in "".join(parts)
 
 
-@pytest.mark.xfail(
-    reason="BUG (minor): tokenize_messages labels up to the end of the rendered turn, so the template's "
-    "'\\n' after EOS is trained on too; the labels should stop at the turn's EOS",
-    strict=True,
-)
 def test_messages_labels_are_exactly_content_plus_eos(tokenizer):
     record = MessagesRecord(
         (("user", "Hi"), ("assistant", "Hello there."), ("user", "Bye"), ("assistant", "Bye!"))
