@@ -117,3 +117,7 @@ def main() -> None:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
         raise
+
+
+if __name__ == "__main__":
+    main()

@@ -86,6 +86,7 @@ def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
     from dstrain.metrics import MetricsSink
     from dstrain.model import build_model
     from dstrain.prepare import prepare
+    from dstrain.rng import seed_everything
     from dstrain.supervised import SupervisedLM
 
     env = distributed.read_env()
@@ -94,8 +95,13 @@ def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
     output_dir = Path(cfg.output_dir)
     if env.is_main:
         write_run_files(output_dir, prepared.config_yaml, prepared.ds)
+    # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
+    seed_everything(cfg.train.seed)
     peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds))
     ds_engine = engine.create_engine(SupervisedLM(peft_model), prepared.ds)
+    seed_everything(
+        cfg.train.seed + 1 + env.rank
+    )  # then per rank: dropout masks differ across ranks, as in DP
     loader = train_loader(
         prepared.train,
         prepared.plan,
