@@ -113,6 +113,8 @@ def train(session: Session, state: TrainerState) -> TrainerState:
     """Run steps state.step+1 .. total_steps, logging, evaluating and saving on schedule."""
     cfg, total = session.cfg.train, session.total_steps
     meter, since_log = StepMeter(), 0
+    if state.step == 0 and cfg.eval_every:
+        run_eval(session, state)  # the starting point, so the eval curve shows what training changed
     session.engine.train()
     while state.step < total:
         for _ in range(session.plan.accumulation):

@@ -48,7 +48,7 @@ def test_run_directory_contract(finished_run):
     assert [r["samples"] for r in train_rows] == [8, 16, 24, 32]
     assert all(b["tokens"] > a["tokens"] for a, b in itertools.pairwise(train_rows))
     evals = [r for r in rows if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [2, 4] and all(r["eval_loss"] > 0 for r in evals)
+    assert [r["step"] for r in evals] == [0, 2, 4] and all(r["eval_loss"] > 0 for r in evals)
     resolved = json.loads((run_dir / "ds_config.json").read_text())
     assert "auto" not in json.dumps(resolved)
     assert resolved["train_batch_size"] == 8 and resolved["gradient_accumulation_steps"] == 2
