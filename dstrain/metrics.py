@@ -90,7 +90,9 @@ class MetricsSink:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        # A fresh run starts the file over; a run continuing from a checkpoint appends to it.
+        mode = "a" if start_step else "w"
+        self.jsonl = (run_dir / "metrics.jsonl").open(mode, encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
