@@ -125,8 +125,10 @@ def train(session: Session, state: TrainerState) -> TrainerState:
         if due(state.step, cfg.log_every, total):
             log_train(session, state, meter, since_log)
             since_log = 0
+        paused = time.perf_counter()
         if due(state.step, cfg.eval_every, total):
             run_eval(session, state)
         if due(state.step, cfg.save_every, total):
             save(session, state)
+        meter.exclude(time.perf_counter() - paused)
     return state

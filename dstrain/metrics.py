@@ -45,7 +45,12 @@ class StepMeter:
         self.tokens: torch.Tensor | None = None
         self.samples = 0
         self.data_wait_s = 0.0
+        self.excluded_s = 0.0
         self.started = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside training steps (eval, save) that throughput must not count."""
+        self.excluded_s += seconds
 
     def add(self, loss: torch.Tensor, attention_mask: torch.Tensor, data_wait_s: float) -> None:
         loss, tokens = loss.detach().float(), attention_mask.sum()
@@ -68,7 +73,7 @@ class StepMeter:
             ]
         )
         loss_sum, tokens, micro, samples, wait = all_reduce_sum(local.double()).tolist()
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        elapsed = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         ranks = micro / max(1, self.micro_batches)
         return {
             "loss": loss_sum / micro,
