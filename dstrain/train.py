@@ -99,9 +99,8 @@ def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
     seed_everything(cfg.train.seed)
     peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds))
     ds_engine = engine.create_engine(SupervisedLM(peft_model), prepared.ds)
-    seed_everything(
-        cfg.train.seed + 1 + env.rank
-    )  # then per rank: dropout masks differ across ranks, as in DP
+    # Then one seed per rank: dropout masks should differ across data-parallel ranks.
+    seed_everything(cfg.train.seed + 1 + env.rank)
     loader = train_loader(
         prepared.train,
         prepared.plan,
@@ -114,20 +113,20 @@ def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
     sink = MetricsSink(output_dir, prepared.total_steps, enabled=env.is_main)
     sink.print(describe(cfg, prepared, peft_model))
     session = Session(
-        cfg,
-        prepared.ds,
-        prepared.plan,
-        ds_engine,
-        peft_model,
-        iter(loader),
-        prepared.eval,
-        prepared.steps_per_epoch,
-        prepared.total_steps,
-        output_dir,
-        prepared.config_yaml,
-        prepared.tokenizer.pad_token_id,
-        env.rank,
-        sink,
+        cfg=cfg,
+        ds=prepared.ds,
+        plan=prepared.plan,
+        engine=ds_engine,
+        peft_model=peft_model,
+        batches=iter(loader),
+        eval_examples=prepared.eval,
+        steps_per_epoch=prepared.steps_per_epoch,
+        total_steps=prepared.total_steps,
+        output_dir=output_dir,
+        config_yaml=prepared.config_yaml,
+        pad_id=prepared.tokenizer.pad_token_id,
+        rank=env.rank,
+        sink=sink,
     )
     state = TrainerState(
         world_size=env.world_size,
