@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -60,9 +62,21 @@ def preflight(cfg: RunConfig, world: int) -> dict[str, Any]:
     if raw is not None:
         # A dry run of the resolution with a placeholder schedule: batch and precision problems surface now.
         _collect(problems, lambda: resolve_ds_config(raw, cfg, world, 1, None, *device_precision()))
+    problems += check_output_dir(Path(cfg.output_dir))
     if problems:
         raise ConfigError(problems, source="run")
     return raw
+
+
+def check_output_dir(path: Path) -> list[str]:
+    """output_dir must be creatable and writable now, not discovered unwritable at the first save."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return [f"output_dir: cannot create {path} ({exc.strerror or exc}); choose a writable location"]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [f"output_dir: {path} is not writable by this user; choose a writable location"]
+    return []
 
 
 def device_precision() -> tuple[bool, bool]:

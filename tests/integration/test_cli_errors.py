@@ -90,3 +90,12 @@ def test_validate_data_exit_codes(tmp_path, fmt):
     assert lines[1].startswith(f"{bad}:3: invalid JSON")
     assert lines[2].startswith(f"{bad}:4: undecodable bytes")
     assert lines[3] == f"{bad}: 3 records, 0 ok, 3 bad"
+
+
+def test_output_dir_that_cannot_be_created(tmp_path, small_data):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = write_config(tmp_path, small_data, output_dir=str(blocker / "run"))
+    assert_clean_failure(
+        dstrain("train", "--config", str(config), cwd=tmp_path), "output_dir", "cannot create"
+    )
