@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,11 @@ app = typer.Typer(
 DEBUG = {"on": False}
 
 
-def fail(exc: DstrainError) -> None:
+def fail(exc: DstrainError, code: int | None = None) -> None:
     if DEBUG["on"]:
         raise exc
     typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
+    raise typer.Exit(code if code is not None else exc.exit_code)
 
 
 @app.callback()
@@ -68,6 +69,12 @@ def train(
     args += ["--debug"] if DEBUG["on"] else []
     if num_gpus is not None or hostfile is not None:
         cmd = launcher_command(num_gpus, hostfile, args)
+        if shutil.which(cmd[0]) is None:
+            fail(
+                DstrainError(
+                    "the `deepspeed` launcher is not on PATH; activate the environment dstrain is in"
+                )
+            )
         typer.echo(f"launching: {shlex.join(cmd)}", err=True)
         raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
     from dstrain.train import main as train_main
@@ -84,9 +91,9 @@ def validate_data(
     from dstrain.data.records import BadRecord, read_file
 
     if format not in ("preference", "sft-rag", "messages"):
-        fail(DstrainError(f"--format must be preference, sft-rag or messages, got {format!r}"))
+        fail(DstrainError(f"--format must be preference, sft-rag or messages, got {format!r}"), code=1)
     if not path.is_file():
-        fail(DstrainError(f"{path}: no such file"))
+        fail(DstrainError(f"{path}: no such file"), code=1)
     good = bad = 0
     for _, item in read_file(path, format):
         if isinstance(item, BadRecord):

@@ -59,6 +59,11 @@ def read_env() -> DistEnv:
     rank = _int_env("RANK", 0)
     if not 0 <= rank < world:
         raise DistributedError(f"RANK={rank} is outside WORLD_SIZE={world}: check the launcher's environment")
+    if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise DistributedError(
+            f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are not set: start the ranks with deepspeed, "
+            "torchrun or `dstrain train --num-gpus N`, or export both on every rank"
+        )
     return DistEnv(
         rank=rank,
         local_rank=_int_env("LOCAL_RANK", 0),

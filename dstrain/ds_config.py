@@ -120,7 +120,7 @@ def resolve_zero(ds: dict[str, Any], hidden_size: int | None, problems: list[str
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
-    if zero.get("offload_param") and stage != 3:
+    if (zero.get("offload_param") or {}).get("device", "none") != "none" and stage != 3:
         problems.append(
             "zero_optimization.offload_param needs stage 3 (parameters are only partitioned there)"
         )

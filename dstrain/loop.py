@@ -40,6 +40,7 @@ class Session:
     pad_id: int
     rank: int
     sink: MetricsSink
+    skipped_records: int = 0  # bad training records dropped under data.on_error=skip
 
 
 def micro_step(session: Session, meter: StepMeter) -> None:
@@ -64,6 +65,7 @@ def log_train(session: Session, state: TrainerState, meter: StepMeter, steps: in
     row.update(step=state.step, lr=eng.current_lr(session.engine), mem_gb=memory_gb(), epoch=state.epoch)
     row["tokens"] = state.tokens
     row["samples"] = state.samples
+    row["skipped_records"] = session.skipped_records
     norm = eng.grad_norm(session.engine)
     if norm is not None:
         row["grad_norm"] = norm
@@ -115,6 +117,7 @@ def train(session: Session, state: TrainerState) -> TrainerState:
     meter, since_log = StepMeter(), 0
     if state.step == 0 and cfg.eval_every:
         run_eval(session, state)  # the starting point, so the eval curve shows what training changed
+        meter.reset()
     session.engine.train()
     while state.step < total:
         for _ in range(session.plan.accumulation):
@@ -122,7 +125,8 @@ def train(session: Session, state: TrainerState) -> TrainerState:
         advance_position(session, state)
         since_log += 1
         session.sink.advance(state.step)
-        if due(state.step, cfg.log_every, total):
+        # Save steps log too, so the checkpoint's token count is exact.
+        if due(state.step, cfg.log_every, total) or due(state.step, cfg.save_every, total):
             log_train(session, state, meter, since_log)
             since_log = 0
         paused = time.perf_counter()

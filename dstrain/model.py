@@ -61,7 +61,16 @@ def check_model_path(cfg: ModelConfig) -> list[str]:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir(cfg)), trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir(cfg)), trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"model.path: no usable tokenizer in {model_dir(cfg)} ({exc})"]) from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            [f"model.path: the tokenizer in {model_dir(cfg)} has no EOS token; set one in its config"]
+        )
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -69,7 +78,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def hidden_size(cfg: ModelConfig) -> int | None:
-    config = AutoConfig.from_pretrained(str(model_dir(cfg)), trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir(cfg)), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"model.path: unreadable model config in {model_dir(cfg)} ({exc})"]) from None
     return getattr(config, "hidden_size", None)
 
 

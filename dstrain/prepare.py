@@ -20,7 +20,7 @@ from dstrain.data.batches import Example, tokenize_record
 from dstrain.data.loader import steps_per_epoch
 from dstrain.data.records import BadRecord, LoadedRecords, enforce_policy, expand_paths, load_records
 from dstrain.ds_config import BatchPlan, find_ds_config, load_ds_config, resolve_ds_config
-from dstrain.errors import ConfigError, DstrainError
+from dstrain.errors import ConfigError, DataError, DstrainError
 from dstrain.model import check_model_path, hidden_size, load_tokenizer
 
 
@@ -89,12 +89,16 @@ def device_precision() -> tuple[bool, bool]:
 
 def tokenize_all(loaded: LoadedRecords, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example]:
     """Tokenise in order; records too long for max_seq_len join the bad records (line numbers kept)."""
-    examples = []
+    examples, kept, origins = [], [], []
     for record, where in zip(loaded.records, loaded.origins, strict=True):
         try:
             examples.append(tokenize_record(tokenizer, record, cfg.data))
         except ValueError as exc:
             loaded.bad.append(BadRecord(where[0], where[1], str(exc)))
+            continue
+        kept.append(record)
+        origins.append(where)
+    loaded.records, loaded.origins = kept, origins  # a record is counted once: good or bad
     return examples
 
 
@@ -116,8 +120,14 @@ def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
 def prepare(cfg: RunConfig, world: int) -> Prepared:
     raw = preflight(cfg, world)
     tokenizer = load_tokenizer(cfg.model)
+    needs_template = cfg.data.format == "messages" or cfg.data.chat_template
+    if needs_template and not getattr(tokenizer, "chat_template", None):
+        why = "data.format=messages" if cfg.data.format == "messages" else "data.chat_template=true"
+        raise ConfigError([f"{why} needs a chat template, and the tokenizer of {cfg.model.path} has none"])
     train, skipped = load_split(cfg.data.train, "data.train", tokenizer, cfg)
     eval_set, _ = load_split(cfg.data.eval, "data.eval", tokenizer, cfg) if cfg.data.eval else ([], 0)
+    if cfg.data.eval and not eval_set:
+        raise DataError("data.eval: every record was skipped as bad; fix the eval file or drop data.eval")
     if cfg.data.max_eval_samples:
         eval_set = eval_set[: cfg.data.max_eval_samples]
     precision = device_precision()

@@ -12,16 +12,32 @@ from peft import PeftModel
 from torch import nn
 
 from dstrain.data.batches import IGNORE
+from dstrain.errors import ConfigError
 from dstrain.objectives import token_nll_sum
+
+# Config fields by which some causal LMs transform logits after the output head (Gemma-2/3 soft-capping,
+# Granite and Cohere scaling). Their loss through the bare head would train against the wrong logits.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}
+
+
+def check_supported(base: nn.Module) -> None:
+    """Fail clearly for models whose output is not `output_embeddings(decoder(...))`."""
+    name = type(base).__name__
+    if base.get_output_embeddings() is None or base.get_decoder() is base:
+        raise ConfigError([f"model.path: {name} has no decoder / output-head split; it is not a causal LM"])
+    for field, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(base.config, field, neutral)
+        if value not in (neutral, None):
+            raise ConfigError(
+                [f"model.path: {name} transforms its logits ({field}={value}); not supported yet"]
+            )
 
 
 class SupervisedLM(nn.Module):
     def __init__(self, peft_model: PeftModel) -> None:
         super().__init__()
         self.peft_model = peft_model
-        base = peft_model.get_base_model()
-        if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
-            raise TypeError(f"{type(base).__name__} has no decoder/output head split; not a causal LM")
+        check_supported(peft_model.get_base_model())
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor

@@ -127,6 +127,7 @@ def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
         pad_id=prepared.tokenizer.pad_token_id,
         rank=env.rank,
         sink=sink,
+        skipped_records=prepared.skipped,
     )
     state = TrainerState(
         world_size=env.world_size,

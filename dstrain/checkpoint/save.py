@@ -91,5 +91,5 @@ def _write(
     with atomic_dir(final) as tmp:
         write_checkpoint_dir(tmp, adapter, peft_model, state, config_yaml, ds)
     layout.write_latest(root, final.name)
-    protect = {state.best_checkpoint} if state.best_checkpoint else set()
+    protect = {final.name} | ({state.best_checkpoint} if state.best_checkpoint else set())
     layout.prune(root, keep_last, protect)

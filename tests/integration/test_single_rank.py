@@ -18,7 +18,17 @@ from dstrain.model import load_base_model
 from dstrain.prepare import prepare
 from tests.helpers import check, metrics, train_single, write_config
 
-CONTRACT_FIELDS = {"step", "loss", "lr", "tokens_per_s", "samples", "tokens", "data_wait_s", "mem_gb"}
+CONTRACT_FIELDS = {
+    "step",
+    "loss",
+    "lr",
+    "tokens_per_s",
+    "samples",
+    "tokens",
+    "data_wait_s",
+    "mem_gb",
+    "skipped_records",
+}
 
 
 @pytest.fixture(scope="module")
