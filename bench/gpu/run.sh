@@ -2,6 +2,11 @@
 # One device-tool call (< 8 min): install carried wheels if missing, smoke-test `dstrain train` on the GPU
 # (nccl, bf16, ZeRO-2), then time dstrain's step against the transformers labels= step on a ~1.1B model.
 #   device run: carry [".whl"], command: bash bench/gpu/run.sh
+# The GPU image has torch/transformers/peft but no DeepSpeed; build the wheels it needs here first:
+#   echo /.whl/ >> .git/info/exclude; pip wheel --no-deps deepspeed==0.19.8 -w .whl
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#     hjson pydantic pydantic-core annotated-types typing-inspection "typing-extensions>=4.16"
+#   (pydantic-core must be the exact version pydantic pins)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ! python3 -c "import deepspeed" 2>/dev/null; then
