@@ -19,7 +19,7 @@ from dstrain.config import RunConfig, dump_yaml
 from dstrain.data.batches import Example, tokenize_record
 from dstrain.data.loader import steps_per_epoch
 from dstrain.data.records import BadRecord, LoadedRecords, enforce_policy, expand_paths, load_records
-from dstrain.ds_config import BatchPlan, find_ds_config, load_ds_config, resolve_ds_config
+from dstrain.ds_config import BatchPlan, find_ds_config, load_ds_config, plan_batch, resolve_ds_config
 from dstrain.errors import ConfigError, DataError, DstrainError
 from dstrain.model import check_model_path, hidden_size, load_tokenizer
 
@@ -130,11 +130,10 @@ def prepare(cfg: RunConfig, world: int) -> Prepared:
         raise DataError("data.eval: every record was skipped as bad; fix the eval file or drop data.eval")
     if cfg.data.max_eval_samples:
         eval_set = eval_set[: cfg.data.max_eval_samples]
-    precision = device_precision()
-    _, plan = resolve_ds_config(raw, cfg, world, 1, None, *precision)
-    per_epoch = steps_per_epoch(len(train), plan)
+    # preflight validated the JSON: the batch plan alone gives the schedule length, then resolve once.
+    per_epoch = steps_per_epoch(len(train), plan_batch(raw, cfg, world, problems=[]))
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
-    ds, plan = resolve_ds_config(raw, cfg, world, total, hidden_size(cfg.model), *precision)
+    ds, plan = resolve_ds_config(raw, cfg, world, total, hidden_size(cfg.model), *device_precision())
     config_yaml = dump_yaml(cfg)
     return Prepared(
         cfg,
