@@ -66,7 +66,12 @@ def train(
     """Train. Without --config: the bundled demo (tiny model, sample RAG data, runs/demo/)."""
     args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
     args += ["--ds-config", ds_config] if ds_config else []
-    args += ["--debug"] if DEBUG["on"] else []
+    launch(args, num_gpus, hostfile)
+
+
+def launch(args: list[str], num_gpus: int | None, hostfile: Path | None) -> None:
+    """Run `python -m dstrain.train ARGS` in this process, or on every rank through the deepspeed launcher."""
+    args = [*args, "--debug"] if DEBUG["on"] else args
     if num_gpus is not None or hostfile is not None:
         cmd = launcher_command(num_gpus, hostfile, args)
         if shutil.which(cmd[0]) is None:
@@ -80,6 +85,47 @@ def train(
     from dstrain.train import main as train_main
 
     raise typer.Exit(train_main(args))
+
+
+@app.command()
+def resume(
+    path: Annotated[Path, typer.Argument(help="a run dir (its newest valid checkpoint) or a checkpoint dir")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE override of a non-structural key")
+    ] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="start the deepspeed launcher")] = None,
+    hostfile: Annotated[
+        Path | None, typer.Option("--hostfile", help="deepspeed hostfile (multi-node)")
+    ] = None,
+) -> None:
+    """Continue a run from its checkpoint, on the same or another number of ranks (same global batch)."""
+    from dstrain.checkpoint.load import find_checkpoint
+
+    try:
+        found = find_checkpoint(path)
+    except DstrainError as exc:
+        fail(exc)
+    for note in found.notes:
+        typer.echo(f"warning: {note}", err=True)
+    # Every rank gets the checkpoint chosen here, so all of them load the same one.
+    launch(
+        ["--resume", str(found.path), *[a for o in overrides or [] for a in ("--set", o)]], num_gpus, hostfile
+    )
+
+
+@app.command()
+def inspect(
+    ckpt: Annotated[Path, typer.Argument(help="a checkpoint dir (or a run dir: its newest checkpoint)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Show a checkpoint's step, tokens, world size, config digest and files; verify every file."""
+    from dstrain.inspect import inspect_checkpoint
+
+    try:
+        code = inspect_checkpoint(ckpt, as_json)
+    except DstrainError as exc:
+        fail(exc)
+    raise typer.Exit(code)
 
 
 @app.command("validate-data")

@@ -141,6 +141,27 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_gather_bytes(blob: bytes) -> list[bytes]:
+    """Every rank's `blob`, in rank order, on every rank (byte tensors, so nothing is pickled)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [blob]
+    world, device = torch.distributed.get_world_size(), _comm_device()
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    parts = [torch.zeros_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(parts, mine)
+    return [bytes(p[: int(s.item())].cpu().numpy()) for p, s in zip(parts, sizes, strict=True)]
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` is set on any rank. A collective: every rank must call it."""
+    return not all_ranks_ok(not flag)
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()

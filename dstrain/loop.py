@@ -12,14 +12,16 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from peft import PeftModel
 
+from dstrain import distributed
 from dstrain import engine as eng
-from dstrain.checkpoint.save import TrainerState, save_checkpoint
+from dstrain.checkpoint.save import RunFiles, TrainerState, save_checkpoint
 from dstrain.config import RunConfig
 from dstrain.data.batches import Example
 from dstrain.ds_config import BatchPlan
 from dstrain.evaluate import evaluate
 from dstrain.metrics import MetricsSink, StepMeter, memory_gb
 from dstrain.objectives import sft_loss
+from dstrain.stop import StopRequest
 
 
 @dataclass
@@ -36,11 +38,12 @@ class Session:
     steps_per_epoch: int
     total_steps: int
     output_dir: Path
-    config_yaml: str
+    run_files: RunFiles
     pad_id: int
     rank: int
     sink: MetricsSink
     skipped_records: int = 0  # bad training records dropped under data.on_error=skip
+    stop: StopRequest | None = None
 
 
 def micro_step(session: Session, meter: StepMeter) -> None:
@@ -86,7 +89,7 @@ def run_eval(session: Session, state: TrainerState) -> float | None:
     )
     session.sink.log({"step": state.step, "eval_loss": result})
     if state.best_metric is None or result < state.best_metric:
-        state.best_metric = result
+        state.best_metric, state.best_step = result, state.step
     return result
 
 
@@ -100,10 +103,10 @@ def advance_position(session: Session, state: TrainerState) -> None:
 def save(session: Session, state: TrainerState) -> Path:
     path = save_checkpoint(
         session.output_dir,
+        session.engine,
         session.peft_model,
         state,
-        session.config_yaml,
-        session.ds,
+        session.run_files,
         session.cfg.train.keep_last,
         is_main=session.rank == 0,
     )
@@ -111,8 +114,16 @@ def save(session: Session, state: TrainerState) -> Path:
     return path
 
 
+def stop_agreed(session: Session) -> bool:
+    """Did any rank get SIGTERM/SIGINT? Asked once per step: a signal may reach only some ranks."""
+    return session.stop is not None and distributed.any_rank(session.stop.requested)
+
+
 def train(session: Session, state: TrainerState) -> TrainerState:
-    """Run steps state.step+1 .. total_steps, logging, evaluating and saving on schedule."""
+    """Run steps state.step+1 .. total_steps, logging, evaluating and saving on schedule.
+
+    Stops early, with a checkpoint, when a rank was asked to stop (see `dstrain.stop`).
+    """
     cfg, total = session.cfg.train, session.total_steps
     meter, since_log = StepMeter(), 0
     if state.step == 0 and cfg.eval_every:
@@ -132,7 +143,17 @@ def train(session: Session, state: TrainerState) -> TrainerState:
         paused = time.perf_counter()
         if due(state.step, cfg.eval_every, total):
             run_eval(session, state)
-        if due(state.step, cfg.save_every, total):
+        saved = due(state.step, cfg.save_every, total)
+        if saved:
             save(session, state)
         meter.exclude(time.perf_counter() - paused)
+        if state.step < total and stop_agreed(session):
+            if not saved:
+                if since_log:  # the token count in the checkpoint must include every step
+                    log_train(session, state, meter, since_log)
+                save(session, state)
+            session.sink.print(
+                f"stopped at step {state.step}; continue with `dstrain resume {session.output_dir}`"
+            )
+            break
     return state

@@ -23,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from dstrain.checkpoint.atomic import write_text_atomic
 from dstrain.distributed import all_reduce_sum
 
 
@@ -86,6 +87,20 @@ class StepMeter:
         }
 
 
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop rows a killed run logged after the checkpoint being resumed: they are about to be redone."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
 class MetricsSink:
     """metrics.jsonl + TensorBoard + console; a no-op on ranks other than 0."""
 
@@ -95,12 +110,17 @@ class MetricsSink:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        # A fresh run starts the file over; a run continuing from a checkpoint appends to it.
-        mode = "a" if start_step else "w"
-        self.jsonl = (run_dir / "metrics.jsonl").open(mode, encoding="utf-8")
+        # A fresh run starts the file over; a run continuing from a checkpoint keeps the rows up to it.
+        path = run_dir / "metrics.jsonl"
+        if start_step:
+            keep_rows_up_to(path, start_step)
+        self.jsonl = path.open("a" if start_step else "w", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        # purge_step hides events a killed run logged after its last checkpoint, as the rows above.
+        self.tb = SummaryWriter(
+            log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None
+        )
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),

@@ -28,6 +28,7 @@ from dstrain.model import check_model_path, hidden_size, load_tokenizer
 class Prepared:
     cfg: RunConfig
     ds: dict[str, Any]
+    ds_source: dict[str, Any]  # the ZeRO JSON as given, "auto" entries included
     plan: BatchPlan
     tokenizer: PreTrainedTokenizerBase
     train: list[Example]
@@ -49,13 +50,17 @@ def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
     return None
 
 
-def preflight(cfg: RunConfig, world: int) -> dict[str, Any]:
-    """Check every file the run needs and the batch arithmetic; raise one ConfigError listing all problems."""
+def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every file the run needs and the batch arithmetic; raise one ConfigError listing all problems.
+
+    `ds_source` replaces the ZeRO JSON file named by the config (a resumed run uses its checkpoint's copy).
+    """
     problems = check_model_path(cfg.model)
-    raw = None
-    path = _collect(problems, find_ds_config, cfg.ds_config)
-    if path is not None:
-        raw = _collect(problems, load_ds_config, path)
+    raw = ds_source
+    if raw is None:
+        path = _collect(problems, find_ds_config, cfg.ds_config)
+        if path is not None:
+            raw = _collect(problems, load_ds_config, path)
     _collect(problems, expand_paths, cfg.data.train, "data.train")
     if cfg.data.eval:
         _collect(problems, expand_paths, cfg.data.eval, "data.eval")
@@ -117,8 +122,8 @@ def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def prepare(cfg: RunConfig, world: int) -> Prepared:
-    raw = preflight(cfg, world)
+def prepare(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None) -> Prepared:
+    raw = preflight(cfg, world, ds_source)
     tokenizer = load_tokenizer(cfg.model)
     needs_template = cfg.data.format == "messages" or cfg.data.chat_template
     if needs_template and not getattr(tokenizer, "chat_template", None):
@@ -138,6 +143,7 @@ def prepare(cfg: RunConfig, world: int) -> Prepared:
     return Prepared(
         cfg,
         ds,
+        raw,
         plan,
         tokenizer,
         train,

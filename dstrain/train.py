@@ -2,6 +2,7 @@
 
 deepspeed --num_gpus 2 -m dstrain.train --config RUN.yaml [--set k=v ...] [--ds-config zero3.json]
 torchrun --nproc_per_node 2 -m dstrain.train --config RUN.yaml
+deepspeed --num_gpus 2 -m dstrain.train --resume RUN_DIR_OR_CHECKPOINT [--set train.max_steps=200]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dstrain.checkpoint.save import TrainerState
+from dstrain.checkpoint.state import TrainerState
 from dstrain.config import RunConfig, load_config
 from dstrain.ds_config import zero_stage
 from dstrain.errors import DstrainError
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # heavy imports (torch, deepspeed) stay out of `--help` and a
 
     from dstrain.loop import Session
     from dstrain.prepare import Prepared
+    from dstrain.resume import ResumePoint
 
 # Versions recorded in every checkpoint: what produced the weights matters when they stop loading.
 TRACKED_PACKAGES = ("dstrain", "torch", "deepspeed", "transformers", "peft", "safetensors")
@@ -45,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override a run-config key, e.g. --set train.max_steps=100 (repeatable)",
     )
     parser.add_argument("--ds-config", help="ZeRO JSON; overrides ds_config in the run YAML")
+    parser.add_argument(
+        "--resume", metavar="PATH", help="continue from a run dir (newest valid checkpoint) or a checkpoint"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -78,19 +83,27 @@ def write_run_files(output_dir: Path, config_yaml: str, ds: dict) -> None:
     (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
 
-def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
-    """Prepare on every rank, join the process group, build model, engine, loader and metrics sinks."""
+def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, TrainerState]:
+    """Prepare on every rank, join the process group, build model, engine, loader and metrics sinks.
+
+    With `resume`, the engine, RNG and data position continue from the checkpoint instead.
+    """
     from dstrain import distributed, engine
+    from dstrain.checkpoint.save import RunFiles
     from dstrain.data.loader import train_loader
     from dstrain.loop import Session
     from dstrain.metrics import MetricsSink
     from dstrain.model import build_model
     from dstrain.prepare import prepare
+    from dstrain.resume import check_same_data, elastic_ds_source
     from dstrain.rng import seed_everything
+    from dstrain.stop import StopRequest
     from dstrain.supervised import SupervisedLM
 
     env = distributed.read_env()
-    prepared = prepare(cfg, env.world_size)
+    prepared = prepare(cfg, env.world_size, elastic_ds_source(resume.ds_source) if resume else None)
+    if resume:
+        check_same_data(resume.state, len(prepared.train))
     env = distributed.init_process_group(env)
     output_dir = Path(cfg.output_dir)
     if env.is_main:
@@ -101,6 +114,9 @@ def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
     ds_engine = engine.create_engine(SupervisedLM(peft_model), prepared.ds)
     # Then one seed per rank: dropout masks should differ across data-parallel ranks.
     seed_everything(cfg.train.seed + 1 + env.rank)
+    state = new_state(env.world_size, prepared)
+    if resume:
+        state = restore(resume, ds_engine, peft_model, prepared, env.rank, env.world_size)
     loader = train_loader(
         prepared.train,
         prepared.plan,
@@ -109,9 +125,16 @@ def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
         prepared.total_steps,
         prepared.tokenizer.pad_token_id,
         cfg.data.num_workers,
+        start_step=state.step,
     )
-    sink = MetricsSink(output_dir, prepared.total_steps, enabled=env.is_main)
+    sink = MetricsSink(output_dir, prepared.total_steps, enabled=env.is_main, start_step=state.step)
+    for note in resume.notes if resume else []:
+        sink.print(f"[yellow]warning:[/] {note}")
     sink.print(describe(cfg, prepared, peft_model))
+    if resume:
+        sink.print(
+            f"resuming from {resume.ckpt} at step {state.step} (epoch {state.epoch}, sample {state.cursor})"
+        )
     session = Session(
         cfg=cfg,
         ds=prepared.ds,
@@ -123,19 +146,46 @@ def start(cfg: RunConfig) -> tuple[Session, TrainerState]:
         steps_per_epoch=prepared.steps_per_epoch,
         total_steps=prepared.total_steps,
         output_dir=output_dir,
-        config_yaml=prepared.config_yaml,
+        run_files=RunFiles(prepared.config_yaml, prepared.ds, prepared.ds_source),
         pad_id=prepared.tokenizer.pad_token_id,
         rank=env.rank,
         sink=sink,
         skipped_records=prepared.skipped,
+        stop=StopRequest().install(),
     )
-    state = TrainerState(
-        world_size=env.world_size,
+    return session, state
+
+
+def new_state(world_size: int, prepared: Prepared) -> TrainerState:
+    return TrainerState(
+        world_size=world_size,
         global_batch=prepared.plan.global_batch,
+        train_samples=len(prepared.train),
         config_digest=prepared.config_digest,
         versions=versions(),
     )
-    return session, state
+
+
+def restore(
+    resume: ResumePoint, ds_engine: object, peft_model: object, prepared: Prepared, rank: int, world: int
+) -> TrainerState:
+    """Load optimizer, scheduler and RNG state into the new engine (a collective) and continue the state."""
+    from dataclasses import replace
+
+    from dstrain.checkpoint import load, optim
+    from dstrain.rng import restore_rng, seed_everything
+
+    tensors, sched = load.read_optimizer(resume.ckpt)
+    optim.restore_optimizer_state(
+        ds_engine, peft_model, tensors, sched, prepared.plan.accumulation, prepared.tokenizer.pad_token_id
+    )
+    saved = resume.state
+    rng = load.read_rng(resume.ckpt, rank) if world == saved.world_size else None
+    if rng is not None:
+        restore_rng(*rng)
+    else:  # another world size: rank r's stream has no saved counterpart; derive one from seed and step
+        seed_everything(prepared.cfg.train.seed + 1 + rank + 1_000_003 * saved.step)
+    return replace(saved, world_size=world, config_digest=prepared.config_digest, versions=versions())
 
 
 def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
@@ -152,21 +202,25 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
     )
 
 
-def run(cfg: RunConfig) -> TrainerState:
-    """Train to the end, then plot (rank 0) and leave the process group."""
+def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
+    """Train to the end (or a requested stop), then plot (rank 0) and leave the process group."""
     from dstrain import distributed
     from dstrain.loop import train
 
-    session, state = start(cfg)
+    session, state = start(cfg, resume)
     try:
         state = train(session, state)
     finally:
         session.sink.close()
+        session.stop.uninstall()
     if session.rank == 0:
         from dstrain.plot import plot_run
 
         plot_run(session.output_dir)
-        session.sink.print(f"done: {state.step} steps, {state.tokens:,} tokens; run dir {session.output_dir}")
+        what = "done" if state.step >= session.total_steps else "stopped early"
+        session.sink.print(
+            f"{what}: {state.step} steps, {state.tokens:,} tokens; run dir {session.output_dir}"
+        )
     distributed.shutdown()
     return state
 
@@ -190,7 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     # Library deprecation chatter (transformers, torch.distributed) says nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        run(resolve_config(args.config, args.overrides, args.ds_config))
+        if args.resume:
+            from dstrain.resume import resume_config
+
+            if args.config or args.ds_config:
+                raise DstrainError("--resume takes the config from the checkpoint: drop --config/--ds-config")
+            run(*resume_config(Path(args.resume), args.overrides))
+        else:
+            run(resolve_config(args.config, args.overrides, args.ds_config))
     except DstrainError as exc:
         return report_error(exc, args.debug)
     except KeyboardInterrupt:

@@ -1,7 +1,6 @@
 """Checkpoint names, the manifest, the `latest` pointer and pruning.
 
-checkpoints/step-00000120/   adapter_model.safetensors, adapter_config.json, trainer_state.json,
-                             config.yaml, ds_config.json, manifest.json (written last)
+checkpoints/step-00000120/   the files listed in `dstrain.checkpoint.save`, manifest.json written last
 checkpoints/latest           text file naming the newest complete checkpoint
 """
 
@@ -19,6 +18,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = "dstrain-checkpoint/1"
 STEP_RE = re.compile(r"^step-(\d{8})$")
+OLD_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}old-(step-\d{{8}})\.\d+$")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -98,8 +98,16 @@ def prune(root: Path, keep_last: int, protect: set[str] | None = None) -> list[P
 
 
 def remove_stale_temp(root: Path) -> list[Path]:
-    """Temporary dirs left by a save that was killed; safe to delete before a new save starts."""
+    """Temporary dirs left by a save that was killed; safe to delete before a new save starts.
+
+    One kind is not garbage: a complete checkpoint moved aside while the same step was being re-saved
+    (`atomic._swap_in`). If the kill came before the new copy took its name, the old one is put back.
+    """
     stale = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
     for path in stale:
+        original = OLD_RE.match(path.name)
+        if original and not (root / original.group(1)).exists() and not verify_checkpoint(path):
+            path.rename(root / original.group(1))
+            continue
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return stale

@@ -1,4 +1,14 @@
-"""Write a checkpoint from a running engine: gather on every rank, write on rank 0, agree on the outcome."""
+"""Write a checkpoint from a running engine: gather on every rank, write on rank 0, agree on the outcome.
+
+checkpoints/step-00000120/
+  adapter_model.safetensors, adapter_config.json   what `PeftModel.from_pretrained(base, dir)` loads
+  optimizer.safetensors                            fp32 master weights + Adam moments, full (unpartitioned)
+  scheduler.json                                   optimizer step, engine counters, LR scheduler, group LRs
+  rng_state_00000.safetensors ...                  one per rank: python, numpy, torch generator states
+  trainer_state.json                               step, epoch, data cursor, tokens, best metric, versions
+  config.yaml, ds_config.json, ds_config.source.json   the run config and ZeRO JSON (resolved and as given)
+  manifest.json                                    written last: size and sha256 of every other file
+"""
 
 from __future__ import annotations
 
@@ -7,65 +17,104 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
 from peft import PeftModel
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from dstrain import distributed, engine
-from dstrain.checkpoint import layout
+from dstrain.checkpoint import layout, optim
 from dstrain.checkpoint.atomic import atomic_dir
+from dstrain.checkpoint.state import (
+    ADAPTER_WEIGHTS,
+    CONFIG,
+    DS_CONFIG,
+    DS_SOURCE,
+    OPTIMIZER,
+    SCHEDULER,
+    TRAINER_STATE,
+    TrainerState,
+    rng_file,
+)
 from dstrain.errors import CheckpointError
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TRAINER_STATE = "trainer_state.json"
+from dstrain.rng import capture_rng
 
 
 @dataclass
-class TrainerState:
-    step: int = 0
-    epoch: int = 0
-    samples: int = 0
-    tokens: int = 0
-    world_size: int = 1
-    global_batch: int = 0
-    # Global data position: the next global batch starts at sample `cursor` of epoch `epoch`'s order.
-    cursor: int = 0
-    best_metric: float | None = None
-    best_checkpoint: str | None = None
-    config_digest: str = ""
-    versions: dict[str, str] | None = None
+class RunFiles:
+    """The run's config texts, stored in every checkpoint so `dstrain resume` needs nothing else."""
+
+    config_yaml: str
+    ds: dict[str, Any]
+    ds_source: dict[str, Any]
+
+
+@dataclass
+class Payload:
+    """Everything gathered from the ranks for one checkpoint (full tensors, rank 0 writes them)."""
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    scheduler: dict[str, Any]
+    rng: list[bytes]
+
+
+def gather_payload(ds_engine: DeepSpeedEngine, peft_model: PeftModel) -> Payload:
+    """A collective under ZeRO: every rank calls it, before any rank-0-only branch."""
+    tensors, meta = capture_rng()
+    return Payload(
+        adapter=engine.gather_adapter(peft_model),
+        optimizer=optim.gather_optimizer_state(ds_engine, peft_model),
+        scheduler=optim.scheduler_state(ds_engine),
+        rng=distributed.all_gather_bytes(save(tensors, metadata=meta)),
+    )
+
+
+def write_json(path: Path, value: Any) -> None:
+    try:
+        text = json.dumps(value, indent=2, allow_nan=True)
+    except TypeError as exc:
+        raise CheckpointError(f"{path.name}: state is not JSON-serialisable ({exc})") from exc
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def write_checkpoint_dir(
-    tmp: Path, adapter: dict, peft_model: PeftModel, state: TrainerState, config_yaml: str, ds: dict[str, Any]
+    tmp: Path, payload: Payload, peft_model: PeftModel, state: TrainerState, run: RunFiles
 ) -> None:
-    save_file(
-        {k: v.contiguous() for k, v in adapter.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"}
-    )
+    contiguous = {k: v.contiguous() for k, v in payload.adapter.items()}
+    save_file(contiguous, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_model.peft_config["default"].save_pretrained(str(tmp))
-    (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    (tmp / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    save_file(payload.optimizer, str(tmp / OPTIMIZER), metadata={"format": "dstrain-optimizer/1"})
+    write_json(tmp / SCHEDULER, payload.scheduler)
+    for rank, blob in enumerate(payload.rng):
+        (tmp / rng_file(rank)).write_bytes(blob)
+    write_json(tmp / TRAINER_STATE, asdict(state))
+    (tmp / CONFIG).write_text(run.config_yaml, encoding="utf-8")
+    write_json(tmp / DS_CONFIG, run.ds)
+    write_json(tmp / DS_SOURCE, run.ds_source)
     # The manifest is written last: its presence marks the directory as complete.
-    (tmp / layout.MANIFEST).write_text(json.dumps(layout.build_manifest(tmp), indent=2) + "\n")
+    write_json(tmp / layout.MANIFEST, layout.build_manifest(tmp))
 
 
 def save_checkpoint(
     output_dir: Path,
+    ds_engine: DeepSpeedEngine,
     peft_model: PeftModel,
     state: TrainerState,
-    config_yaml: str,
-    ds: dict[str, Any],
+    run: RunFiles,
     keep_last: int,
     is_main: bool,
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint dir once every rank agrees it is written."""
     root = layout.checkpoints_dir(output_dir)
     final = root / layout.step_name(state.step)
-    adapter = engine.gather_adapter(peft_model)  # collective under ZeRO-3: before any rank-0-only branch
+    payload = gather_payload(ds_engine, peft_model)  # no I/O: nothing here fails on one rank alone
+    if state.best_step == state.step:
+        state.best_checkpoint = final.name
     with distributed.agreed(f"saving checkpoint {final}"):
         if is_main:
             try:
-                _write(root, final, adapter, peft_model, state, config_yaml, ds, keep_last)
+                _write(root, final, payload, peft_model, state, run, keep_last)
             except OSError as exc:
                 previous = layout.read_latest(root) or "none"
                 raise CheckpointError(
@@ -79,17 +128,16 @@ def save_checkpoint(
 def _write(
     root: Path,
     final: Path,
-    adapter: dict,
+    payload: Payload,
     peft_model: PeftModel,
     state: TrainerState,
-    config_yaml: str,
-    ds: dict[str, Any],
+    run: RunFiles,
     keep_last: int,
 ) -> None:
     root.mkdir(parents=True, exist_ok=True)
     layout.remove_stale_temp(root)
     with atomic_dir(final) as tmp:
-        write_checkpoint_dir(tmp, adapter, peft_model, state, config_yaml, ds)
+        write_checkpoint_dir(tmp, payload, peft_model, state, run)
     layout.write_latest(root, final.name)
     protect = {final.name} | ({state.best_checkpoint} if state.best_checkpoint else set())
     layout.prune(root, keep_last, protect)

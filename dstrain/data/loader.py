@@ -84,8 +84,11 @@ def train_loader(
     start_step: int = 0,
 ) -> DataLoader:
     sampler = MicroBatchSampler(len(examples), plan, rank, seed, total_steps, start_step)
+    # A private generator: creating the iterator draws a worker seed from it, and drawing from the global
+    # one would shift dropout after a resume (the resumed run creates its iterator at another step).
     return DataLoader(
         ExampleDataset(examples),
+        generator=torch.Generator().manual_seed(seed),
         batch_sampler=sampler,
         collate_fn=partial(collate, pad_id=pad_id),
         num_workers=num_workers,

@@ -1,0 +1,167 @@
+"""Optimizer and LR-scheduler state in a world-size independent form, gathered from and scattered back into
+DeepSpeed's ZeRO partitions.
+
+Saved per trainable parameter (full, unpartitioned, fp32): the master weight and Adam's two moments, plus
+the optimizer step, the engine's step counters, the scheduler state and each param group's learning rate.
+DeepSpeed's own `save_checkpoint` writes one pickle per rank instead, which ties the files to the world size.
+
+Restoring follows a sequence checked on CPU to continue bitwise-identically (ZeRO-2 and ZeRO-3, with and
+without CPU offload): DeepSpeed creates optimizer states lazily, so first one optimizer step with learning
+rate 0 and a zero loss creates them and changes nothing; then the saved values overwrite master weights,
+moments, module weights, step counters and the scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+from peft import PeftModel
+
+from dstrain import engine as eng
+from dstrain.errors import CheckpointError
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+MASTER = "fp32"
+
+
+def trainable(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
+
+
+def base_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO wrapper (FusedAdam, DeepSpeedCPUAdam, torch AdamW)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def optimizer_step(engine: DeepSpeedEngine) -> int:
+    """Adam's step count, wherever this optimizer keeps it (per-state tensor/int or per param group)."""
+    opt = base_optimizer(engine)
+    for state in opt.state.values():
+        if "step" in state:
+            return int(state["step"])
+    for group in opt.param_groups:
+        if "step" in group:
+            return int(group["step"])
+    return 0
+
+
+def set_optimizer_step(engine: DeepSpeedEngine, step: int) -> None:
+    opt = base_optimizer(engine)
+    for state in opt.state.values():
+        if "step" in state:
+            state["step"] = torch.full_like(state["step"], step) if torch.is_tensor(state["step"]) else step
+    for group in opt.param_groups:
+        if "step" in group:
+            group["step"] = step
+
+
+def gather_optimizer_state(engine: DeepSpeedEngine, peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """{f"{param}::{fp32|exp_avg|exp_avg_sq}": full fp32 tensor}. A collective: every rank calls it."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    tensors = {}
+    for name, param in trainable(peft_model):
+        tensors[f"{name}::{MASTER}"] = eng.full_fp32_param(param)
+        for key in MOMENTS:
+            value = safe_get_full_optimizer_state(param, key)
+            if value is None:  # no ZeRO optimizer, or no step taken yet: Adam's moments start at zero
+                value = torch.zeros(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
+            tensors[f"{name}::{key}"] = value.detach().float().cpu().clone()
+    return tensors
+
+
+def scheduler_state(engine: DeepSpeedEngine) -> dict[str, Any]:
+    """Scheduler state, LRs and counters as plain JSON (DeepSpeed's schedulers keep one integer)."""
+    sched = engine.lr_scheduler
+    return {
+        "optimizer_step": optimizer_step(engine),
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "param_group_lr": [float(g["lr"]) for g in engine.optimizer.param_groups],
+        "scheduler": sched.state_dict() if sched is not None else None,
+    }
+
+
+def create_states(engine: DeepSpeedEngine, accumulation: int, pad_id: int) -> None:
+    """One optimizer step that changes nothing (lr 0, zero loss) so DeepSpeed allocates Adam's states."""
+    groups = engine.optimizer.param_groups
+    saved_lr = [g["lr"] for g in groups]
+    for group in groups:
+        group["lr"] = 0.0
+    batch = {
+        "input_ids": torch.full((1, 2), pad_id, dtype=torch.long),
+        "attention_mask": torch.ones(1, 2, dtype=torch.long),
+        "labels": torch.tensor([[-100, pad_id]]),
+    }
+    for _ in range(accumulation):  # engine.step() steps the optimizer only at the accumulation boundary
+        nll_sum, _ = eng.forward(engine, batch)
+        eng.backward(engine, nll_sum * 0.0)
+        eng.step(engine)
+    for group, lr in zip(groups, saved_lr, strict=True):
+        group["lr"] = lr
+
+
+def check_matches(tensors: dict[str, torch.Tensor], params: list[tuple[str, torch.nn.Parameter]]) -> None:
+    problems = []
+    for name, param in params:
+        shape = tuple(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
+        for key in (MASTER, *MOMENTS):
+            saved = tensors.get(f"{name}::{key}")
+            if saved is None:
+                problems.append(f"{name}: no saved {key}")
+            elif tuple(saved.shape) != shape:
+                problems.append(f"{name}: saved {key} has shape {tuple(saved.shape)}, the model has {shape}")
+    extra = {k.split("::")[0] for k in tensors} - {name for name, _ in params}
+    problems += [f"{name}: in the checkpoint but not a trainable parameter of this model" for name in extra]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise CheckpointError(
+            f"the checkpoint's optimizer state does not fit this model ({shown}). Resume with the model and "
+            "lora settings the checkpoint was trained with."
+        )
+
+
+def restore_optimizer_state(
+    engine: DeepSpeedEngine,
+    peft_model: PeftModel,
+    tensors: dict[str, torch.Tensor],
+    sched: dict[str, Any],
+    accumulation: int,
+    pad_id: int,
+) -> None:
+    """Scatter saved full states into this engine's partitions. A collective: every rank calls it."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    params = trainable(peft_model)
+    check_matches(tensors, params)
+    create_states(engine, accumulation, pad_id)
+    for name, param in params:
+        master = tensors[f"{name}::{MASTER}"]
+        safe_set_full_fp32_param(param, master.to(engine.device))
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(param, tensors[f"{name}::{key}"].to(engine.device), key)
+        set_module_weight(param, master, engine.global_rank)
+    set_optimizer_step(engine, int(sched["optimizer_step"]))
+    for group, lr in zip(engine.optimizer.param_groups, sched["param_group_lr"], strict=True):
+        group["lr"] = lr
+    if engine.lr_scheduler is not None and sched["scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(sched["scheduler"])
+    engine.global_steps = int(sched["global_steps"])
+    engine.global_samples = int(sched["global_samples"])
+    engine.micro_steps = engine.global_steps * accumulation
+
+
+def set_module_weight(param: torch.nn.Parameter, value: torch.Tensor, rank: int) -> None:
+    """The module's own copy is what the next forward reads; under ZeRO-3 it lives in partitions too."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                param.data.copy_(value.to(param.device, param.dtype))
+        return
+    with torch.no_grad():
+        param.data.copy_(value.to(param.device, param.dtype))

@@ -1,0 +1,35 @@
+"""Checkpoint file names and the trainer state (light: no torch or DeepSpeed import, for `dstrain inspect`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+SCHEDULER = "scheduler.json"
+TRAINER_STATE = "trainer_state.json"
+CONFIG = "config.yaml"
+DS_CONFIG = "ds_config.json"
+DS_SOURCE = "ds_config.source.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank:05d}.safetensors"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    tokens: int = 0
+    world_size: int = 1
+    global_batch: int = 0
+    # Global data position: the next global batch starts at sample `cursor` of epoch `epoch`'s order.
+    cursor: int = 0
+    train_samples: int = 0  # usable training samples; a resume on changed data would see another order
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    config_digest: str = ""
+    versions: dict[str, str] = field(default_factory=dict)

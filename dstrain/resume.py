@@ -1,0 +1,91 @@
+"""`dstrain resume`: the run config comes from the checkpoint's snapshot; only non-structural keys may change.
+
+Structural keys decide what the saved state means (model, adapter shape, data order, global batch, seeds,
+objective); changing one would make "exact resume" a lie, so it is refused with the list of what may change.
+The world size may change: the global batch is pinned to the saved one and accumulation is re-planned.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dstrain.checkpoint import load
+from dstrain.checkpoint.state import TrainerState
+from dstrain.config import RunConfig, apply_overrides, config_from_dict
+from dstrain.errors import ConfigError, DataError
+
+# Keys `--set` may change on resume (a section name allows every key under it).
+MUTABLE = (
+    "train.max_steps",
+    "train.epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "data.eval",
+    "data.num_workers",
+    "data.max_eval_samples",
+    "output_dir",
+)
+
+
+@dataclass
+class ResumePoint:
+    ckpt: Path
+    state: TrainerState
+    ds_source: dict[str, Any]
+    notes: list[str]
+
+
+def check_overrides(overrides: list[str]) -> None:
+    bad = [item.partition("=")[0].strip() for item in overrides]
+    bad = [key for key in bad if key not in MUTABLE]
+    if bad:
+        raise ConfigError(
+            [
+                f"--set {key}: fixed by the checkpoint, cannot change on resume (keys that may change: "
+                f"{', '.join(MUTABLE)}); to change it, start a new run with `dstrain train`"
+                for key in bad
+            ],
+            source="resume overrides",
+        )
+
+
+def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePoint]:
+    """The run config to continue with and the verified checkpoint to continue from."""
+    check_overrides(overrides)
+    found = load.find_checkpoint(path)
+    ckpt = found.path
+    state = load.read_trainer_state(ckpt)
+    try:
+        raw = yaml.safe_load(load.read_config_yaml(ckpt)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{ckpt}/config.yaml: not valid YAML ({exc})"]) from None
+    # The run continues where its checkpoint lives, also when the run dir was moved or copied.
+    raw["output_dir"] = str(ckpt.parent.parent)
+    apply_overrides(raw, overrides)
+    # Elastic resume keeps the global batch: pin it, so a new world size changes only the accumulation.
+    raw.setdefault("train", {})["global_batch_size"] = state.global_batch
+    cfg = config_from_dict(raw, source=f"{ckpt}/config.yaml")
+    return cfg, ResumePoint(ckpt, state, load.read_ds_source(ckpt), found.notes)
+
+
+def elastic_ds_source(ds_source: dict[str, Any]) -> dict[str, Any]:
+    """The ZeRO JSON as first given, with accumulation left to the planner (the global batch is pinned)."""
+    raw = copy.deepcopy(ds_source)
+    raw["gradient_accumulation_steps"] = "auto"
+    return raw
+
+
+def check_same_data(state: TrainerState, train_samples: int) -> None:
+    if state.train_samples and state.train_samples != train_samples:
+        raise DataError(
+            f"data.train now yields {train_samples} usable samples, but the checkpoint was trained on "
+            f"{state.train_samples}: the data changed, so the saved position would point at other samples. "
+            "Restore the original files, or start a new run with `dstrain train`."
+        )

@@ -1,0 +1,42 @@
+"""Graceful stop on SIGTERM / SIGINT (Slurm preemption, `scancel`, Ctrl-C).
+
+The first signal only sets a flag: the loop finishes the optimizer step it is in, every rank agrees to stop
+(a signal may reach only some ranks), a checkpoint is written, and the process exits 0 so the job can be
+resumed with `dstrain resume`. A second signal stops at once (KeyboardInterrupt), for a user who means it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def install(self) -> StopRequest:
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        name = signal.Signals(signum).name
+        print(f"{name} received: stopping after this step and saving a checkpoint", file=sys.stderr)
