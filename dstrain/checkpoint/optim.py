@@ -145,6 +145,7 @@ def restore_optimizer_state(
             safe_set_full_optimizer_state(param, tensors[f"{name}::{key}"].to(engine.device), key)
         set_module_weight(param, master, engine.global_rank)
     set_optimizer_step(engine, int(sched["optimizer_step"]))
+    replay_cpu_adam_step_cache(engine, int(sched["optimizer_step"]))
     for group, lr in zip(engine.optimizer.param_groups, sched["param_group_lr"], strict=True):
         group["lr"] = lr
     if engine.lr_scheduler is not None and sched["scheduler"] is not None:
@@ -152,6 +153,44 @@ def restore_optimizer_state(
     engine.global_steps = int(sched["global_steps"])
     engine.global_samples = int(sched["global_samples"])
     engine.micro_steps = engine.global_steps * accumulation
+
+
+def replay_cpu_adam_step_cache(engine: DeepSpeedEngine, step: int) -> None:
+    """Rebuild the bias-correction cache of DeepSpeed's CPU Adam kernels, for bitwise-exact CPU resume.
+
+    The C++ CPU Adam (behind FusedAdam on CPU and DeepSpeedCPUAdam) keeps beta**t and updates it with one
+    multiplication per step; jumping to step t computes pow(beta, t) instead, which differs in the last
+    bits and so shifts every later update by an ulp. Stepping a one-element dummy through steps 1..t with
+    learning rate 0 rebuilds exactly the cached values an uninterrupted run has. The CUDA kernels compute
+    pow() on every call and need none of this.
+    """
+    opt = base_optimizer(engine)
+    if not opt.param_groups or step < 1:
+        return
+    group = opt.param_groups[0]
+    beta1, beta2 = group["betas"]
+    p, g, m, v = (torch.zeros(1) for _ in range(4))
+    bias_correction = bool(group.get("bias_correction", True))
+    if hasattr(opt, "ds_opt_adam"):  # DeepSpeedCPUAdam (ZeRO-Offload)
+        for t in range(1, step + 1):
+            opt.ds_opt_adam.adam_update(
+                opt.opt_id, t, 0.0, beta1, beta2, group["eps"], 0.0, bias_correction, p, g, m, v
+            )
+    elif hasattr(opt, "multi_tensor_adam") and engine.device.type == "cpu":  # FusedAdam's CPU build
+        for t in range(1, step + 1):
+            opt.multi_tensor_adam(
+                2048 * 32,
+                opt._dummy_overflow_buf,
+                [[g], [p], [m], [v]],
+                0.0,
+                beta1,
+                beta2,
+                group["eps"],
+                t,
+                opt.adam_w_mode,
+                int(bias_correction),
+                0.0,
+            )
 
 
 def set_module_weight(param: torch.nn.Parameter, value: torch.Tensor, rank: int) -> None:
