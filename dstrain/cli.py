@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,10 +82,28 @@ def launch(args: list[str], num_gpus: int | None, hostfile: Path | None) -> None
                 )
             )
         typer.echo(f"launching: {shlex.join(cmd)}", err=True)
-        raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+        raise typer.Exit(run_launcher(cmd))
     from dstrain.train import main as train_main
 
     raise typer.Exit(train_main(args))
+
+
+def run_launcher(cmd: list[str]) -> int:
+    """Run the launcher and wait for it, passing SIGTERM on; Ctrl-C already reaches the whole process group.
+
+    Killing the launcher here (what subprocess.call does on KeyboardInterrupt) would cut the ranks off in
+    the middle of the checkpoint they write when asked to stop.
+    """
+    proc = subprocess.Popen(cmd, env=os.environ.copy())
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
+    }
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command()

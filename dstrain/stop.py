@@ -2,22 +2,27 @@
 
 The first signal only sets a flag: the loop finishes the optimizer step it is in, every rank agrees to stop
 (a signal may reach only some ranks), a checkpoint is written, and the process exits 0 so the job can be
-resumed with `dstrain resume`. A second signal stops at once (KeyboardInterrupt), for a user who means it.
+resumed with `dstrain resume`. A second signal stops at once (KeyboardInterrupt), for a user who means it;
+one that follows the first within `ECHO_S` is the same event echoed (Ctrl-C reaches the ranks directly and
+again through the deepspeed launcher, which forwards it as SIGTERM) and is ignored.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import time
 from types import FrameType
 from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+ECHO_S = 2.0
 
 
 class StopRequest:
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.at = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -36,7 +41,9 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is not None:
+            if time.monotonic() - self.at < ECHO_S:
+                return
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal, self.at = signum, time.monotonic()
         name = signal.Signals(signum).name
         print(f"{name} received: stopping after this step and saving a checkpoint", file=sys.stderr)

@@ -275,3 +275,36 @@ def test_a_failing_save_fails_cleanly(work: Path, data: dict):
     )
     assert proc.returncode != 0
     assert "could not write checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_weights_resume_exactly(work: Path, data: dict):
+    """bf16 base + fp32 LoRA masters in DeepSpeed's bf16 mode: the masters, not the bf16 copies, are saved."""
+    cfg = write_config(
+        work,
+        data,
+        "bf16",
+        model={"path": "builtin:tiny", "dtype": "bf16"},
+        lora=LORA,
+        train={**TRAIN, "max_steps": 8, "save_every": 4},
+    )
+    check(
+        subprocess.run(
+            [sys.executable, "-m", "dstrain.train", "--config", str(cfg)],
+            cwd=REPO,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
+    full = work / "bf16"
+    fork = work / "bf16_fork"
+    shutil.copytree(full, fork)
+    shutil.rmtree(fork / "checkpoints/step-00000008")
+    check(resume(fork, REPO))
+    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        got = load_file(str(fork / "checkpoints/step-00000008" / name))
+        want = load_file(str(full / "checkpoints/step-00000008" / name))
+        assert all(v.dtype == torch.float32 for v in want.values())
+        assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    assert train_losses(fork) == train_losses(full)
