@@ -5,6 +5,7 @@ Part 1 (run under the launcher, every rank builds the same engine):
     deepspeed --num_gpus 2 bench/checkpoint_bench.py save --ds-config ds_configs/zero2.json
   One engine (random-init Llama-shaped model, LoRA r=16 on all linear layers), two optimizer steps so Adam's
   moments exist, then alternately, `--repeats` times each:
+    gather       the collective part of a dstrain save alone
     dstrain      gather full adapter + optimizer state + RNG on all ranks, rank 0 writes safetensors/JSON,
                  fsync, atomic rename, manifest with sha256 (what every dstrain save does)
     ds           engine.save_checkpoint(dir): DeepSpeed's default (module state incl. frozen base weights,
@@ -97,7 +98,7 @@ def dir_bytes(path: Path) -> int:
 
 def bench_save(args: argparse.Namespace) -> None:
     from dstrain import distributed
-    from dstrain.checkpoint.save import save_checkpoint
+    from dstrain.checkpoint.save import gather_payload, save_checkpoint
     from dstrain.config import load_config
     from dstrain.loop import train
     from dstrain.train import start
@@ -116,14 +117,17 @@ def bench_save(args: argparse.Namespace) -> None:
     session, state = start(cfg)
     state = train(session, state)  # two optimizer steps; saves step-2 once (warm-up of the save path)
     rank = session.rank
-    results: dict[str, list[float]] = {"dstrain": [], "ds": [], "ds-lora": []}
+    results: dict[str, list[float]] = {"dstrain": [], "gather": [], "ds": [], "ds-lora": []}
     sizes: dict[str, int] = {}
     out = work / "ds"
     for i in range(args.repeats):
         for name in results:
             distributed.barrier()
             started = time.perf_counter()
-            if name == "dstrain":
+            if name == "gather":  # the collective part of a dstrain save alone (no file written)
+                gather_payload(session.engine, session.peft_model)
+                path = None
+            elif name == "dstrain":
                 state.step += 1  # a new checkpoint name each time
                 path = save_checkpoint(
                     session.output_dir,
@@ -140,7 +144,7 @@ def bench_save(args: argparse.Namespace) -> None:
                 path = out / tag
             distributed.barrier()
             results[name].append(time.perf_counter() - started)
-            if rank == 0:
+            if rank == 0 and path is not None:
                 sizes[name] = dir_bytes(path)
     if rank == 0:
         from dstrain.model import count_parameters

@@ -62,4 +62,9 @@ def gather_adapter(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     full = {
         name: full_fp32_param(param) for name, param in peft_model.named_parameters() if param.requires_grad
     }
+    return adapter_state(peft_model, full)
+
+
+def adapter_state(peft_model: PeftModel, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's adapter file names and layout for full trainable tensors keyed by parameter name."""
     return get_peft_model_state_dict(peft_model, state_dict=full)

@@ -62,9 +62,11 @@ class Payload:
 def gather_payload(ds_engine: DeepSpeedEngine, peft_model: PeftModel) -> Payload:
     """A collective under ZeRO: every rank calls it, before any rank-0-only branch."""
     tensors, meta = capture_rng()
+    state = optim.gather_optimizer_state(ds_engine, peft_model)
+    masters = {name: state[f"{name}::{optim.MASTER}"] for name, _ in optim.trainable(peft_model)}
     return Payload(
-        adapter=engine.gather_adapter(peft_model),
-        optimizer=optim.gather_optimizer_state(ds_engine, peft_model),
+        adapter=engine.adapter_state(peft_model, masters),
+        optimizer=state,
         scheduler=optim.scheduler_state(ds_engine),
         rng=distributed.all_gather_bytes(save(tensors, metadata=meta)),
     )
