@@ -190,6 +190,8 @@ def first_new_row(cmd: list[str], run_dir: Path, after_step: int) -> float:
 
 
 def bench_resume(args: argparse.Namespace) -> None:
+    from dstrain.metrics import keep_rows_up_to
+
     work = Path(args.work)
     model = str(make_model_dir(work / "model", args.layers, args.hidden))
     bin_dir = Path(sys.executable).parent
@@ -200,7 +202,9 @@ def bench_resume(args: argparse.Namespace) -> None:
             work, model, args.ds_config, steps=2 * args.resume_step, save_every=args.resume_step
         )
         fresh = first_new_row([str(bin_dir / "dstrain"), "train", "--config", str(cfg)], work / "run", 0)
+        # The state a crash right after the middle checkpoint leaves: no later checkpoint, no later rows.
         shutil.rmtree(work / "run" / "checkpoints" / f"step-{2 * args.resume_step:08d}")
+        keep_rows_up_to(work / "run" / "metrics.jsonl", args.resume_step)
         resumed = first_new_row(
             [str(bin_dir / "dstrain"), "resume", str(work / "run")], work / "run", args.resume_step
         )
