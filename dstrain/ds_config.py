@@ -120,6 +120,11 @@ def resolve_zero(ds: dict[str, Any], hidden_size: int | None, problems: list[str
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage: must be 0, 1, 2 or 3, got {stage!r}")
+    if stage == 0 and (ds.get("fp16") or {}).get("enabled") is True:
+        problems.append(
+            "fp16 without ZeRO (zero_optimization.stage 0) keeps its fp32 master weights where checkpoints "
+            "cannot read them: use stage 1, 2 or 3, or bf16"
+        )
     if (zero.get("offload_param") or {}).get("device", "none") != "none" and stage != 3:
         problems.append(
             "zero_optimization.offload_param needs stage 3 (parameters are only partitioned there)"

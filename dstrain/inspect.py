@@ -10,20 +10,17 @@ from rich.console import Console
 from rich.table import Table
 
 from dstrain.checkpoint import layout
-from dstrain.checkpoint.load import is_checkpoint_dir, read_json
+from dstrain.checkpoint.load import is_checkpoint_dir, read_json, verify
 from dstrain.errors import CheckpointError
 
 
 def target_dir(path: Path) -> Path:
-    """A checkpoint dir as given; for a run dir the one `latest` names (else the newest by step)."""
+    """A checkpoint dir as given; for a run dir its newest by step (the one `dstrain resume` tries first)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; give a checkpoint dir or a run dir")
     if is_checkpoint_dir(path):
         return path
     root = path if path.name == "checkpoints" else layout.checkpoints_dir(path)
-    named = layout.read_latest(root)
-    if named:
-        return root / named
     found = layout.list_checkpoints(root)
     if not found:
         raise CheckpointError(f"{path}: neither a checkpoint dir nor a run dir with checkpoints")
@@ -97,7 +94,7 @@ def render(info: dict[str, Any], console: Console) -> None:
 def inspect_checkpoint(path: Path, as_json: bool = False) -> int:
     """Print the checkpoint's summary; return 1 (naming each bad file) if it does not match its manifest."""
     ckpt = target_dir(Path(path))
-    problems = layout.verify_checkpoint(ckpt)
+    problems = verify(ckpt)
     info = summary(ckpt, problems)
     if as_json:
         print(json.dumps(info, indent=2))

@@ -89,7 +89,8 @@ def run_eval(session: Session, state: TrainerState) -> float | None:
     )
     session.sink.log({"step": state.step, "eval_loss": result})
     if state.best_metric is None or result < state.best_metric:
-        state.best_metric, state.best_step = result, state.step
+        # best_checkpoint follows only if this step is saved (save() sets it): no stale "best" is protected.
+        state.best_metric, state.best_step, state.best_checkpoint = result, state.step, None
     return result
 
 
@@ -126,6 +127,12 @@ def train(session: Session, state: TrainerState) -> TrainerState:
     """
     cfg, total = session.cfg.train, session.total_steps
     meter, since_log = StepMeter(), 0
+    if state.step >= total:
+        session.sink.print(
+            f"nothing to train: the run is at step {state.step} of train.max_steps/epochs ({total} steps); "
+            "raise it with --set train.max_steps=N"
+        )
+        return state
     if state.step == 0 and cfg.eval_every:
         run_eval(session, state)  # the starting point, so the eval curve shows what training changed
         meter.reset()

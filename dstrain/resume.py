@@ -67,17 +67,28 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
     except yaml.YAMLError as exc:
         raise ConfigError([f"{ckpt}/config.yaml: not valid YAML ({exc})"]) from None
     # The run continues where its checkpoint lives, also when the run dir was moved or copied.
+    forked = any(item.partition("=")[0].strip() == "output_dir" for item in overrides)
+    if ckpt.parent.name != "checkpoints" and not forked:
+        raise ConfigError(
+            [
+                f"{ckpt} is not inside a run's checkpoints/ dir: pass --set output_dir=DIR for the continued run"
+            ],
+            source="resume",
+        )
     raw["output_dir"] = str(ckpt.parent.parent)
     apply_overrides(raw, overrides)
     # Elastic resume keeps the global batch: pin it, so a new world size changes only the accumulation.
     raw.setdefault("train", {})["global_batch_size"] = state.global_batch
     cfg = config_from_dict(raw, source=f"{ckpt}/config.yaml")
-    return cfg, ResumePoint(ckpt, state, load.read_ds_source(ckpt), found.notes)
+    source = elastic_ds_source(load.read_ds_source(ckpt), load.read_ds_resolved(ckpt))
+    return cfg, ResumePoint(ckpt, state, source, found.notes)
 
 
-def elastic_ds_source(ds_source: dict[str, Any]) -> dict[str, Any]:
-    """The ZeRO JSON as first given, with accumulation left to the planner (the global batch is pinned)."""
+def elastic_ds_source(ds_source: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """The ZeRO JSON as first given, with the micro batch the run used and accumulation left to the planner
+    (the global batch is pinned): a new world size changes only the accumulation."""
     raw = copy.deepcopy(ds_source)
+    raw["train_micro_batch_size_per_gpu"] = resolved.get("train_micro_batch_size_per_gpu", "auto")
     raw["gradient_accumulation_steps"] = "auto"
     return raw
 

@@ -47,6 +47,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     np.random.set_state((numpy["kind"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached"]))
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        names = [k for k in tensors if k.startswith("torch_cuda_")]
+        cuda = [tensors[k] for k in sorted(names, key=lambda k: int(k.rsplit("_", 1)[1]))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)

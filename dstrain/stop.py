@@ -9,6 +9,7 @@ again through the deepspeed launcher, which forwards it as SIGTERM) and is ignor
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -46,4 +47,15 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal, self.at = signum, time.monotonic()
         name = signal.Signals(signum).name
-        print(f"{name} received: stopping after this step and saving a checkpoint", file=sys.stderr)
+        # os.write, not print: print inside a signal handler can fail with "reentrant call" on stderr.
+        os.write(
+            sys.stderr.fileno(),
+            f"{name} received: stopping after this step and saving a checkpoint\n".encode(),
+        )
+
+
+def ignore_in_worker(_worker_id: int) -> None:
+    """DataLoader workers leave stopping to the main process: a worker killed by SIGTERM/SIGINT would make
+    the main process fail in the middle of the step (or the save) it was asked to finish."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

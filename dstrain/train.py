@@ -95,17 +95,23 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     from dstrain.metrics import MetricsSink
     from dstrain.model import build_model
     from dstrain.prepare import prepare
-    from dstrain.resume import check_same_data, elastic_ds_source
+    from dstrain.resume import check_same_data
     from dstrain.rng import seed_everything
     from dstrain.stop import StopRequest
     from dstrain.supervised import SupervisedLM
 
     env = distributed.read_env()
-    prepared = prepare(cfg, env.world_size, elastic_ds_source(resume.ds_source) if resume else None)
+    prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)
     if resume:
         check_same_data(resume.state, len(prepared.train))
     env = distributed.init_process_group(env)
     output_dir = Path(cfg.output_dir)
+    if resume:
+        agree_on_checkpoint(resume)
+        if env.is_main:
+            for note in archive_newer_checkpoints(resume.ckpt, output_dir):
+                resume.notes.append(note)
+        distributed.barrier()
     if env.is_main:
         write_run_files(output_dir, prepared.config_yaml, prepared.ds)
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
@@ -156,6 +162,40 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     return session, state
 
 
+def agree_on_checkpoint(resume: ResumePoint) -> None:
+    """Every rank must continue from the same checkpoint (each resolved PATH on its own)."""
+    from dstrain import distributed
+    from dstrain.errors import DistributedError
+
+    chosen = {blob.decode() for blob in distributed.all_gather_bytes(str(resume.ckpt.resolve()).encode())}
+    if len(chosen) > 1:
+        raise DistributedError(
+            f"ranks chose different checkpoints to resume from ({', '.join(sorted(chosen))}): pass one "
+            "checkpoint dir, or use `dstrain resume`, which picks it once for all ranks"
+        )
+
+
+def archive_newer_checkpoints(ckpt: Path, output_dir: Path) -> list[str]:
+    """Resuming an older checkpoint of the same run rolls the run back: the newer checkpoints belong to the
+    abandoned timeline, so they move to checkpoints/abandoned/ (never deleted), out of `latest`'s reach."""
+    import time
+
+    from dstrain.checkpoint import layout
+
+    root = layout.checkpoints_dir(output_dir)
+    if ckpt.parent.resolve() != root.resolve():
+        return []
+    newer = [p for p in layout.list_checkpoints(root) if p.name > ckpt.name]
+    if not newer:
+        return []
+    aside = root / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in newer:
+        path.rename(aside / path.name)
+    layout.write_latest(root, ckpt.name)
+    return [f"rolled back to {ckpt.name}: moved {', '.join(p.name for p in newer)} to {aside}"]
+
+
 def new_state(world_size: int, prepared: Prepared) -> TrainerState:
     return TrainerState(
         world_size=world_size,
@@ -172,15 +212,17 @@ def restore(
     """Load optimizer, scheduler and RNG state into the new engine (a collective) and continue the state."""
     from dataclasses import replace
 
+    from dstrain import distributed
     from dstrain.checkpoint import load, optim
     from dstrain.rng import restore_rng, seed_everything
 
-    tensors, sched = load.read_optimizer(resume.ckpt)
+    saved = resume.state
+    with distributed.agreed(f"reading {resume.ckpt}"):  # before any collective: no rank left waiting
+        tensors, sched = load.read_optimizer(resume.ckpt)
+        rng = load.read_rng(resume.ckpt, rank) if world == saved.world_size else None
     optim.restore_optimizer_state(
         ds_engine, peft_model, tensors, sched, prepared.plan.accumulation, prepared.tokenizer.pad_token_id
     )
-    saved = resume.state
-    rng = load.read_rng(resume.ckpt, rank) if world == saved.world_size else None
     if rng is not None:
         restore_rng(*rng)
     else:  # another world size: rank r's stream has no saved counterpart; derive one from seed and step

@@ -16,7 +16,7 @@ from dstrain.checkpoint.atomic import TMP_PREFIX, write_text_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-FORMAT = "dstrain-checkpoint/1"
+FORMAT = "dstrain-checkpoint/2"  # /2: optimizer, scheduler and RNG state added
 STEP_RE = re.compile(r"^step-(\d{8})$")
 OLD_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}old-(step-\d{{8}})\.\d+$")
 
@@ -46,19 +46,31 @@ def build_manifest(directory: Path) -> dict:
     return {"format": FORMAT, "files": files}
 
 
-def verify_checkpoint(directory: Path) -> list[str]:
-    """Every way `directory` differs from its manifest, as 'file: problem' lines (empty when intact)."""
+def verify_checkpoint(directory: Path, required: tuple[str, ...] = ()) -> list[str]:
+    """Every way `directory` differs from its manifest, as 'file: problem' lines (empty when intact).
+
+    `required` names files that must be listed too (a manifest only vouches for what it lists).
+    """
     manifest_path = directory / MANIFEST
     if not directory.is_dir():
         return [f"{directory}: not a directory"]
     if not manifest_path.is_file():
         return [f"{manifest_path}: missing (the checkpoint was not completed)"]
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()
+        ):
+            raise ValueError("bad file entries")
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return [f"{manifest_path}: unreadable manifest"]
-    problems = []
+    if manifest.get("format") != FORMAT:
+        return [f"{manifest_path}: format {manifest.get('format')!r}, this dstrain reads {FORMAT!r}"]
+    problems = [
+        f"{directory / name}: missing (not in the manifest)" for name in required if name not in files
+    ]
     for name, entry in files.items():
         path = directory / name
         if not path.is_file():

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from dstrain.checkpoint import layout
 from dstrain.checkpoint.state import (
     CONFIG,
+    DS_CONFIG,
     DS_SOURCE,
     OPTIMIZER,
+    REQUIRED,
     SCHEDULER,
     TRAINER_STATE,
     TrainerState,
@@ -34,6 +36,11 @@ class Found:
     notes: list[str]  # broken newer checkpoints passed over, a stale `latest`, ...
 
 
+def verify(ckpt: Path) -> list[str]:
+    """Manifest check plus the files a resume needs (a checkpoint of another layout lacks some)."""
+    return layout.verify_checkpoint(ckpt, (*REQUIRED, rng_file(0)))
+
+
 def is_checkpoint_dir(path: Path) -> bool:
     return layout.STEP_RE.match(path.name) is not None or (path / layout.MANIFEST).exists()
 
@@ -44,7 +51,7 @@ def find_checkpoint(path: Path) -> Found:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; give a run dir or a checkpoint dir")
     if is_checkpoint_dir(path):
-        problems = layout.verify_checkpoint(path)
+        problems = verify(path)
         if problems:
             raise CheckpointError(f"checkpoint {path} is broken: " + "; ".join(problems))
         return Found(path, [])
@@ -59,7 +66,7 @@ def newest_valid(root: Path) -> Found:
         notes.append(f"{root / layout.LATEST} names {named}, which does not exist")
     candidates = layout.list_checkpoints(root)
     for candidate in reversed(candidates):
-        problems = layout.verify_checkpoint(candidate)
+        problems = verify(candidate)
         if not problems:
             return Found(candidate, notes)
         notes.append(f"skipping broken checkpoint {candidate.name}: " + "; ".join(problems))
@@ -79,6 +86,13 @@ def read_json(path: Path) -> Any:
 
 def read_trainer_state(ckpt: Path) -> TrainerState:
     raw = read_json(ckpt / TRAINER_STATE)
+    needed = ("step", "epoch", "cursor", "samples", "tokens", "world_size", "global_batch")
+    bad = [k for k in needed if not isinstance(raw, dict) or not isinstance(raw.get(k), int) or raw[k] < 0]
+    if bad:
+        raise CheckpointError(
+            f"{ckpt / TRAINER_STATE}: {', '.join(bad)} missing or not a non-negative integer; the checkpoint "
+            "was not written by this version of dstrain or was edited. Resume from another checkpoint."
+        )
     known = {f.name for f in fields(TrainerState)}
     return TrainerState(**{k: v for k, v in raw.items() if k in known})
 
@@ -91,8 +105,16 @@ def read_ds_source(ckpt: Path) -> dict[str, Any]:
     return read_json(ckpt / DS_SOURCE)
 
 
+def read_ds_resolved(ckpt: Path) -> dict[str, Any]:
+    return read_json(ckpt / DS_CONFIG)
+
+
 def read_optimizer(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    return load_file(str(ckpt / OPTIMIZER)), read_json(ckpt / SCHEDULER)
+    try:
+        tensors = load_file(str(ckpt / OPTIMIZER))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{ckpt / OPTIMIZER}: unreadable ({exc})") from exc
+    return tensors, read_json(ckpt / SCHEDULER)
 
 
 def read_rng(ckpt: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -100,6 +122,6 @@ def read_rng(ckpt: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, 
     path = ckpt / rng_file(rank)
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as fh:
+    with safe_open(str(path), "pt") as fh:  # verified against the manifest before it is read
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is no dict)
         return tensors, fh.metadata() or {}

@@ -70,10 +70,17 @@ def gather_optimizer_state(engine: DeepSpeedEngine, peft_model: PeftModel) -> di
         tensors[f"{name}::{MASTER}"] = eng.full_fp32_param(param)
         for key in MOMENTS:
             value = safe_get_full_optimizer_state(param, key)
-            if value is None:  # no ZeRO optimizer, or no step taken yet: Adam's moments start at zero
+            if value is None and not zero_managed(param):  # stage 0: the torch optimizer holds the state
+                value = base_optimizer(engine).state.get(param, {}).get(key)
+            if value is None:  # no step taken yet: Adam's moments start at zero
                 value = torch.zeros(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
             tensors[f"{name}::{key}"] = value.detach().float().cpu().clone()
     return tensors
+
+
+def zero_managed(param: torch.nn.Parameter) -> bool:
+    """Whether a ZeRO (or bf16) optimizer keeps this parameter's master and moments in its partitions."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
 def gather_zero12(
@@ -115,12 +122,30 @@ def scheduler_state(engine: DeepSpeedEngine) -> dict[str, Any]:
     """Scheduler state, LRs and counters as plain JSON (DeepSpeed's schedulers keep one integer)."""
     sched = engine.lr_scheduler
     return {
+        "loss_scaler": loss_scaler_state(engine),
         "optimizer_step": optimizer_step(engine),
         "global_steps": int(engine.global_steps),
         "global_samples": int(engine.global_samples),
         "param_group_lr": [float(g["lr"]) for g in engine.optimizer.param_groups],
         "scheduler": sched.state_dict() if sched is not None else None,
     }
+
+
+def loss_scaler_state(engine: DeepSpeedEngine) -> dict[str, Any] | None:
+    """fp16's dynamic loss scale and its counters (plain numbers), or None in bf16/fp32."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None:
+        return None
+    return {k: v for k, v in vars(scaler).items() if isinstance(v, (bool, int, float))}
+
+
+def restore_loss_scaler(engine: DeepSpeedEngine, saved: dict[str, Any] | None) -> None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not saved:
+        return
+    for key, value in saved.items():
+        if hasattr(scaler, key):
+            setattr(scaler, key, value)
 
 
 def create_states(engine: DeepSpeedEngine, accumulation: int, pad_id: int) -> None:
@@ -180,7 +205,11 @@ def restore_optimizer_state(
         master = tensors[f"{name}::{MASTER}"]
         safe_set_full_fp32_param(param, master.to(engine.device))
         for key in MOMENTS:
-            safe_set_full_optimizer_state(param, tensors[f"{name}::{key}"].to(engine.device), key)
+            value = tensors[f"{name}::{key}"].to(engine.device)
+            if zero_managed(param):
+                safe_set_full_optimizer_state(param, value, key)
+            else:  # stage 0: the torch optimizer's own state tensors (created by create_states)
+                base_optimizer(engine).state[param][key].copy_(value.view_as(param))
         set_module_weight(param, master, engine.global_rank)
     set_optimizer_step(engine, int(sched["optimizer_step"]))
     replay_cpu_adam_step_cache(engine, int(sched["optimizer_step"]))
@@ -188,6 +217,7 @@ def restore_optimizer_state(
         group["lr"] = lr
     if engine.lr_scheduler is not None and sched["scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(sched["scheduler"])
+    restore_loss_scaler(engine, sched.get("loss_scaler"))
     engine.global_steps = int(sched["global_steps"])
     engine.global_samples = int(sched["global_samples"])
     engine.micro_steps = engine.global_steps * accumulation

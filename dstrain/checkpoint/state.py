@@ -13,6 +13,19 @@ DS_CONFIG = "ds_config.json"
 DS_SOURCE = "ds_config.source.json"
 
 
+# What a resumable checkpoint must hold besides the per-rank RNG files (checked on top of the manifest).
+REQUIRED = (
+    ADAPTER_WEIGHTS,
+    "adapter_config.json",
+    OPTIMIZER,
+    SCHEDULER,
+    TRAINER_STATE,
+    CONFIG,
+    DS_CONFIG,
+    DS_SOURCE,
+)
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_{rank:05d}.safetensors"
 

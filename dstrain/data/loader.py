@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dstrain.data.batches import IGNORE, Example, collate
 from dstrain.ds_config import BatchPlan
 from dstrain.errors import DataError
+from dstrain.stop import ignore_in_worker
 
 
 class ExampleDataset(Dataset):
@@ -92,6 +93,7 @@ def train_loader(
         batch_sampler=sampler,
         collate_fn=partial(collate, pad_id=pad_id),
         num_workers=num_workers,
+        worker_init_fn=ignore_in_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
     )

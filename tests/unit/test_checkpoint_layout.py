@@ -141,7 +141,7 @@ def test_manifest_lists_every_other_file_with_sha_and_size(tmp_path: Path):
     ckpt = make_checkpoint(tmp_path / "step-00000003")
     (ckpt / "sub").mkdir()  # directories are not listed
     manifest = build_manifest(ckpt)
-    assert manifest["format"] == "dstrain-checkpoint/1"
+    assert manifest["format"] == "dstrain-checkpoint/2"
     assert sorted(manifest["files"]) == sorted(FILES)
     for name, data in FILES.items():
         entry = manifest["files"][name]
