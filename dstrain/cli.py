@@ -147,6 +147,29 @@ def inspect(
     raise typer.Exit(code)
 
 
+@app.command()
+def export(
+    ckpt: Annotated[
+        Path, typer.Argument(help="a checkpoint dir (or a run dir: its newest valid checkpoint)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="new directory to write")],
+    merge: Annotated[
+        bool, typer.Option("--merge", help="fold LoRA into the base: a full HF model dir in safetensors")
+    ] = False,
+) -> None:
+    """Write a PEFT adapter dir, or with --merge a full model that AutoModelForCausalLM loads."""
+    from dstrain.export import export_checkpoint
+
+    try:
+        used, notes = export_checkpoint(ckpt, out, merge)
+    except DstrainError as exc:
+        fail(exc)
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
+    what = "merged model" if merge else "adapter"
+    typer.echo(f"exported {what} from {used} to {out}")
+
+
 @app.command("validate-data")
 def validate_data(
     path: Annotated[Path, typer.Argument(help="JSONL file to check")],

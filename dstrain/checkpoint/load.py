@@ -74,7 +74,7 @@ def newest_valid(root: Path) -> Found:
         raise CheckpointError(
             f"{root.parent}: no checkpoints under {root}; start the run with `dstrain train` instead"
         )
-    raise CheckpointError(f"{root.parent}: no valid checkpoint to resume from. " + " | ".join(notes))
+    raise CheckpointError(f"{root.parent}: no valid checkpoint. " + " | ".join(notes))
 
 
 def read_json(path: Path) -> Any:

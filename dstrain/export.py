@@ -1,0 +1,81 @@
+"""`dstrain export CKPT --out DIR [--merge]`: hand a trained adapter to PEFT, transformers or vLLM.
+
+Without --merge: a PEFT adapter dir (adapter_model.safetensors + adapter_config.json) plus the tokenizer.
+With --merge: the LoRA update folded into the base weights, saved as a full Hugging Face model dir in
+safetensors (config, generation config, tokenizer) that `AutoModelForCausalLM.from_pretrained(DIR)` loads.
+The merge runs in fp32 and the result is cast to the run's `model.dtype` once, at the end, so the merged
+weights are not rounded twice.
+
+The output appears atomically (written beside DIR, then renamed), and an existing non-empty DIR is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from dstrain.checkpoint.atomic import atomic_dir
+from dstrain.checkpoint.load import find_checkpoint
+from dstrain.checkpoint.state import ADAPTER_WEIGHTS, CONFIG
+from dstrain.config import RunConfig, config_from_dict
+from dstrain.errors import DstrainError
+
+ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_config.json")
+
+
+def run_config(ckpt: Path) -> RunConfig:
+    raw = yaml.safe_load((ckpt / CONFIG).read_text(encoding="utf-8")) or {}
+    return config_from_dict(raw, source=f"{ckpt / CONFIG}")
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DstrainError(
+            f"--out {out}: exists and is not empty; choose a new directory (nothing is overwritten)"
+        )
+
+
+def export_adapter(ckpt: Path, cfg: RunConfig, tmp: Path) -> None:
+    from dstrain.model import load_tokenizer
+
+    for name in ADAPTER_FILES:
+        shutil.copy2(ckpt / name, tmp / name)
+    load_tokenizer(cfg.model).save_pretrained(str(tmp))
+
+
+def export_merged(ckpt: Path, cfg: RunConfig, tmp: Path) -> None:
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from transformers.utils import logging as hf_logging
+
+    from dstrain.model import DTYPES, load_base_model, load_tokenizer
+
+    hf_logging.disable_progress_bar()  # a CLI that prints one line per export, not loader progress bars
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    base = load_base_model(replace(cfg.model, dtype="fp32"))
+    merged = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
+    merged = merged.to(DTYPES[cfg.model.dtype])
+    merged.config.use_cache = True  # off during training only; inference wants the KV cache
+    with torch.no_grad():
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+    load_tokenizer(cfg.model).save_pretrained(str(tmp))
+
+
+def export_checkpoint(path: Path, out: Path, merge: bool) -> tuple[Path, list[str]]:
+    """Export the checkpoint at PATH (a run dir: its newest valid one). Returns (checkpoint used, notes)."""
+    found = find_checkpoint(Path(path))
+    out = Path(out)
+    check_out(out)
+    cfg = run_config(found.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        out.rmdir()  # empty (checked above): atomic_dir renames the finished export into its place
+    with atomic_dir(out) as tmp:
+        (export_merged if merge else export_adapter)(found.path, cfg, tmp)
+    return found.path, found.notes

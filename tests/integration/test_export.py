@@ -1,0 +1,93 @@
+"""`dstrain export`: the adapter dir loads in PEFT, the merged dir in plain transformers, with the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from dstrain.config import ModelConfig
+from dstrain.model import load_base_model
+from tests.helpers import check, dstrain, train_single, write_config
+
+# fp32 throughout; merging W + B@A changes only the summation order of the same products, which moves
+# logits of magnitude ~10 by up to ~2e-5 after the layers compound it (measured).
+ATOL = RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from tests.helpers import make_small_data
+
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = write_config(tmp, make_small_data(tmp), train={"max_steps": 4, "save_every": 4})
+    check(train_single(cfg, cwd=tmp))
+    return tmp / "run"
+
+
+def probe() -> torch.Tensor:
+    return torch.randint(7, 2000, (2, 20), generator=torch.Generator().manual_seed(5))
+
+
+def reference_logits(ckpt: Path) -> torch.Tensor:
+    model = PeftModel.from_pretrained(load_base_model(ModelConfig(dtype="fp32")), str(ckpt)).eval()
+    with torch.no_grad():
+        return model(input_ids=probe()).logits
+
+
+def test_adapter_export_loads_in_peft(trained: Path, tmp_path: Path):
+    out = tmp_path / "adapter"
+    proc = check(dstrain("export", str(trained), "--out", str(out), cwd=tmp_path))
+    assert "exported adapter from" in proc.stdout and "step-00000004" in proc.stdout
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    model = PeftModel.from_pretrained(load_base_model(ModelConfig(dtype="fp32")), str(out)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe()).logits
+    assert torch.equal(logits, reference_logits(trained / "checkpoints" / "step-00000004"))
+
+
+def test_merged_export_loads_in_transformers_with_the_same_logits(trained: Path, tmp_path: Path):
+    out = tmp_path / "merged"
+    check(
+        dstrain(
+            "export",
+            str(trained / "checkpoints" / "step-00000004"),
+            "--out",
+            str(out),
+            "--merge",
+            cwd=tmp_path,
+        )
+    )
+    assert (
+        (out / "model.safetensors").is_file()
+        and not list(out.glob("*.bin"))
+        and not list(out.glob("adapter_*"))
+    )
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        logits = merged(input_ids=probe()).logits
+    reference = reference_logits(trained / "checkpoints" / "step-00000004")
+    torch.testing.assert_close(logits, reference, atol=ATOL, rtol=RTOL)
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    base = load_base_model(ModelConfig(dtype="fp32")).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=probe()).logits, reference, atol=ATOL)  # training changed it
+
+
+def test_export_refuses_to_overwrite_and_names_bad_checkpoints(trained: Path, tmp_path: Path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    proc = dstrain("export", str(trained), "--out", str(taken), cwd=tmp_path)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    assert (taken / "keep.txt").read_text() == "mine"
+    proc = dstrain("export", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert (
+        proc.returncode == 2 and "no such file or directory" in proc.stderr and "Traceback" not in proc.stderr
+    )
