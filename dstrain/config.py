@@ -80,6 +80,7 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 42
     global_batch_size: int = 0  # fills "auto" train_batch_size in the ZeRO JSON; 0: micro x world
+    max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row skipped for NaN/inf
 
 
 @dataclass
@@ -266,6 +267,7 @@ def check_values(cfg: RunConfig) -> list[str]:
         "train.eval_every": cfg.train.eval_every,
         "train.save_every": cfg.train.save_every,
         "train.global_batch_size": cfg.train.global_batch_size,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
     }
     p += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:

@@ -32,5 +32,9 @@ class CheckpointError(DstrainError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
 
 
+class TrainingError(DstrainError):
+    """Training cannot go on (e.g. the loss keeps turning NaN/inf); the message says what to change."""
+
+
 class DistributedError(DstrainError):
     """Ranks could not rendezvous, disagreed, or one of them failed."""

@@ -18,6 +18,7 @@ from dstrain.checkpoint.save import RunFiles, TrainerState, save_checkpoint
 from dstrain.config import RunConfig
 from dstrain.data.batches import Example
 from dstrain.ds_config import BatchPlan
+from dstrain.errors import TrainingError
 from dstrain.evaluate import evaluate
 from dstrain.metrics import MetricsSink, StepMeter, memory_gb
 from dstrain.objectives import sft_loss
@@ -44,6 +45,7 @@ class Session:
     sink: MetricsSink
     skipped_records: int = 0  # bad training records dropped under data.on_error=skip
     stop: StopRequest | None = None
+    nonfinite_in_a_row: int = 0
 
 
 def micro_step(session: Session, meter: StepMeter) -> None:
@@ -69,6 +71,7 @@ def log_train(session: Session, state: TrainerState, meter: StepMeter, steps: in
     row["tokens"] = state.tokens
     row["samples"] = state.samples
     row["skipped_records"] = session.skipped_records
+    row["skipped_steps"] = state.nonfinite_steps
     norm = eng.grad_norm(session.engine)
     if norm is not None:
         row["grad_norm"] = norm
@@ -115,9 +118,38 @@ def save(session: Session, state: TrainerState) -> Path:
     return path
 
 
-def stop_agreed(session: Session) -> bool:
-    """Did any rank get SIGTERM/SIGINT? Asked once per step: a signal may reach only some ranks."""
-    return session.stop is not None and distributed.any_rank(session.stop.requested)
+def step_flags(session: Session, nonfinite: torch.Tensor) -> tuple[bool, bool]:
+    """(stop requested on any rank, non-finite loss on any rank) for the step just taken.
+
+    One small all-reduce and the loop's one host sync per step: a signal or a NaN may reach only some ranks,
+    and every rank must take the same decision.
+    """
+    stop = 1.0 if session.stop is not None and session.stop.requested else 0.0
+    flags = torch.stack([torch.tensor(stop, device=nonfinite.device), nonfinite.float()])
+    stop_sum, bad_sum = distributed.all_reduce_sum(flags).tolist()
+    return stop_sum > 0, bad_sum > 0
+
+
+def on_nonfinite(session: Session, state: TrainerState) -> None:
+    """A NaN/inf loss this step: count the skipped update, or stop when it cannot be skipped or keeps coming."""
+    step, limit = state.step, session.cfg.train.max_nonfinite_steps
+    state.nonfinite_steps += 1
+    session.nonfinite_in_a_row += 1
+    if session.engine.was_step_applied():
+        raise TrainingError(
+            f"step {step}: the loss was NaN/inf and the optimizer applied the update anyway (DeepSpeed "
+            "skips such updates only when it computes the gradient norm: keep gradient_clipping > 0 and "
+            "zero_optimization.compute_grad_norm on), so the weights may be corrupt and nothing was saved. "
+            "Resume from the last checkpoint (`dstrain resume`) with a lower learning rate, or check the "
+            "data around this step."
+        )
+    session.sink.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped[/]")
+    if session.nonfinite_in_a_row >= limit:
+        raise TrainingError(
+            f"step {step}: {session.nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss or "
+            f"gradient (train.max_nonfinite_steps={limit}); training stopped. Lower the learning rate, "
+            "enable gradient_clipping in the ZeRO JSON, or check the data; the last checkpoint is intact."
+        )
 
 
 def train(session: Session, state: TrainerState) -> TrainerState:
@@ -140,7 +172,12 @@ def train(session: Session, state: TrainerState) -> TrainerState:
     while state.step < total:
         for _ in range(session.plan.accumulation):
             micro_step(session, meter)
+        stop, nonfinite = step_flags(session, meter.take_nonfinite())
         advance_position(session, state)
+        if nonfinite:
+            on_nonfinite(session, state)
+        else:
+            session.nonfinite_in_a_row = 0
         since_log += 1
         session.sink.advance(state.step)
         # Save steps log too, so the checkpoint's token count is exact.
@@ -154,7 +191,7 @@ def train(session: Session, state: TrainerState) -> TrainerState:
         if saved:
             save(session, state)
         meter.exclude(time.perf_counter() - paused)
-        if state.step < total and stop_agreed(session):
+        if state.step < total and stop:
             if not saved:
                 if since_log:  # the token count in the checkpoint must include every step
                     log_train(session, state, meter, since_log)

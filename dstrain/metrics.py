@@ -42,6 +42,8 @@ class StepMeter:
 
     def reset(self) -> None:
         self.loss_sum: torch.Tensor | None = None
+        self.nonfinite: torch.Tensor | None = None  # micro batches of the current step with a NaN/inf loss
+        self.finite: torch.Tensor | None = None  # micro batches since the last log with a finite loss
         self.micro_batches = 0
         self.tokens: torch.Tensor | None = None
         self.samples = 0
@@ -55,11 +57,22 @@ class StepMeter:
 
     def add(self, loss: torch.Tensor, attention_mask: torch.Tensor, data_wait_s: float) -> None:
         loss, tokens = loss.detach().float(), attention_mask.sum()
+        finite = torch.isfinite(loss)
+        bad = (~finite).float()
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+        self.finite = (1.0 - bad) if self.finite is None else self.finite + (1.0 - bad)
+        loss = torch.where(finite, loss, torch.zeros_like(loss))  # a skipped step must not poison the mean
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.tokens = tokens if self.tokens is None else self.tokens + tokens
         self.micro_batches += 1
         self.samples += attention_mask.shape[0]
         self.data_wait_s += data_wait_s
+
+    def take_nonfinite(self) -> torch.Tensor:
+        """This step's count of non-finite micro-batch losses (a device tensor), reset for the next step."""
+        value = self.nonfinite if self.nonfinite is not None else torch.zeros(())
+        self.nonfinite = None
+        return value
 
     def collect(self, steps: int) -> dict[str, float]:
         """Reduce over ranks: loss is the mean micro-batch loss, tokens/samples are global sums."""
@@ -71,13 +84,15 @@ class StepMeter:
                 torch.tensor(float(self.micro_batches), device=device),
                 torch.tensor(float(self.samples), device=device),
                 torch.tensor(self.data_wait_s, device=device),
+                self.finite.to(device, torch.float32),
             ]
         )
-        loss_sum, tokens, micro, samples, wait = all_reduce_sum(local.double()).tolist()
+        loss_sum, tokens, micro, samples, wait, finite = all_reduce_sum(local.double()).tolist()
         elapsed = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         ranks = micro / max(1, self.micro_batches)
         return {
-            "loss": loss_sum / micro,
+            # over micro batches with a finite loss (a skipped NaN step does not drag the mean); None if none
+            "loss": loss_sum / finite if finite else None,
             "tokens": int(tokens),
             "samples": int(samples),
             "tokens_per_s": tokens / elapsed,
@@ -146,7 +161,7 @@ class MetricsSink:
                 self.tb.add_scalar(
                     f"train/{key}" if not key.startswith("eval_") else f"eval/{key[5:]}", value, step
                 )
-        if "loss" in row:
+        if row.get("loss") is not None:
             info = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
             self.progress.update(self.task, info=info)
         if "eval_loss" in row:

@@ -33,7 +33,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    train = [r for r in rows if "loss" in r]
+    train = [r for r in rows if r.get("loss") is not None]  # None: every micro batch was NaN (skipped)
     evals = [r for r in rows if "eval_loss" in r]
     if not train:
         raise DstrainError(f"{run_dir / 'metrics.jsonl'}: no training rows to plot yet")

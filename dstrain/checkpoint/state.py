@@ -41,6 +41,7 @@ class TrainerState:
     # Global data position: the next global batch starts at sample `cursor` of epoch `epoch`'s order.
     cursor: int = 0
     train_samples: int = 0  # usable training samples; a resume on changed data would see another order
+    nonfinite_steps: int = 0  # optimizer steps skipped because the loss or a gradient was NaN/inf
     best_metric: float | None = None
     best_step: int | None = None
     best_checkpoint: str | None = None
