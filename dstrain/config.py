@@ -81,6 +81,7 @@ class TrainConfig:
     seed: int = 42
     global_batch_size: int = 0  # fills "auto" train_batch_size in the ZeRO JSON; 0: micro x world
     max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row skipped for NaN/inf
+    wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dstrain.data.batches import Example
 from dstrain.ds_config import BatchPlan
 from dstrain.errors import TrainingError
 from dstrain.evaluate import evaluate
-from dstrain.metrics import MetricsSink, StepMeter, memory_gb
+from dstrain.metrics import MetricsSink, StepMeter, device_stats, max_over_ranks, mfu
 from dstrain.objectives import sft_loss
 from dstrain.stop import StopRequest
 
@@ -46,6 +46,7 @@ class Session:
     skipped_records: int = 0  # bad training records dropped under data.on_error=skip
     stop: StopRequest | None = None
     nonfinite_in_a_row: int = 0
+    num_params: int = 0  # all parameters (base + adapter), for the MFU estimate
 
 
 def micro_step(session: Session, meter: StepMeter) -> None:
@@ -67,7 +68,11 @@ def due(step: int, every: int, total: int) -> bool:
 def log_train(session: Session, state: TrainerState, meter: StepMeter, steps: int) -> None:
     row = meter.collect(steps)
     state.tokens += row["tokens"]
-    row.update(step=state.step, lr=eng.current_lr(session.engine), mem_gb=memory_gb(), epoch=state.epoch)
+    row.update(step=state.step, lr=eng.current_lr(session.engine), epoch=state.epoch)
+    row.update(max_over_ranks(device_stats()))  # a collective: every rank logs the same steps
+    utilisation = mfu(row["tokens_per_s"], session.num_params, session.plan.world)
+    if utilisation is not None:
+        row["mfu"] = utilisation
     row["tokens"] = state.tokens
     row["samples"] = state.samples
     row["skipped_records"] = session.skipped_records

@@ -6,6 +6,7 @@ progress bar with ETA on the console.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -26,12 +27,52 @@ from rich.progress import (
 from dstrain.checkpoint.atomic import write_text_atomic
 from dstrain.distributed import all_reduce_sum
 
+# Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate; an unknown device gets no MFU, not a guess.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
 
 def memory_gb() -> float:
     """Peak accelerator memory of this rank, or the process RSS on CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30
     return psutil.Process().memory_info().rss / 2**30
+
+
+def device_stats() -> dict[str, float]:
+    """This rank's memory and, on GPU, reserved memory and utilisation (NVML, when it answers)."""
+    stats = {"mem_gb": memory_gb()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        stats["mem_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        # torch asks NVML (pynvml); without it, or without permission, the optional metric is left out.
+        with contextlib.suppress(Exception):
+            stats["gpu_util"] = float(torch.cuda.utilization())
+    return stats
+
+
+def peak_flops() -> float | None:
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def mfu(tokens_per_s: float, params: int, world: int) -> float | None:
+    """Model FLOPs utilisation at 4N FLOPs per token: forward 2N plus backward to the activations 2N
+    (frozen weights get no weight gradients under LoRA); attention FLOPs and recomputation not counted."""
+    peak = peak_flops()
+    return None if peak is None else tokens_per_s * 4 * params / (peak * world)
+
+
+def max_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    """The largest value of each stat on any rank: the rank closest to running out is the one that matters."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return stats
+    from dstrain.distributed import _comm_device
+
+    keys = sorted(stats)
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=_comm_device())
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(keys, values.tolist(), strict=True))
 
 
 class StepMeter:
@@ -119,11 +160,33 @@ def keep_rows_up_to(path: Path, step: int) -> None:
 class MetricsSink:
     """metrics.jsonl + TensorBoard + console; a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        enabled: bool,
+        start_step: int = 0,
+        wandb_project: str = "",
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = enabled
         self.console = Console(stderr=False)
+        self.wandb = None
         if not enabled:
             return
+        if wandb_project:
+            import wandb  # checked installed in preflight
+
+            # One W&B run per run dir: a resumed run continues the same one.
+            run_id = "".join(c if c.isalnum() else "-" for c in str(run_dir.resolve()))[-64:]
+            self.wandb = wandb.init(
+                project=wandb_project,
+                name=run_dir.name,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                config=run_config or {},
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         # A fresh run starts the file over; a run continuing from a checkpoint keeps the rows up to it.
         path = run_dir / "metrics.jsonl"
@@ -156,6 +219,8 @@ class MetricsSink:
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         step = int(row["step"])
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(
@@ -181,3 +246,5 @@ class MetricsSink:
         self.progress.stop()
         self.jsonl.close()
         self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

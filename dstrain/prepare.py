@@ -7,6 +7,7 @@ at once, with one message, instead of leaving peers waiting in a collective.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = Non
         # A dry run of the resolution with a placeholder schedule: batch and precision problems surface now.
         _collect(problems, lambda: resolve_ds_config(raw, cfg, world, 1, None, *device_precision()))
     problems += check_output_dir(Path(cfg.output_dir))
+    if cfg.train.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            "train.wandb_project is set but wandb is not installed: `pip install wandb`, or set "
+            "train.wandb_project='' (TensorBoard and metrics.jsonl are always written)"
+        )
     if problems:
         raise ConfigError(problems, source="run")
     return raw

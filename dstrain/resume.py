@@ -27,6 +27,8 @@ MUTABLE = (
     "train.eval_every",
     "train.save_every",
     "train.keep_last",
+    "train.max_nonfinite_steps",
+    "train.wandb_project",
     "data.eval",
     "data.num_workers",
     "data.max_eval_samples",

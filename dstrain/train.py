@@ -90,10 +90,11 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     """
     from dstrain import distributed, engine
     from dstrain.checkpoint.save import RunFiles
+    from dstrain.config import config_to_dict
     from dstrain.data.loader import train_loader
     from dstrain.loop import Session
     from dstrain.metrics import MetricsSink
-    from dstrain.model import build_model
+    from dstrain.model import build_model, count_parameters
     from dstrain.prepare import prepare
     from dstrain.resume import check_same_data
     from dstrain.rng import seed_everything
@@ -133,7 +134,14 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         cfg.data.num_workers,
         start_step=state.step,
     )
-    sink = MetricsSink(output_dir, prepared.total_steps, enabled=env.is_main, start_step=state.step)
+    sink = MetricsSink(
+        output_dir,
+        prepared.total_steps,
+        enabled=env.is_main,
+        start_step=state.step,
+        wandb_project=cfg.train.wandb_project,
+        run_config=config_to_dict(cfg),
+    )
     for note in resume.notes if resume else []:
         sink.print(f"[yellow]warning:[/] {note}")
     sink.print(describe(cfg, prepared, peft_model))
@@ -158,6 +166,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         sink=sink,
         skipped_records=prepared.skipped,
         stop=StopRequest().install(),
+        num_params=count_parameters(peft_model)[1],
     )
     return session, state
 

@@ -28,6 +28,9 @@ CONTRACT_FIELDS = {
     "data_wait_s",
     "mem_gb",
     "skipped_records",
+    "skipped_steps",
+    "samples_per_s",
+    "step_time_s",
 }
 
 
@@ -62,6 +65,23 @@ def test_run_directory_contract(finished_run):
     resolved = json.loads((run_dir / "ds_config.json").read_text())
     assert "auto" not in json.dumps(resolved)
     assert resolved["train_batch_size"] == 8 and resolved["gradient_accumulation_steps"] == 2
+    png = (run_dir / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_tensorboard_events_read_back_with_tensorboards_reader(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp_path, _, _ = finished_run
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/mem_gb", "eval/loss"} <= tags
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)  # float32 in TB
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
 
 
 def test_checkpoints_are_complete_and_peft_loadable(finished_run):
