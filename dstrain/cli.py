@@ -181,7 +181,8 @@ def validate_data(
     if format not in ("preference", "sft-rag", "messages"):
         fail(DstrainError(f"--format must be preference, sft-rag or messages, got {format!r}"), code=1)
     if not path.is_file():
-        fail(DstrainError(f"{path}: no such file"), code=1)
+        why = "a directory; pass one JSONL file" if path.is_dir() else "no such file"
+        fail(DstrainError(f"{path}: {why}"), code=1)
     good = bad = 0
     for _, item in read_file(path, format):
         if isinstance(item, BadRecord):
@@ -190,7 +191,9 @@ def validate_data(
         else:
             good += 1
     typer.echo(f"{path}: {good + bad} records, {good} ok, {bad} bad")
-    raise typer.Exit(1 if bad else 0)
+    if good + bad == 0:
+        typer.echo(f"{path}: the file holds no records (empty or only blank lines)")
+    raise typer.Exit(1 if bad or good == 0 else 0)
 
 
 @app.command()

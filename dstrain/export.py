@@ -73,9 +73,14 @@ def export_checkpoint(path: Path, out: Path, merge: bool) -> tuple[Path, list[st
     out = Path(out)
     check_out(out)
     cfg = run_config(found.path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_dir():
-        out.rmdir()  # empty (checked above): atomic_dir renames the finished export into its place
-    with atomic_dir(out) as tmp:
-        (export_merged if merge else export_adapter)(found.path, cfg, tmp)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above): atomic_dir renames the finished export into its place
+        with atomic_dir(out) as tmp:
+            (export_merged if merge else export_adapter)(found.path, cfg, tmp)
+    except OSError as exc:
+        raise DstrainError(
+            f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable directory"
+        ) from exc
     return found.path, found.notes

@@ -99,3 +99,17 @@ def test_output_dir_that_cannot_be_created(tmp_path, small_data):
     assert_clean_failure(
         dstrain("train", "--config", str(config), cwd=tmp_path), "output_dir", "cannot create"
     )
+
+
+def test_validate_data_refuses_empty_files_and_directories(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    proc = dstrain("validate-data", str(empty), "--format", "sft-rag", cwd=tmp_path)
+    assert proc.returncode == 1 and "holds no records" in proc.stdout
+    proc = dstrain("validate-data", str(tmp_path), "--format", "sft-rag", cwd=tmp_path)
+    assert proc.returncode == 1 and "a directory; pass one JSONL file" in proc.stderr
+
+
+def test_export_of_a_dir_without_checkpoints(tmp_path):
+    proc = dstrain("export", str(tmp_path), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2 and "no checkpoints" in proc.stderr and "Traceback" not in proc.stderr

@@ -91,3 +91,10 @@ def test_export_refuses_to_overwrite_and_names_bad_checkpoints(trained: Path, tm
     assert (
         proc.returncode == 2 and "no such file or directory" in proc.stderr and "Traceback" not in proc.stderr
     )
+
+
+def test_export_to_an_unwritable_place_is_one_message(trained: Path, tmp_path: Path):
+    proc = dstrain(
+        "export", str(trained), "--out", "/proc/dstrain-export", cwd=tmp_path
+    )  # /proc: even root can't
+    assert proc.returncode == 2 and "cannot write there" in proc.stderr and "Traceback" not in proc.stderr
