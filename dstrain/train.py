@@ -102,6 +102,13 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     from dstrain.supervised import SupervisedLM
 
     env = distributed.read_env()
+    if env.local_rank == 0:  # the build cache is per node
+        for lock, age in distributed.stale_build_locks():
+            print(
+                f"warning: {lock} is {age / 60:.0f} min old: an interrupted build of a DeepSpeed op left it, "
+                "and the run will wait for it forever. If no other build is running, delete it.",
+                file=sys.stderr,
+            )
     prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)
     if resume:
         check_same_data(resume.state, len(prepared.train))
