@@ -98,9 +98,9 @@ def dir_bytes(path: Path) -> int:
 
 def bench_save(args: argparse.Namespace) -> None:
     from dstrain import distributed
-    from dstrain.checkpoint.save import gather_payload, save_checkpoint
+    from dstrain.checkpoint.save import gather_payload
     from dstrain.config import load_config
-    from dstrain.loop import train
+    from dstrain.loop import save, train
     from dstrain.train import start
 
     work = Path(args.work)
@@ -129,15 +129,7 @@ def bench_save(args: argparse.Namespace) -> None:
                 path = None
             elif name == "dstrain":
                 state.step += 1  # a new checkpoint name each time
-                path = save_checkpoint(
-                    session.output_dir,
-                    session.engine,
-                    session.peft_model,
-                    state,
-                    session.run_files,
-                    100,
-                    rank == 0,
-                )
+                path = save(session, state)  # exactly the loop's save (keep_last 100 in the bench config)
             else:
                 tag = f"{name}-{i}"
                 session.engine.save_checkpoint(str(out), tag=tag, exclude_frozen_parameters=name == "ds-lora")

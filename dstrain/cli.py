@@ -22,6 +22,9 @@ app = typer.Typer(
     help="LoRA/QLoRA fine-tuning for RAG inside DeepSpeed ZeRO.",
 )
 DEBUG = {"on": False}
+# Options shared by `train` and `resume`, which both start the run through `launch`.
+NumGpus = Annotated[int | None, typer.Option("--num-gpus", help="start the deepspeed launcher")]
+Hostfile = Annotated[Path | None, typer.Option("--hostfile", help="deepspeed hostfile (multi-node)")]
 
 
 def fail(exc: DstrainError, code: int | None = None) -> None:
@@ -59,15 +62,17 @@ def train(
     ds_config: Annotated[
         str | None, typer.Option("--ds-config", help="ZeRO JSON (overrides the YAML)")
     ] = None,
-    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="start the deepspeed launcher")] = None,
-    hostfile: Annotated[
-        Path | None, typer.Option("--hostfile", help="deepspeed hostfile (multi-node)")
-    ] = None,
+    num_gpus: NumGpus = None,
+    hostfile: Hostfile = None,
 ) -> None:
     """Train. Without --config: the bundled demo (tiny model, sample RAG data, runs/demo/)."""
-    args = (["--config", str(config)] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
+    args = (["--config", str(config)] if config else []) + set_args(overrides)
     args += ["--ds-config", ds_config] if ds_config else []
     launch(args, num_gpus, hostfile)
+
+
+def set_args(overrides: list[str] | None) -> list[str]:
+    return [arg for item in overrides or [] for arg in ("--set", item)]
 
 
 def launch(args: list[str], num_gpus: int | None, hostfile: Path | None) -> None:
@@ -112,10 +117,8 @@ def resume(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="KEY=VALUE override of a non-structural key")
     ] = None,
-    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="start the deepspeed launcher")] = None,
-    hostfile: Annotated[
-        Path | None, typer.Option("--hostfile", help="deepspeed hostfile (multi-node)")
-    ] = None,
+    num_gpus: NumGpus = None,
+    hostfile: Hostfile = None,
 ) -> None:
     """Continue a run from its checkpoint, on the same or another number of ranks (same global batch)."""
     from dstrain.checkpoint.load import find_checkpoint
@@ -127,9 +130,7 @@ def resume(
     for note in found.notes:
         typer.echo(f"warning: {note}", err=True)
     # Every rank gets the checkpoint chosen here, so all of them load the same one.
-    launch(
-        ["--resume", str(found.path), *[a for o in overrides or [] for a in ("--set", o)]], num_gpus, hostfile
-    )
+    launch(["--resume", str(found.path), *set_args(overrides)], num_gpus, hostfile)
 
 
 @app.command()

@@ -54,17 +54,10 @@ def full_fp32_param(param: nn.Parameter) -> torch.Tensor:
     return value.detach().float().cpu().clone()
 
 
-def gather_adapter(peft_model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter state dict with PEFT's file names, gathered from ZeRO partitions on every rank.
-
-    Gathering before writing is what keeps ZeRO-3 from saving empty or [0]-shaped adapters.
-    """
-    full = {
-        name: full_fp32_param(param) for name, param in peft_model.named_parameters() if param.requires_grad
-    }
-    return adapter_state(peft_model, full)
-
-
 def adapter_state(peft_model: PeftModel, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """PEFT's adapter file names and layout for full trainable tensors keyed by parameter name."""
+    """PEFT's adapter file names and layout for full trainable tensors keyed by parameter name.
+
+    `full` must be gathered from the ZeRO partitions on every rank first (checkpoint.optim does it), which
+    is what keeps ZeRO-3 from saving empty or [0]-shaped adapters.
+    """
     return get_peft_model_state_dict(peft_model, state_dict=full)

@@ -87,23 +87,16 @@ def train_single(config: Path, *args: str, cwd: Path) -> subprocess.CompletedPro
     return run([sys.executable, "-m", "dstrain.train", "--config", str(config), *args], cwd)
 
 
+def deepspeed_cmd(*args: str, nproc: int = 2) -> list[str]:
+    """`deepspeed --num_gpus N --master_port FREE ARGS...`: the launcher line, on a port nobody holds."""
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
+
+
 def train_deepspeed(
     config: Path, *args: str, cwd: Path, nproc: int = 2, module: str = "dstrain.train"
 ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N -m dstrain.train ...`, exactly as a user starts it (gloo on CPU)."""
-    cmd = [
-        str(VENV_BIN / "deepspeed"),
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        module,
-        "--config",
-        str(config),
-        *args,
-    ]
-    return run(cmd, cwd)
+    return run(deepspeed_cmd("--module", module, "--config", str(config), *args, nproc=nproc), cwd)
 
 
 def metrics(run_dir: Path) -> list[dict]:

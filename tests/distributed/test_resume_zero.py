@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 from dstrain.checkpoint.layout import verify_checkpoint
 from tests.helpers import (
     REPO,
-    VENV_BIN,
     check,
     child_env,
+    deepspeed_cmd,
     dstrain,
-    free_port,
     metrics,
     train_deepspeed,
     train_single,
@@ -152,17 +151,7 @@ def test_sigterm_to_the_ranks_saves_and_exits_zero(tmp_path: Path, small_data: d
         lora={"r": 8, "alpha": 16, "dropout": 0.0},
         train={"max_steps": 400, "log_every": 1, "save_every": 0, "global_batch_size": 8},
     )
-    cmd = [
-        str(VENV_BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "dstrain.train",
-        "--config",
-        str(cfg),
-    ]
+    cmd = deepspeed_cmd("--module", "dstrain.train", "--config", str(cfg))
     launcher = subprocess.Popen(
         cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from dstrain.checkpoint.layout import read_latest, verify_checkpoint
 from dstrain.config import ModelConfig
 from dstrain.model import load_base_model
-from tests.helpers import REPO, VENV_BIN, check, free_port, run, train_losses, write_config
+from tests.helpers import REPO, check, deepspeed_cmd, run, train_losses, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -26,17 +26,12 @@ LOGITS_ATOL = 1e-5
 
 
 def launch_probe(config: Path, cwd: Path) -> None:
-    cmd = [
-        str(VENV_BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "distributed" / "probe_logits.py"),
-        "--config",
-        str(config),
-    ]
-    check(run(cmd, cwd))
+    check(
+        run(
+            deepspeed_cmd(str(REPO / "tests" / "distributed" / "probe_logits.py"), "--config", str(config)),
+            cwd,
+        )
+    )
 
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json", "zero3_offload.json"])

@@ -22,7 +22,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, check, child_env, dstrain, make_small_data, metrics, write_config
+from tests.helpers import (
+    REPO,
+    check,
+    child_env,
+    dstrain,
+    make_small_data,
+    metrics,
+    train_single,
+    write_config,
+)
 
 STEPS = 40
 TRAIN = {"max_steps": STEPS, "log_every": 1, "save_every": 10, "keep_last": 10, "global_batch_size": 8}
@@ -186,15 +195,7 @@ def kill_trial(work: Path, data: dict, reference: Path, trial: int, rng: random.
     assert proc.returncode == -signal.SIGKILL or not hit
     attempt = resume(run, REPO)
     if attempt.returncode != 0 and "no checkpoints" in attempt.stderr:  # killed before the first save
-        check(
-            subprocess.run(
-                [sys.executable, "-m", "dstrain.train", "--config", str(cfg)],
-                cwd=REPO,
-                env=child_env(),
-                capture_output=True,
-                text=True,
-            )
-        )
+        check(train_single(cfg, cwd=REPO))
     else:
         check(attempt)
     assert_same_final_state(run, reference)
@@ -265,14 +266,7 @@ def test_a_failing_save_fails_cleanly(work: Path, data: dict):
     run = work / "unwritable"
     run.mkdir()
     (run / "checkpoints").write_text("in the way")
-    proc = subprocess.run(
-        [sys.executable, "-m", "dstrain.train", "--config", str(cfg)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = train_single(cfg, cwd=REPO)
     assert proc.returncode != 0
     assert "could not write checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -287,16 +281,7 @@ def test_bf16_weights_resume_exactly(work: Path, data: dict):
         lora=LORA,
         train={**TRAIN, "max_steps": 8, "save_every": 4},
     )
-    check(
-        subprocess.run(
-            [sys.executable, "-m", "dstrain.train", "--config", str(cfg)],
-            cwd=REPO,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    )
+    check(train_single(cfg, cwd=REPO))
     full = work / "bf16"
     fork = work / "bf16_fork"
     shutil.copytree(full, fork)
