@@ -17,6 +17,8 @@ Part 2 (one local process each):
     python bench/checkpoint_bench.py resume
   `dstrain train` on a config, then `dstrain resume` of its middle checkpoint; each timed from process start
   to the first new row in metrics.jsonl (the end of the first optimizer step).
+
+Part 3: `python bench/checkpoint_bench.py replay`: the resume-time replay of CPU Adam's step cache.
 """
 
 from __future__ import annotations
@@ -209,21 +211,42 @@ def bench_resume(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(report))
 
 
+def bench_replay(args: argparse.Namespace) -> None:
+    """Cost of rebuilding the CPU Adam kernels' cached beta**t on resume, per `--replay-steps` steps."""
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    from dstrain.checkpoint.optim import replay_cpu_adam_step_cache
+
+    class Engine:  # the two attributes replay_cpu_adam_step_cache reads
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.optimizer, self.device = optimizer, torch.device("cpu")
+
+    report = {"steps": args.replay_steps}
+    for cls in (FusedAdam, DeepSpeedCPUAdam):
+        engine = Engine(cls([torch.nn.Parameter(torch.zeros(4))]))
+        started = time.perf_counter()
+        replay_cpu_adam_step_cache(engine, args.replay_steps)
+        report[f"{cls.__name__}_s"] = time.perf_counter() - started
+    print("RESULT " + json.dumps(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("part", choices=["save", "resume"])
+    parser.add_argument("part", choices=["save", "resume", "replay"])
     parser.add_argument("--ds-config", default="ds_configs/zero2.json")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resume-step", type=int, default=5)
+    parser.add_argument("--replay-steps", type=int, default=100_000)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dstrain-ckpt-bench"))
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    bench_save(args) if args.part == "save" else bench_resume(args)
+    {"save": bench_save, "resume": bench_resume, "replay": bench_replay}[args.part](args)
 
 
 if __name__ == "__main__":
