@@ -61,6 +61,10 @@ class DataConfig:
     prompt_template: str = DEFAULT_TEMPLATE
     chat_template: bool = False  # wrap the RAG prompt in the tokenizer's chat template
     max_eval_samples: int = 0  # 0: the whole eval set
+    # Shuffle: blocks of this many consecutive records are permuted, then records are shuffled within
+    # windows of `shuffle_window` blocks (block x window records). Bigger windows mix more, cost more per seek.
+    shuffle_block: int = 128
+    shuffle_window: int = 64
 
 
 @dataclass
@@ -253,6 +257,8 @@ def check_values(cfg: RunConfig) -> list[str]:
     p: list[str] = []
     positive = {
         "lora.r": cfg.lora.r,
+        "data.shuffle_block": cfg.data.shuffle_block,
+        "data.shuffle_window": cfg.data.shuffle_window,
         "lora.alpha": cfg.lora.alpha,
         "data.max_seq_len": cfg.data.max_seq_len,
         "train.log_every": cfg.train.log_every,
@@ -296,8 +302,11 @@ def check_values(cfg: RunConfig) -> list[str]:
             f"objective.name: '{cfg.objective.name}' is not available in this version of dstrain; use 'sft' "
             "(preference data then trains on the chosen answer)"
         )
-    if cfg.data.packing:
-        p.append("data.packing: not available in this version of dstrain; set data.packing=false")
+    if cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2":
+        p.append(
+            "data.packing: isolates packed samples with a 4D attention mask, which flash_attention_2 does not "
+            "take; use model.attn_implementation=sdpa (or eager), or set data.packing=false"
+        )
     if cfg.model.load_in_4bit:
         p.append("model.load_in_4bit: not available in this version of dstrain; set model.load_in_4bit=false")
     if not cfg.output_dir.strip():

@@ -20,7 +20,7 @@ def evaluate(
     totals = torch.zeros(2, dtype=torch.float64)
     try:
         for batch in eval_batches(examples, micro, rank, world, pad_id):
-            nll_sum, num_tokens = eng.forward(engine, batch)
+            nll_sum, num_tokens = eng.forward(engine, batch.inputs)
             totals += torch.stack([nll_sum.double().cpu(), num_tokens.double().cpu()])
     finally:
         engine.train()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ from dstrain import distributed
 from dstrain import engine as eng
 from dstrain.checkpoint.save import RunFiles, TrainerState, save_checkpoint
 from dstrain.config import RunConfig
-from dstrain.data.batches import Example
+from dstrain.data.batches import Example, MicroBatch
+from dstrain.data.records import BadRecord
 from dstrain.ds_config import BatchPlan
-from dstrain.errors import TrainingError
+from dstrain.errors import DataError, TrainingError
 from dstrain.evaluate import evaluate
 from dstrain.metrics import MetricsSink, StepMeter, device_stats, max_over_ranks, mfu
 from dstrain.objectives import sft_loss
@@ -34,7 +36,7 @@ class Session:
     plan: BatchPlan
     engine: DeepSpeedEngine
     peft_model: PeftModel
-    batches: Iterator[dict[str, torch.Tensor]]
+    batches: Iterator[MicroBatch]
     eval_examples: list[Example]
     steps_per_epoch: int
     total_steps: int
@@ -43,7 +45,9 @@ class Session:
     pad_id: int
     rank: int
     sink: MetricsSink
-    skipped_records: int = 0  # bad training records dropped under data.on_error=skip
+    skipped_records: int = 0  # bad training records dropped under data.on_error=skip (index + tokenising)
+    records_seen: int = 0  # good + bad training records, the base of data.max_bad_fraction
+    failed_records: list[BadRecord] = field(default_factory=list)  # this step's, under data.on_error=fail
     stop: StopRequest | None = None
     nonfinite_in_a_row: int = 0
     num_params: int = 0  # all parameters (base + adapter), for the MFU estimate
@@ -54,11 +58,49 @@ def micro_step(session: Session, meter: StepMeter) -> None:
     started = time.perf_counter()
     batch = next(session.batches)
     waited = time.perf_counter() - started
-    nll_sum, num_tokens = eng.forward(session.engine, batch)
+    nll_sum, num_tokens = eng.forward(session.engine, batch.inputs)
     loss = sft_loss(nll_sum, num_tokens)
     eng.backward(session.engine, loss)
     eng.step(session.engine)
-    meter.add(loss, batch["attention_mask"], waited)
+    meter.add(loss, batch.tokens, batch.samples, waited, skipped=len(batch.bad))
+    if batch.bad:
+        note_bad_records(session, batch.bad)
+
+
+def note_bad_records(session: Session, bad: list[BadRecord]) -> None:
+    """Records that could not be tokenised: reported by the rank that read them, then failed or skipped."""
+    if session.cfg.data.on_error == "fail":
+        session.failed_records += bad
+        return
+    for record in bad:
+        message = f"warning: {record} (skipped: data.on_error=skip)"
+        if session.rank == 0:
+            session.sink.print(f"[yellow]{message}[/]")
+        else:
+            print(f"[rank {session.rank}] {message}", file=sys.stderr)
+
+
+def fail_on_bad_records(session: Session, step: int) -> None:
+    """Every rank raises together (the step's flags said some rank met a bad record under on_error=fail)."""
+    mine = "\n".join(f"  {record}" for record in session.failed_records)
+    found = f"\n{mine}" if mine else " on another rank (its message names the record)"
+    raise DataError(
+        f"data.train: step {step} met record(s) that cannot be tokenised (data.on_error=fail){found}\n"
+        "Fix or remove them, raise data.max_seq_len, or continue past them with `dstrain resume "
+        f"{session.output_dir} --set data.on_error=skip --set data.max_bad_fraction=0.01`; "
+        "the last checkpoint is intact."
+    )
+
+
+def check_bad_fraction(session: Session) -> None:
+    limit = session.cfg.data.max_bad_fraction
+    fraction = session.skipped_records / max(1, session.records_seen)
+    if fraction > limit:
+        raise DataError(
+            f"data.train: {session.skipped_records} of {session.records_seen} records were skipped as bad "
+            f"({fraction:.1%}), over data.max_bad_fraction={limit:.1%}; the warnings above name them. "
+            "Fix the data, or raise data.max_bad_fraction and `dstrain resume` the run."
+        )
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -75,6 +117,7 @@ def log_train(session: Session, state: TrainerState, meter: StepMeter, steps: in
         row["mfu"] = utilisation
     row["tokens"] = state.tokens
     row["samples"] = state.samples
+    session.skipped_records += row.pop("skipped_now")
     row["skipped_records"] = session.skipped_records
     row["skipped_steps"] = state.nonfinite_steps
     norm = eng.grad_norm(session.engine)
@@ -82,6 +125,7 @@ def log_train(session: Session, state: TrainerState, meter: StepMeter, steps: in
         row["grad_norm"] = norm
     session.sink.log(dict(sorted(row.items(), key=lambda kv: kv[0] != "step")))
     meter.reset()
+    check_bad_fraction(session)  # the same numbers on every rank: all raise, or none
 
 
 def run_eval(session: Session, state: TrainerState) -> float | None:
@@ -123,16 +167,18 @@ def save(session: Session, state: TrainerState) -> Path:
     return path
 
 
-def step_flags(session: Session, nonfinite: torch.Tensor) -> tuple[bool, bool]:
-    """(stop requested on any rank, non-finite loss on any rank) for the step just taken.
+def step_flags(session: Session, nonfinite: torch.Tensor) -> tuple[bool, bool, bool]:
+    """(stop requested, non-finite loss, unusable record under on_error=fail), each on any rank.
 
-    One small all-reduce and the loop's one host sync per step: a signal or a NaN may reach only some ranks,
-    and every rank must take the same decision.
+    One small all-reduce and the loop's one host sync per step: a signal, a NaN or a bad record may reach
+    only some ranks, and every rank must take the same decision.
     """
     stop = 1.0 if session.stop is not None and session.stop.requested else 0.0
-    flags = torch.stack([torch.tensor(stop, device=nonfinite.device), nonfinite.float()])
-    stop_sum, bad_sum = distributed.all_reduce_sum(flags).tolist()
-    return stop_sum > 0, bad_sum > 0
+    device = nonfinite.device
+    local = [torch.tensor(stop, device=device), nonfinite.float()]
+    local.append(torch.tensor(float(len(session.failed_records)), device=device))
+    stop_sum, bad_sum, failed = distributed.all_reduce_sum(torch.stack(local)).tolist()
+    return stop_sum > 0, bad_sum > 0, failed > 0
 
 
 def on_nonfinite(session: Session, state: TrainerState) -> None:
@@ -177,8 +223,10 @@ def train(session: Session, state: TrainerState) -> TrainerState:
     while state.step < total:
         for _ in range(session.plan.accumulation):
             micro_step(session, meter)
-        stop, nonfinite = step_flags(session, meter.take_nonfinite())
+        stop, nonfinite, failed = step_flags(session, meter.take_nonfinite())
         advance_position(session, state)
+        if failed:
+            fail_on_bad_records(session, state.step)
         if nonfinite:
             on_nonfinite(session, state)
         else:

@@ -86,8 +86,9 @@ class StepMeter:
         self.nonfinite: torch.Tensor | None = None  # micro batches of the current step with a NaN/inf loss
         self.finite: torch.Tensor | None = None  # micro batches since the last log with a finite loss
         self.micro_batches = 0
-        self.tokens: torch.Tensor | None = None
+        self.tokens = 0
         self.samples = 0
+        self.skipped = 0  # records dropped at tokenisation under data.on_error=skip
         self.data_wait_s = 0.0
         self.excluded_s = 0.0
         self.started = time.perf_counter()
@@ -96,17 +97,21 @@ class StepMeter:
         """Time spent outside training steps (eval, save) that throughput must not count."""
         self.excluded_s += seconds
 
-    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor, data_wait_s: float) -> None:
-        loss, tokens = loss.detach().float(), attention_mask.sum()
+    def add(
+        self, loss: torch.Tensor, tokens: int, samples: int, data_wait_s: float, skipped: int = 0
+    ) -> None:
+        """One micro batch: its loss (a device tensor, not synced here), real tokens, good and bad samples."""
+        loss = loss.detach().float()
         finite = torch.isfinite(loss)
         bad = (~finite).float()
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
         self.finite = (1.0 - bad) if self.finite is None else self.finite + (1.0 - bad)
         loss = torch.where(finite, loss, torch.zeros_like(loss))  # a skipped step must not poison the mean
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.tokens = tokens if self.tokens is None else self.tokens + tokens
+        self.tokens += tokens
         self.micro_batches += 1
-        self.samples += attention_mask.shape[0]
+        self.samples += samples
+        self.skipped += skipped
         self.data_wait_s += data_wait_s
 
     def take_nonfinite(self) -> torch.Tensor:
@@ -118,17 +123,14 @@ class StepMeter:
     def collect(self, steps: int) -> dict[str, float]:
         """Reduce over ranks: loss is the mean micro-batch loss, tokens/samples are global sums."""
         device = self.loss_sum.device
-        local = torch.stack(
+        counts = [self.tokens, self.micro_batches, self.samples, self.data_wait_s, self.skipped]
+        local = torch.cat(
             [
-                self.loss_sum,
-                self.tokens.to(device, torch.float32),
-                torch.tensor(float(self.micro_batches), device=device),
-                torch.tensor(float(self.samples), device=device),
-                torch.tensor(self.data_wait_s, device=device),
-                self.finite.to(device, torch.float32),
+                torch.stack([self.loss_sum.double(), self.finite.to(device, torch.float64)]),
+                torch.tensor(counts, dtype=torch.float64, device=device),  # exact beyond 2**24 tokens
             ]
         )
-        loss_sum, tokens, micro, samples, wait, finite = all_reduce_sum(local.double()).tolist()
+        loss_sum, finite, tokens, micro, samples, wait, skipped = all_reduce_sum(local).tolist()
         elapsed = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         ranks = micro / max(1, self.micro_batches)
         return {
@@ -140,6 +142,7 @@ class StepMeter:
             "samples_per_s": samples / elapsed,
             "step_time_s": elapsed / max(1, steps),
             "data_wait_s": wait / ranks,  # mean over ranks, summed over the logged steps
+            "skipped_now": int(skipped),  # bad records dropped since the last log, all ranks
         }
 
 

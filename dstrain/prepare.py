@@ -17,9 +17,11 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from dstrain.config import RunConfig, dump_yaml
-from dstrain.data.batches import Example, tokenize_record
-from dstrain.data.loader import steps_per_epoch
-from dstrain.data.records import BadRecord, LoadedRecords, enforce_policy, expand_paths, load_records
+from dstrain.data.batches import Example
+from dstrain.data.index import index_file
+from dstrain.data.loader import TokenizedCorpus, steps_per_epoch
+from dstrain.data.records import BadRecord, check_bad, expand_paths
+from dstrain.data.stream import Corpus
 from dstrain.ds_config import BatchPlan, find_ds_config, load_ds_config, plan_batch, resolve_ds_config
 from dstrain.errors import ConfigError, DataError, DstrainError
 from dstrain.model import check_model_path, hidden_size, load_tokenizer
@@ -32,9 +34,9 @@ class Prepared:
     ds_source: dict[str, Any]  # the ZeRO JSON as given, "auto" entries included
     plan: BatchPlan
     tokenizer: PreTrainedTokenizerBase
-    train: list[Example]
+    train: TokenizedCorpus  # read and tokenised on demand
     eval: list[Example]
-    skipped: int
+    skipped: int  # bad training records found by the index (more may surface at tokenisation)
     steps_per_epoch: int
     total_steps: int
     config_yaml: str
@@ -98,29 +100,25 @@ def device_precision() -> tuple[bool, bool]:
     return bool(acc.is_bf16_supported()), bool(acc.is_fp16_supported())
 
 
-def tokenize_all(loaded: LoadedRecords, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example]:
-    """Tokenise in order; records too long for max_seq_len join the bad records (line numbers kept)."""
-    examples, kept, origins = [], [], []
-    for record, where in zip(loaded.records, loaded.origins, strict=True):
-        try:
-            examples.append(tokenize_record(tokenizer, record, cfg.data))
-        except ValueError as exc:
-            loaded.bad.append(BadRecord(where[0], where[1], str(exc)))
-            continue
-        kept.append(record)
-        origins.append(where)
-    loaded.records, loaded.origins = kept, origins  # a record is counted once: good or bad
+def index_split(patterns: list[str], what: str, cfg: RunConfig) -> Corpus:
+    """Index (or find in the cache) every file of a split, and apply data.on_error to its bad records."""
+    corpus = Corpus([index_file(path, cfg.data.format) for path in expand_paths(patterns, what)])
+    bad = [record for index in corpus.files for record in index.bad]
+    check_bad(len(corpus), bad, corpus.num_bad, cfg.data.on_error, cfg.data.max_bad_fraction, what)
+    return corpus
+
+
+def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example]:
+    """The eval set, tokenised up front (it is read at every eval); over-long records are bad records too."""
+    dataset = TokenizedCorpus(index_split(cfg.data.eval, "data.eval", cfg), tokenizer, cfg.data)
+    limit = min(len(dataset), cfg.data.max_eval_samples or len(dataset))
+    items = [dataset[i] for i in range(limit)]
+    examples = [item for item in items if isinstance(item, Example)]
+    bad = [item for item in items if isinstance(item, BadRecord)]
+    check_bad(len(examples), bad, len(bad), cfg.data.on_error, cfg.data.max_bad_fraction, "data.eval")
+    if not examples:
+        raise DataError("data.eval: every record was skipped as bad; fix the eval file or drop data.eval")
     return examples
-
-
-def load_split(
-    patterns: list[str], what: str, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig
-) -> tuple[list[Example], int]:
-    """Read, validate and tokenise one split; returns (examples, number of bad records skipped)."""
-    loaded = load_records(expand_paths(patterns, what), cfg.data.format)
-    examples = tokenize_all(loaded, tokenizer, cfg)
-    enforce_policy(loaded, cfg.data.on_error, cfg.data.max_bad_fraction, what)
-    return examples, len(loaded.bad)
 
 
 def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
@@ -135,12 +133,9 @@ def prepare(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None)
     if needs_template and not getattr(tokenizer, "chat_template", None):
         why = "data.format=messages" if cfg.data.format == "messages" else "data.chat_template=true"
         raise ConfigError([f"{why} needs a chat template, and the tokenizer of {cfg.model.path} has none"])
-    train, skipped = load_split(cfg.data.train, "data.train", tokenizer, cfg)
-    eval_set, _ = load_split(cfg.data.eval, "data.eval", tokenizer, cfg) if cfg.data.eval else ([], 0)
-    if cfg.data.eval and not eval_set:
-        raise DataError("data.eval: every record was skipped as bad; fix the eval file or drop data.eval")
-    if cfg.data.max_eval_samples:
-        eval_set = eval_set[: cfg.data.max_eval_samples]
+    corpus = index_split(cfg.data.train, "data.train", cfg)
+    train = TokenizedCorpus(corpus, tokenizer, cfg.data)
+    eval_set = load_eval(tokenizer, cfg) if cfg.data.eval else []
     # preflight validated the JSON: the batch plan alone gives the schedule length, then resolve once.
     per_epoch = steps_per_epoch(len(train), plan_batch(raw, cfg, world, problems=[]))
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
@@ -154,7 +149,7 @@ def prepare(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None)
         tokenizer,
         train,
         eval_set,
-        skipped,
+        corpus.num_bad,
         per_epoch,
         total,
         config_yaml,

@@ -31,6 +31,9 @@ MUTABLE = (
     "train.wandb_project",
     "data.eval",
     "data.num_workers",
+    "data.packing",  # packing re-lays out the same micro batches: same samples, same loss
+    "data.on_error",
+    "data.max_bad_fraction",
     "data.max_eval_samples",
     "output_dir",
 )

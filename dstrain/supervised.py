@@ -40,11 +40,22 @@ class SupervisedLM(nn.Module):
         check_supported(peft_model.get_base_model())
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (summed NLL over supervised tokens, number of supervised tokens)."""
+        """Return (summed NLL over supervised tokens, number of supervised tokens).
+
+        `attention_mask` is [batch, seq] for padded rows, or a [batch, 1, seq, seq] block mask with
+        `position_ids` for packed rows (see data/packing.py).
+        """
         base = self.peft_model.get_base_model()
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        decoder = base.get_decoder()
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = base.get_output_embeddings()(hidden[:, :-1][keep])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -109,6 +110,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
                 "and the run will wait for it forever. If no other build is running, delete it.",
                 file=sys.stderr,
             )
+    if cfg.data.num_workers:  # the tokenizer is used here before DataLoader workers fork from this process
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)
     if resume:
         check_same_data(resume.state, len(prepared.train))
@@ -140,6 +143,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         prepared.tokenizer.pad_token_id,
         cfg.data.num_workers,
         start_step=state.step,
+        pack_to=cfg.data.max_seq_len if cfg.data.packing else 0,
+        shuffle=(cfg.data.shuffle_block, cfg.data.shuffle_window),
     )
     sink = MetricsSink(
         output_dir,
@@ -172,6 +177,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         rank=env.rank,
         sink=sink,
         skipped_records=prepared.skipped,
+        records_seen=len(prepared.train) + prepared.skipped,
         stop=StopRequest().install(),
         num_params=count_parameters(peft_model)[1],
     )

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dstrain.config import DataConfig
 from dstrain.data.prompts import render_rag_prompt
-from dstrain.data.records import MessagesRecord, RagRecord, Record
+from dstrain.data.records import BadRecord, MessagesRecord, RagRecord, Record
 
 IGNORE = -100
 
@@ -96,6 +96,16 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, cfg: Dat
     if isinstance(record, MessagesRecord):
         return tokenize_messages(tokenizer, record, cfg.max_seq_len)
     return tokenize_rag(tokenizer, record, cfg)
+
+
+@dataclass
+class MicroBatch:
+    """What the loop feeds one forward: model inputs plus the counts metrics need."""
+
+    inputs: dict[str, torch.Tensor]
+    tokens: int  # real (non-padding) tokens
+    samples: int  # good examples; bad ones were dropped (data.on_error decides what that means)
+    bad: list[BadRecord]
 
 
 def collate(examples: Sequence[Example], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:

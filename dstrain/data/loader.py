@@ -3,7 +3,8 @@
 The position in the data is global (step -> epoch, offset), never per rank: sample k of a global batch lands
 on rank (k // micro) % world in accumulation slot k // (micro * world). A 2-rank run and a 1-rank run with
 twice the accumulation therefore see the same samples in each optimizer step, and a run can restart at any
-step on any world size that keeps the global batch.
+step on any world size that keeps the global batch. Restarting seeks (see `EpochOrder`): nothing is read
+and thrown away.
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import PreTrainedTokenizerBase
 
-from dstrain.data.batches import IGNORE, Example, collate
+from dstrain.config import DataConfig
+from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
+from dstrain.data.packing import collate_packed
+from dstrain.data.records import BadRecord
+from dstrain.data.stream import Corpus, EpochOrder
 from dstrain.ds_config import BatchPlan
 from dstrain.errors import DataError
 from dstrain.stop import ignore_in_worker
 
 
 class ExampleDataset(Dataset):
+    """Examples already in memory (eval sets, tests)."""
+
     def __init__(self, examples: Sequence[Example]) -> None:
         self.examples = list(examples)
 
@@ -31,9 +39,38 @@ class ExampleDataset(Dataset):
         return self.examples[index]
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_samples, generator=generator).tolist()
+class TokenizedCorpus(Dataset):
+    """Records read and tokenised on demand (in DataLoader workers when there are any).
+
+    A record that cannot be tokenised within the limits (an over-long prompt) comes back as a BadRecord
+    naming its file and line; the loop applies data.on_error to it.
+    """
+
+    def __init__(self, corpus: Corpus, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
+        self.corpus, self.tokenizer, self.cfg = corpus, tokenizer, cfg
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, index: int) -> Example | BadRecord:
+        record = self.corpus.read(index)
+        try:
+            return tokenize_record(self.tokenizer, record, self.cfg)
+        except ValueError as exc:
+            return BadRecord(*self.corpus.origin(index), str(exc))
+
+
+def collate_micro(items: Sequence[Example | BadRecord], pad_id: int, pack_to: int = 0) -> MicroBatch:
+    """Drop bad items, then pad (or with `pack_to` > 0, pack into rows of at most that many tokens).
+
+    A micro batch whose every item is bad still yields one row (a pad token without labels): every rank
+    must run the same number of forwards, which are collectives under ZeRO-3.
+    """
+    good = [item for item in items if isinstance(item, Example)]
+    bad = [item for item in items if isinstance(item, BadRecord)]
+    rows = good or [Example([pad_id], [IGNORE])]
+    inputs = collate_packed(rows, pad_id, pack_to) if pack_to else collate(rows, pad_id)
+    return MicroBatch(inputs, sum(len(e.input_ids) for e in good), len(good), bad)
 
 
 def steps_per_epoch(num_samples: int, plan: BatchPlan) -> int:
@@ -51,31 +88,42 @@ class MicroBatchSampler(Sampler[list[int]]):
     """This rank's micro batches for steps [start_step, total_steps), `plan.accumulation` per step."""
 
     def __init__(
-        self, num_samples: int, plan: BatchPlan, rank: int, seed: int, total_steps: int, start_step: int = 0
+        self,
+        num_samples: int,
+        plan: BatchPlan,
+        rank: int,
+        seed: int,
+        total_steps: int,
+        start_step: int = 0,
+        shuffle_block: int = 128,
+        shuffle_window: int = 64,
     ) -> None:
         self.num_samples, self.plan, self.rank, self.seed = num_samples, plan, rank, seed
         self.total_steps, self.start_step = total_steps, start_step
+        self.block, self.window = shuffle_block, shuffle_window
         self.per_epoch = steps_per_epoch(num_samples, plan)
 
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.plan.accumulation
 
+    def order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(self.num_samples, self.seed, epoch, self.block, self.window)
+
     def __iter__(self) -> Iterator[list[int]]:
-        order: list[int] = []
-        current_epoch = -1
+        order: EpochOrder | None = None
         micro, world = self.plan.micro, self.plan.world
         for step in range(self.start_step, self.total_steps):
             epoch, slot = divmod(step, self.per_epoch)
-            if epoch != current_epoch:
-                order, current_epoch = epoch_order(self.num_samples, self.seed, epoch), epoch
+            if order is None or order.epoch != epoch:
+                order = self.order(epoch)
             base = slot * self.plan.global_batch
             for accum in range(self.plan.accumulation):
                 offset = base + (accum * world + self.rank) * micro
-                yield order[offset : offset + micro]
+                yield order.ids(offset, offset + micro)
 
 
 def train_loader(
-    examples: Sequence[Example],
+    dataset: Dataset,
     plan: BatchPlan,
     rank: int,
     seed: int,
@@ -83,15 +131,18 @@ def train_loader(
     pad_id: int,
     num_workers: int = 0,
     start_step: int = 0,
+    pack_to: int = 0,
+    shuffle: tuple[int, int] = (128, 64),
 ) -> DataLoader:
-    sampler = MicroBatchSampler(len(examples), plan, rank, seed, total_steps, start_step)
+    """MicroBatches of `dataset` for this rank, from `start_step` on; `shuffle` is (block, window)."""
+    sampler = MicroBatchSampler(len(dataset), plan, rank, seed, total_steps, start_step, *shuffle)
     # A private generator: creating the iterator draws a worker seed from it, and drawing from the global
     # one would shift dropout after a resume (the resumed run creates its iterator at another step).
     return DataLoader(
-        ExampleDataset(examples),
+        dataset,
         generator=torch.Generator().manual_seed(seed),
         batch_sampler=sampler,
-        collate_fn=partial(collate, pad_id=pad_id),
+        collate_fn=partial(collate_micro, pad_id=pad_id, pack_to=pack_to),
         num_workers=num_workers,
         worker_init_fn=ignore_in_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
@@ -101,7 +152,7 @@ def train_loader(
 
 def eval_batches(
     examples: Sequence[Example], micro: int, rank: int, world: int, pad_id: int
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Iterator[MicroBatch]:
     """This rank's share of the eval set, in the same number of batches on every rank.
 
     Equal counts matter: under ZeRO-3 every forward is a collective. Short shards are topped up with a
@@ -112,4 +163,4 @@ def eval_batches(
     filler = Example(examples[0].input_ids, [IGNORE] * len(examples[0].input_ids))
     shard += [filler] * (per_rank - len(shard))
     for start in range(0, per_rank, micro):
-        yield collate(shard[start : start + micro], pad_id)
+        yield collate_micro(shard[start : start + micro], pad_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from dstrain.errors import DataError
 
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a single line above this is almost surely a broken file, not a record
 ROLES = ("system", "user", "assistant")
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -74,23 +75,27 @@ def expand_paths(patterns: list[str], what: str = "data.train") -> list[Path]:
     return paths
 
 
+def decode_line(raw: bytes, first: bool) -> tuple[str | None, str | None]:
+    """(text without line ending, None) or (None, reason) for one raw line; text "" means blank."""
+    if first and raw.startswith(BOM):
+        raw = raw[len(BOM) :]
+    if len(raw) > MAX_RECORD_BYTES:
+        return None, f"record is {len(raw)} bytes, over the {MAX_RECORD_BYTES}-byte limit"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"undecodable bytes (not UTF-8) at byte {exc.start}"
+    text = text.rstrip("\r\n")
+    return (text if text.strip() else ""), None
+
+
 def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
     """Yield (line number, text, error) for each non-blank line; bytes are decoded per line."""
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if len(raw) > MAX_RECORD_BYTES:
-                yield number, None, f"record is {len(raw)} bytes, over the {MAX_RECORD_BYTES}-byte limit"
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, None, f"undecodable bytes (not UTF-8) at byte {exc.start}"
-                continue
-            text = text.rstrip("\r\n")
-            if text.strip():
-                yield number, text, None
+            text, error = decode_line(raw, first=number == 1)
+            if error is not None or text:
+                yield number, text, error
 
 
 def _text(obj: dict[str, Any], key: str) -> str:
@@ -164,19 +169,22 @@ def parse_record(obj: Any, fmt: str) -> Record:
     raise ValueError(f"unknown format {fmt!r}")
 
 
+def parse_text(text: str, fmt: str) -> Record:
+    """Decode one JSON line and validate it against `fmt`; raise ValueError(reason) if it does not fit."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    return parse_record(obj, fmt)
+
+
 def read_file(path: Path, fmt: str) -> Iterator[tuple[int, Record | BadRecord]]:
     """(line number, record or the reason it is bad) for each non-blank line of `path`."""
     for number, text, error in iter_lines(path):
-        if error is not None:
-            yield number, BadRecord(str(path), number, error)
-            continue
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield number, BadRecord(str(path), number, f"invalid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        try:
-            yield number, parse_record(obj, fmt)
+            if error is not None:
+                raise ValueError(error)
+            yield number, parse_text(text, fmt)
         except ValueError as exc:
             yield number, BadRecord(str(path), number, str(exc))
 
@@ -194,21 +202,31 @@ def load_records(paths: list[Path], fmt: str) -> LoadedRecords:
 
 
 def enforce_policy(loaded: LoadedRecords, on_error: str, max_bad_fraction: float, what: str) -> None:
-    """fail: any bad record stops the run. skip: tolerate up to max_bad_fraction of them, reporting each."""
-    if not loaded.bad:
-        if not loaded.records:
+    check_bad(len(loaded.records), loaded.bad, len(loaded.bad), on_error, max_bad_fraction, what)
+
+
+def check_bad(
+    good: int, bad: Sequence[BadRecord], num_bad: int, on_error: str, max_bad_fraction: float, what: str
+) -> None:
+    """fail: any bad record stops the run. skip: tolerate up to max_bad_fraction of them, reporting each.
+
+    `bad` may hold only the first of the `num_bad` bad records: the message shows at most 20.
+    """
+    if not num_bad:
+        if not good:
             raise DataError(f"{what}: the files hold no records")
         return
-    shown = "\n".join(f"  {bad}" for bad in loaded.bad[:20])
-    more = f"\n  ... and {len(loaded.bad) - 20} more" if len(loaded.bad) > 20 else ""
-    fraction = len(loaded.bad) / max(1, loaded.seen)
+    shown = "\n".join(f"  {b}" for b in bad[:20])
+    more = f"\n  ... and {num_bad - 20} more" if num_bad > 20 else ""
+    seen = good + num_bad
+    fraction = num_bad / seen
     if on_error == "fail":
         raise DataError(
-            f"{what}: {len(loaded.bad)} bad record(s) of {loaded.seen}:\n{shown}{more}\n"
+            f"{what}: {num_bad} bad record(s) of {seen}:\n{shown}{more}\n"
             "Fix them (see `dstrain validate-data`), or set data.on_error=skip with data.max_bad_fraction."
         )
     if fraction > max_bad_fraction:
         raise DataError(
-            f"{what}: {len(loaded.bad)} of {loaded.seen} records are bad ({fraction:.1%}), over "
+            f"{what}: {num_bad} of {seen} records are bad ({fraction:.1%}), over "
             f"data.max_bad_fraction={max_bad_fraction:.1%}:\n{shown}{more}"
         )

@@ -1,0 +1,78 @@
+"""Sequence packing: a micro batch's examples laid into as few rows as fit, isolated from each other.
+
+Packing here re-lays out the *same* micro batch (same samples, same loss) into fewer, fuller rows; it does not
+change what a step trains on, so the global data position, elastic resume and the loss stay exactly as
+without packing. Isolation needs a 4D block-diagonal causal mask: with sdpa attention, position ids that
+restart per sample alone do NOT stop a sample attending to the one before it (SPEC section 5). Position ids
+restart too, so each sample sees the positions it would see alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dstrain.data.batches import IGNORE, Example
+
+
+def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: example indices per row, each row's total length within `capacity`.
+
+    Rows keep their examples in input order, so a batch is laid out the same way on every run.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(row) for row in rows]
+
+
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, L, L] bool: position q sees k iff both lie in the same segment and k <= q.
+
+    Padding has its own segment per position, so a padded query still sees itself (a fully masked row
+    would make sdpa return NaN).
+    """
+    length = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return (same & causal)[:, None]
+
+
+def collate_packed(examples: Sequence[Example], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Pack `examples` into rows of at most `capacity` tokens with restarting positions and a block mask."""
+    rows = plan_rows([len(e.input_ids) for e in examples], capacity)
+    length = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    # padding: a distinct negative segment per position
+    segments = -1 - torch.arange(length).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(row):
+            ids, labs = examples[i].input_ids, examples[i].labels
+            n = len(ids)
+            input_ids[r, at : at + n] = torch.tensor(ids)
+            labels[r, at : at + n] = torch.tensor(labs)
+            # The loss predicts label t from position t-1: a segment's first label would be predicted from
+            # the previous sample's last token. Unpacked, that label is never used; packed, it must not be.
+            labels[r, at] = IGNORE
+            position_ids[r, at : at + n] = torch.arange(n)
+            segments[r, at : at + n] = seg
+            at += n
+    return {
+        "input_ids": input_ids,
+        "attention_mask": block_causal_mask(segments),
+        "labels": labels,
+        "position_ids": position_ids,
+    }
