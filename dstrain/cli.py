@@ -173,24 +173,28 @@ def export(
 
 @app.command("validate-data")
 def validate_data(
-    path: Annotated[Path, typer.Argument(help="JSONL file to check")],
+    path: Annotated[Path, typer.Argument(help="JSONL or Parquet file to check")],
     format: Annotated[str, typer.Option("--format", help="preference | sft-rag | messages")],
 ) -> None:
-    """Check every record; print PATH:LINE: reason per problem and a summary. Exit 1 on any problem."""
-    from dstrain.data.records import BadRecord, read_file
+    """Check every record; print PATH:LINE: reason per problem and a summary. Exit 1 on any problem.
+
+    Large JSONL files are checked in parallel byte ranges, and the result is the index a training run on
+    the unchanged file then reuses (so a clean file is not validated twice).
+    """
+    from dstrain.data.index import index_file, iter_bad
 
     if format not in ("preference", "sft-rag", "messages"):
         fail(DstrainError(f"--format must be preference, sft-rag or messages, got {format!r}"), code=1)
     if not path.is_file():
-        why = "a directory; pass one JSONL file" if path.is_dir() else "no such file"
+        why = "a directory; pass one JSONL or Parquet file" if path.is_dir() else "no such file"
         fail(DstrainError(f"{path}: {why}"), code=1)
-    good = bad = 0
-    for _, item in read_file(path, format):
-        if isinstance(item, BadRecord):
-            bad += 1
-            typer.echo(str(item))
-        else:
-            good += 1
+    try:
+        index = index_file(path, format)
+    except DstrainError as exc:
+        fail(exc, code=1)
+    for bad in iter_bad(index):
+        typer.echo(str(bad))
+    good, bad = len(index), index.num_bad
     typer.echo(f"{path}: {good + bad} records, {good} ok, {bad} bad")
     if good + bad == 0:
         typer.echo(f"{path}: the file holds no records (empty or only blank lines)")

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dstrain.data.records import MAX_RECORD_BYTES, BadRecord, decode_line, parse_record, parse_text
+from dstrain.data import records
+from dstrain.data.records import BadRecord, decode_line, over_long_bytes, parse_record, parse_text
+from dstrain.errors import DataError
 
 INDEX_VERSION = 1
 PARALLEL_FROM_BYTES = 32 * 1024 * 1024  # below this a process pool costs more than it saves
@@ -82,22 +84,22 @@ def _read_line(fh, limit: int) -> tuple[bytes, int]:
     return raw, size
 
 
-def scan_jsonl_range(path: str, fmt: str, start: int, end: int) -> RangeScan:
-    """Validate every line that starts in [start, end)."""
+def scan_jsonl_range(path: str, fmt: str, start: int, end: int, limit: int) -> RangeScan:
+    """Validate every line that starts in [start, end); lines over `limit` bytes are bad."""
     scan = RangeScan([], [], [], [], 0)
     with open(path, "rb") as fh:
         fh.seek(start)
         pos = start
         while pos < end:
-            raw, size = _read_line(fh, MAX_RECORD_BYTES + 2)
+            raw, size = _read_line(fh, limit + 2)
             if not size:
                 break
             scan.num_lines += 1
             here, pos = pos, pos + size
             if size == len(raw):
-                text, error = decode_line(raw, first=here == 0)
+                text, error = decode_line(raw, first=here == 0, limit=limit)
             else:
-                text, error = None, f"record is {size} bytes, over the {MAX_RECORD_BYTES}-byte limit"
+                text, error = None, over_long_bytes(size, limit)
             if text == "":
                 continue  # blank line
             try:
@@ -128,17 +130,17 @@ def split_points(path: str, parts: int) -> list[int]:
     return sorted(set(points))
 
 
-def scan_jsonl(path: str, fmt: str, workers: int) -> FileIndex:
-    points = split_points(path, workers if Path(path).stat().st_size >= PARALLEL_FROM_BYTES else 1)
+def scan_jsonl(path: str, fmt: str, workers: int, min_parallel_bytes: int = PARALLEL_FROM_BYTES) -> FileIndex:
+    points = split_points(path, workers if Path(path).stat().st_size >= min_parallel_bytes else 1)
     ranges = list(itertools.pairwise(points))
-    if len(ranges) > 1:
+    limit = records.MAX_RECORD_BYTES  # read now: worker processes see only the module's default
+    jobs = [(path, fmt, a, b, limit) for a, b in ranges]
+    if len(jobs) > 1:
         # spawn: the caller may hold torch threads or a tokenizer pool, which fork would copy half-alive
-        with ProcessPoolExecutor(len(ranges), mp_context=get_context("spawn")) as pool:
-            scans = list(
-                pool.map(scan_jsonl_range, *zip(*[(path, fmt, a, b) for a, b in ranges], strict=True))
-            )
+        with ProcessPoolExecutor(len(jobs), mp_context=get_context("spawn")) as pool:
+            scans = list(pool.map(scan_jsonl_range, *zip(*jobs, strict=True)))
     else:
-        scans = [scan_jsonl_range(path, fmt, a, b) for a, b in ranges]
+        scans = [scan_jsonl_range(*job) for job in jobs]
     offsets, lengths, lines, bad, before = [], [], [], [], 0
     for scan in scans:
         offsets.append(np.asarray(scan.offsets, dtype=np.int64))
@@ -180,8 +182,13 @@ def scan_parquet(path: str, fmt: str) -> FileIndex:
 
 
 def scan_file(path: str, fmt: str, workers: int = 0) -> FileIndex:
+    """Index one file; a file that cannot be read at all (a broken Parquet footer, say) is one DataError."""
     workers = workers or min(8, os.cpu_count() or 1)
-    return scan_parquet(path, fmt) if is_parquet(path) else scan_jsonl(path, fmt, workers)
+    try:
+        return scan_parquet(path, fmt) if is_parquet(path) else scan_jsonl(path, fmt, workers)
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        kind = "Parquet" if is_parquet(path) else "JSONL"
+        raise DataError(f"{path}: cannot be read as a {kind} file ({exc})") from None
 
 
 # ------------------------------------------------------------------------------------------- caching
@@ -204,7 +211,7 @@ def fingerprint(path: str, fmt: str) -> dict[str, object]:
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "version": INDEX_VERSION,
-        "max_record_bytes": MAX_RECORD_BYTES,
+        "max_record_bytes": records.MAX_RECORD_BYTES,
     }
 
 

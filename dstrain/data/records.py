@@ -75,18 +75,23 @@ def expand_paths(patterns: list[str], what: str = "data.train") -> list[Path]:
     return paths
 
 
-def decode_line(raw: bytes, first: bool) -> tuple[str | None, str | None]:
+def decode_line(raw: bytes, first: bool, limit: int | None = None) -> tuple[str | None, str | None]:
     """(text without line ending, None) or (None, reason) for one raw line; text "" means blank."""
+    limit = MAX_RECORD_BYTES if limit is None else limit
     if first and raw.startswith(BOM):
         raw = raw[len(BOM) :]
-    if len(raw) > MAX_RECORD_BYTES:
-        return None, f"record is {len(raw)} bytes, over the {MAX_RECORD_BYTES}-byte limit"
+    if len(raw) > limit:
+        return None, over_long_bytes(len(raw), limit)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return None, f"undecodable bytes (not UTF-8) at byte {exc.start}"
     text = text.rstrip("\r\n")
     return (text if text.strip() else ""), None
+
+
+def over_long_bytes(size: int, limit: int) -> str:
+    return f"record is {size} bytes, over the {limit}-byte limit"
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:

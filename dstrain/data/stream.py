@@ -138,6 +138,8 @@ class EpochOrder:
 
     def ids(self, start: int, stop: int) -> list[int]:
         """The records at positions [start, stop) of this epoch."""
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"positions [{start}, {stop}) of an epoch of {self.n}")
         out: list[int] = []
         pos = start
         while pos < stop:

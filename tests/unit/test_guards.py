@@ -7,33 +7,29 @@ import json
 import pytest
 
 from dstrain.config import LoraConfig, ModelConfig, config_from_dict
+from dstrain.data.loader import TokenizedCorpus
 from dstrain.distributed import read_env
-from dstrain.errors import ConfigError, DataError, DistributedError
+from dstrain.errors import ConfigError, DistributedError
 from dstrain.model import build_model, load_tokenizer
-from dstrain.prepare import load_split
+from dstrain.prepare import index_split
 from dstrain.supervised import SupervisedLM
 
 
-def test_over_long_records_are_counted_once_against_max_bad_fraction(tmp_path):
+def test_over_long_records_surface_at_tokenisation_with_their_line(tmp_path):
+    """The index validates JSON and fields; a prompt over max_seq_len is only known once tokenised, and then
+    comes back as a bad record naming its file and line (the loop applies data.on_error to it)."""
     good = {"query": "q?", "retrieval_result": ["short passage"], "answer": "a"}
     long = {"query": "why " * 400, "retrieval_result": ["p"], "answer": "a"}
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [good, long, good, long]) + "\n")
-    raw = {
-        "data": {
-            "train": [str(path)],
-            "max_seq_len": 64,
-            "max_passage_tokens": 16,
-            "on_error": "skip",
-            "max_bad_fraction": 0.4,
-        }
-    }
-    cfg = config_from_dict(raw)
-    with pytest.raises(DataError, match=r"2 of 4 records are bad \(50\.0%\)"):
-        load_split(cfg.data.train, "data.train", load_tokenizer(cfg.model), cfg)
-    cfg.data.max_bad_fraction = 0.5
-    examples, skipped = load_split(cfg.data.train, "data.train", load_tokenizer(cfg.model), cfg)
-    assert (len(examples), skipped) == (2, 2)
+    cfg = config_from_dict({"data": {"train": [str(path)], "max_seq_len": 64, "max_passage_tokens": 16}})
+    corpus = index_split(cfg.data.train, "data.train", cfg)
+    assert (len(corpus), corpus.num_bad) == (4, 0)
+    dataset = TokenizedCorpus(corpus, load_tokenizer(cfg.model), cfg.data)
+    items = [dataset[i] for i in range(4)]
+    assert [type(item).__name__ for item in items] == ["Example", "BadRecord", "Example", "BadRecord"]
+    assert str(items[1]).startswith(f"{path}:2: over-long record: the prompt alone is")
+    assert items[3].line == 4
 
 
 @pytest.mark.parametrize(("field", "value"), [("final_logit_softcapping", 30.0), ("logits_scaling", 4.0)])

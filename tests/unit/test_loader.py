@@ -10,12 +10,13 @@ import torch
 
 from dstrain.data.batches import IGNORE, Example
 from dstrain.data.loader import (
+    ExampleDataset,
     MicroBatchSampler,
-    epoch_order,
     eval_batches,
     steps_per_epoch,
     train_loader,
 )
+from dstrain.data.stream import EpochOrder
 from dstrain.ds_config import BatchPlan
 from dstrain.errors import DataError
 
@@ -49,12 +50,43 @@ def make_examples(n: int) -> list[Example]:
 # ------------------------------------------------------------------------------------ sample order
 
 
-def test_epoch_order_is_a_deterministic_permutation():
-    order = epoch_order(50, seed=1, epoch=0)
-    assert sorted(order) == list(range(50))
-    assert order == epoch_order(50, seed=1, epoch=0)
-    assert order != epoch_order(50, seed=1, epoch=1)
-    assert order != epoch_order(50, seed=2, epoch=0)
+def epoch_order(n: int, seed: int, epoch: int, block: int = 128, window: int = 64) -> list[int]:
+    return EpochOrder(n, seed, epoch, block, window).ids(0, n)
+
+
+@pytest.mark.parametrize(("n", "block", "window"), [(50, 128, 64), (1000, 7, 5), (1001, 10, 4), (64, 8, 8)])
+def test_epoch_order_is_a_deterministic_permutation(n: int, block: int, window: int):
+    order = epoch_order(n, 1, 0, block, window)
+    assert sorted(order) == list(range(n))
+    assert order == epoch_order(n, 1, 0, block, window)
+    assert order != epoch_order(n, 1, 1, block, window)
+    assert order != epoch_order(n, 2, 0, block, window)
+
+
+@pytest.mark.parametrize(("n", "block", "window"), [(1000, 7, 5), (1001, 10, 4), (257, 16, 1)])
+def test_epoch_order_seeks_to_any_position(n: int, block: int, window: int):
+    order = EpochOrder(n, 4, 2, block, window)
+    full = order.ids(0, n)
+    for start, stop in [
+        (0, 1),
+        (5, 90),
+        (n // 3, n // 3 + 1),
+        (n - 17, n),
+        (block * window - 1, block * window + 3),
+    ]:
+        fresh = EpochOrder(n, 4, 2, block, window)  # a resumed run starts from nothing
+        assert fresh.ids(start, stop) == full[start:stop]
+
+
+def test_epoch_order_mixes_beyond_one_block():
+    n, block, window = 4096, 16, 32
+    order = epoch_order(n, 0, 0, block, window)
+    first_window = order[: block * window]
+    assert len({i // block for i in first_window}) == window  # 32 distinct blocks interleaved
+    positions = {i: p for p, i in enumerate(order)}
+    # neighbours in the file do not stay neighbours in the order
+    gaps = [abs(positions[i + 1] - positions[i]) for i in range(0, n - 1, block)]
+    assert sum(gap > 1 for gap in gaps) > 0.9 * len(gaps)
 
 
 def test_epochs_differ_but_are_deterministic():
@@ -156,9 +188,9 @@ def test_steps_per_epoch_needs_one_global_batch():
 def test_loader_batches_follow_the_sampler():
     examples = make_examples(24)
     plan = BatchPlan(3, 2, 2)
-    loader = train_loader(examples, plan, rank=1, seed=5, total_steps=6, pad_id=PAD)
+    loader = train_loader(ExampleDataset(examples), plan, rank=1, seed=5, total_steps=6, pad_id=PAD)
     sampler = MicroBatchSampler(24, plan, 1, 5, 6)
-    batches = list(loader)
+    batches = [b.inputs for b in loader]
     assert len(batches) == len(loader) == 12
     for batch, indices in zip(batches, sampler, strict=True):
         assert batch["input_ids"].shape[0] == 3
@@ -174,8 +206,9 @@ def test_workers_do_not_change_the_batches():
     examples = make_examples(40)
     plan = BatchPlan(4, 1, 2)
     kwargs = {"plan": plan, "rank": 0, "seed": 11, "total_steps": 9, "pad_id": PAD, "start_step": 2}
-    serial = list(train_loader(examples, num_workers=0, **kwargs))
-    parallel = list(train_loader(examples, num_workers=2, **kwargs))
+    dataset = ExampleDataset(examples)
+    serial = [b.inputs for b in train_loader(dataset, num_workers=0, **kwargs)]
+    parallel = [b.inputs for b in train_loader(dataset, num_workers=2, **kwargs)]
     assert len(serial) == len(parallel) == 7
     for a, b in zip(serial, parallel, strict=True):
         assert a.keys() == b.keys()
@@ -189,7 +222,7 @@ def test_workers_do_not_change_the_batches():
 @pytest.mark.parametrize(("n", "world", "micro"), [(10, 2, 3), (7, 2, 2), (5, 3, 4), (1, 2, 1), (8, 2, 4)])
 def test_eval_batches_equal_counts_and_every_example_once(n: int, world: int, micro: int):
     examples = make_examples(n)
-    per_rank = [list(eval_batches(examples, micro, rank, world, PAD)) for rank in range(world)]
+    per_rank = [[b.inputs for b in eval_batches(examples, micro, rank, world, PAD)] for rank in range(world)]
     per_rank_rows = math.ceil(n / world)
     assert {len(batches) for batches in per_rank} == {math.ceil(per_rank_rows / micro)}
     real: list[int] = []
@@ -208,7 +241,7 @@ def test_eval_batches_equal_counts_and_every_example_once(n: int, world: int, mi
 
 def test_eval_filler_rows_carry_no_labels():
     examples = make_examples(3)
-    (batch,) = list(eval_batches(examples, micro=2, rank=1, world=2, pad_id=PAD))
+    (batch,) = [b.inputs for b in eval_batches(examples, micro=2, rank=1, world=2, pad_id=PAD)]
     assert batch["input_ids"].shape[0] == 2
     assert batch["labels"][0].tolist()[: len(examples[1].labels)] == examples[1].labels
     assert (batch["labels"][1] == IGNORE).all()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dstrain.data import records
+from dstrain.data.index import scan_jsonl
 from dstrain.data.records import (
     BadRecord,
     MessagesRecord,
@@ -16,6 +17,7 @@ from dstrain.data.records import (
     expand_paths,
     load_records,
 )
+from dstrain.data.stream import Corpus
 from dstrain.errors import DataError
 
 SFT = {"query": "Where does the river Diazei end?", "retrieval_result": ["p1", "p2"], "answer": "Lake Rorosk"}
@@ -24,7 +26,15 @@ MSGS = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "c
 
 
 def _load(path: Path, fmt: str):
-    return load_records([path], fmt)
+    """The eager reader's result, checked against the streaming index and its random-access reader."""
+    loaded = load_records([path], fmt)
+    for workers in (1, 3):
+        index = scan_jsonl(str(path), fmt, workers, min_parallel_bytes=0)  # 3 byte ranges even for tiny files
+        assert index.bad == loaded.bad
+        assert [(str(path), int(line)) for line in index.lines] == loaded.origins
+        corpus = Corpus([index])
+        assert [corpus.read(i) for i in range(len(corpus))] == loaded.records
+    return loaded
 
 
 def _bad_lines(path: Path, fmt: str) -> list[str]:
