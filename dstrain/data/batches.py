@@ -29,8 +29,11 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[i
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def tokenize_rag(tokenizer: PreTrainedTokenizerBase, record: RagRecord, cfg: DataConfig) -> Example:
-    """Prompt (masked) + " answer" + EOS; an answer that does not fit is cut, a prompt that does not is an error."""
+def rag_prompt_ids(tokenizer: PreTrainedTokenizerBase, record: RagRecord, cfg: DataConfig) -> list[int]:
+    """The prompt tokens of SFT rows and preference pairs alike (one prompt, one way).
+
+    BOS comes from the tokenizer unless the chat template is used (the template then carries its own).
+    """
     prompt = render_rag_prompt(
         tokenizer,
         cfg.prompt_template,
@@ -39,18 +42,33 @@ def tokenize_rag(tokenizer: PreTrainedTokenizerBase, record: RagRecord, cfg: Dat
         cfg.max_passage_tokens,
         cfg.chat_template,
     )
-    prompt_ids = _ids(tokenizer, prompt, special=not cfg.chat_template)
-    answer_ids = _ids(tokenizer, " " + record.answer.strip(), special=False)
+    return _ids(tokenizer, prompt, special=not cfg.chat_template)
+
+
+def answer_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """ " answer" + EOS, whitespace normalised: EOS teaches (and scores) where to stop."""
+    ids = _ids(tokenizer, " " + text.strip(), special=False)
     if tokenizer.eos_token_id is not None:
-        answer_ids.append(tokenizer.eos_token_id)
-    room = cfg.max_seq_len - len(prompt_ids)
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def answer_room(prompt_len: int, cfg: DataConfig) -> int:
+    """Tokens left for an answer; a prompt that leaves none is an error."""
+    room = cfg.max_seq_len - prompt_len
     if room < 1:
         raise ValueError(
-            f"over-long record: the prompt alone is {len(prompt_ids)} tokens (query + passages cut to "
+            f"over-long record: the prompt alone is {prompt_len} tokens (query + passages cut to "
             f"{cfg.max_passage_tokens}), data.max_seq_len is {cfg.max_seq_len}"
         )
-    answer_ids = answer_ids[:room]
-    return Example(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+    return room
+
+
+def tokenize_rag(tokenizer: PreTrainedTokenizerBase, record: RagRecord, cfg: DataConfig) -> Example:
+    """Prompt (masked) + " answer" + EOS; an answer that does not fit is cut, a prompt that does not is an error."""
+    prompt_ids = rag_prompt_ids(tokenizer, record, cfg)
+    answer = answer_ids(tokenizer, record.answer)[: answer_room(len(prompt_ids), cfg)]
+    return Example(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer)
 
 
 def tokenize_messages(
