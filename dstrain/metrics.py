@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,8 @@ class MetricsSink:
         run_config: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
-        self.console = Console(stderr=False)
+        # Into a log file (not a terminal) lines stay whole: a path cut at column 80 cannot be grepped.
+        self.console = Console(stderr=False, soft_wrap=not sys.stdout.isatty())
         self.wandb = None
         if not enabled:
             return

@@ -31,14 +31,14 @@ def make_small_data(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def write_config(tmp_path: Path, data: dict[str, Path], name: str = "run", **sections: dict) -> Path:
-    """A run YAML on `data` with output under tmp_path/name; `sections` update the defaults per section."""
+def write_config(tmp_path: Path, files: dict[str, Path], name: str = "run", **sections: dict) -> Path:
+    """A run YAML on `files` with output under tmp_path/name; `sections` update the defaults per section."""
     raw = {
         "model": {"path": "builtin:tiny", "dtype": "fp32"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {
-            "train": [str(data["train"])],
-            "eval": [str(data["eval"])],
+            "train": [str(files["train"])],
+            "eval": [str(files["eval"])],
             "format": "sft-rag",
             "max_seq_len": 256,
             "max_passage_tokens": 160,
@@ -76,6 +76,15 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     )
     return proc
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Non-zero exit with exactly one `error:` message holding every needle, and no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr}"
 
 
 def dstrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:

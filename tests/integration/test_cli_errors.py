@@ -6,15 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import dstrain, write_config
-
-
-def assert_clean_failure(proc, *needles: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    assert proc.stderr.count("error:") == 1, proc.stderr
-    for needle in needles:
-        assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr}"
+from tests.helpers import assert_clean_failure, dstrain, write_config
 
 
 def test_unknown_key(tmp_path, small_data):
