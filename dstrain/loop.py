@@ -72,7 +72,8 @@ def note_bad_records(session: Session, bad: list[BadRecord]) -> None:
     if session.cfg.data.on_error == "fail":
         session.failed_records += bad
         return
-    for record in bad:
+    session.failed_records += [record for record in bad if record.fatal]
+    for record in (record for record in bad if not record.fatal):
         message = f"warning: {record} (skipped: data.on_error=skip)"
         if session.rank == 0:
             session.sink.print(f"[yellow]{message}[/]")
@@ -85,10 +86,10 @@ def fail_on_bad_records(session: Session, step: int) -> None:
     mine = "\n".join(f"  {record}" for record in session.failed_records)
     found = f"\n{mine}" if mine else " on another rank (its message names the record)"
     raise DataError(
-        f"data.train: step {step} met record(s) that cannot be tokenised (data.on_error=fail){found}\n"
-        "Fix or remove them, raise data.max_seq_len, or continue past them with `dstrain resume "
-        f"{session.output_dir} --set data.on_error=skip --set data.max_bad_fraction=0.01`; "
-        "the last checkpoint is intact."
+        f"data.train: step {step} met record(s) it cannot train on{found}\n"
+        "Fix or remove them (or raise data.max_seq_len for over-long prompts), or continue past over-long "
+        f"prompts with `dstrain resume {session.output_dir} --set data.on_error=skip --set "
+        "data.max_bad_fraction=0.01`; the last checkpoint is intact."
     )
 
 

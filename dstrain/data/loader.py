@@ -20,7 +20,7 @@ from dstrain.config import DataConfig
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.packing import collate_packed
 from dstrain.data.records import BadRecord
-from dstrain.data.stream import Corpus, EpochOrder
+from dstrain.data.stream import Corpus, EpochOrder, UnreadableRecordError
 from dstrain.ds_config import BatchPlan
 from dstrain.errors import DataError
 from dstrain.stop import ignore_in_worker
@@ -43,7 +43,8 @@ class TokenizedCorpus(Dataset):
     """Records read and tokenised on demand (in DataLoader workers when there are any).
 
     A record that cannot be tokenised within the limits (an over-long prompt) comes back as a BadRecord
-    naming its file and line; the loop applies data.on_error to it.
+    naming its file and line; the loop applies data.on_error to it. One that cannot be read as indexed
+    (its file changed) comes back as a fatal BadRecord, which stops the run whatever the policy.
     """
 
     def __init__(self, corpus: Corpus, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
@@ -53,7 +54,12 @@ class TokenizedCorpus(Dataset):
         return len(self.corpus)
 
     def __getitem__(self, index: int) -> Example | BadRecord:
-        record = self.corpus.read(index)
+        try:
+            record = self.corpus.read(index)
+        except (
+            UnreadableRecordError
+        ) as exc:  # returned, not raised: a worker's exception reaches the user as a traceback
+            return exc.bad
         try:
             return tokenize_record(self.tokenizer, record, self.cfg)
         except ValueError as exc:

@@ -44,6 +44,7 @@ class BadRecord:
     path: str
     line: int
     reason: str
+    fatal: bool = False  # not the record's fault but the run's (its file changed): never skipped
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.reason}"

@@ -24,6 +24,14 @@ from dstrain.errors import DataError
 ROW_GROUP_CACHE = 64  # decoded Parquet row groups kept per process: a shuffle window touches few of them
 
 
+class UnreadableRecordError(DataError):
+    """A record that no longer reads as indexed; `bad` says where and why."""
+
+    def __init__(self, bad: BadRecord) -> None:
+        super().__init__(str(bad))
+        self.bad = bad
+
+
 class Corpus:
     """Random access to the valid records of `files`, in file order."""
 
@@ -66,10 +74,12 @@ class Corpus:
                 raise ValueError(error or "blank line")
             return parse_text(text, index.fmt)
         except (ValueError, OSError) as exc:
-            line = int(index.lines[local])
-            raise DataError(
-                f"{BadRecord(index.path, line, str(exc))}\nThe file no longer matches its index: it changed "
-                "during the run. Keep training data unchanged while a run (or its resume) uses it."
+            reason = (
+                f"{exc}: the file no longer matches its index, it changed during the run. Keep training "
+                "data unchanged while a run (or its resume) uses it."
+            )
+            raise UnreadableRecordError(
+                BadRecord(index.path, int(index.lines[local]), reason, fatal=True)
             ) from None
 
     def _fd(self, file_no: int) -> int:

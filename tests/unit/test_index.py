@@ -90,8 +90,13 @@ def test_a_file_changed_under_a_running_job_is_a_clear_error(write_jsonl, cache)
     path = write_jsonl(rows(3))
     corpus = Corpus([index_file(path, "sft-rag")])
     path.write_text("x" * 10)
-    with pytest.raises(DataError, match=r"(?s)data\.jsonl:1: short read.*changed during the run"):
+    with pytest.raises(DataError, match=r"data\.jsonl:1: short read.*changed during the run"):
         corpus.read(0)
+    from dstrain.config import DataConfig
+    from dstrain.data.loader import TokenizedCorpus
+
+    bad = TokenizedCorpus(corpus, None, DataConfig())[1]  # in a worker: returned, not raised
+    assert bad.fatal and bad.line == 2 and "changed during the run" in bad.reason
 
 
 def test_parallel_ranges_cut_only_at_line_starts(tmp_path):
