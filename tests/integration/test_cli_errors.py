@@ -99,7 +99,7 @@ def test_validate_data_refuses_empty_files_and_directories(tmp_path):
     proc = dstrain("validate-data", str(empty), "--format", "sft-rag", cwd=tmp_path)
     assert proc.returncode == 1 and "holds no records" in proc.stdout
     proc = dstrain("validate-data", str(tmp_path), "--format", "sft-rag", cwd=tmp_path)
-    assert proc.returncode == 1 and "a directory; pass one JSONL file" in proc.stderr
+    assert proc.returncode == 1 and "a directory; pass one JSONL or Parquet file" in proc.stderr
 
 
 def test_export_of_a_dir_without_checkpoints(tmp_path):
