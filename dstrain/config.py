@@ -71,7 +71,9 @@ class DataConfig:
 class ObjectiveConfig:
     name: ObjectiveName = "sft"
     beta: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # dpo: conservative DPO's assumed rate of flipped preference labels
+    simpo_gamma: float = 0.5  # simpo: target reward margin (TRL's convention)
+    nll_weight: float = 1.0  # dpo_nll: weight of the chosen answer's NLL term
 
 
 @dataclass
@@ -85,6 +87,7 @@ class TrainConfig:
     seed: int = 42
     global_batch_size: int = 0  # fills "auto" train_batch_size in the ZeRO JSON; 0: micro x world
     max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row skipped for NaN/inf
+    best_metric: Literal["eval_loss", "eval_pref_acc", "eval_reward_margin"] = "eval_loss"  # keeps the best
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
 
 
@@ -297,11 +300,21 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(
             f"lora.target_modules: a list of module names or 'all-linear', got {cfg.lora.target_modules!r}"
         )
-    if cfg.objective.name != "sft":
+    if cfg.objective.name != "sft" and cfg.data.format != "preference":
         p.append(
-            f"objective.name: '{cfg.objective.name}' is not available in this version of dstrain; use 'sft' "
-            "(preference data then trains on the chosen answer)"
+            f"objective.name: '{cfg.objective.name}' needs preference data (chosen and rejected answers); "
+            f"data.format is '{cfg.data.format}': use objective.name=sft, or data.format=preference"
         )
+    if cfg.train.best_metric != "eval_loss" and cfg.data.format != "preference":
+        p.append(f"train.best_metric: {cfg.train.best_metric} needs preference eval data; use eval_loss")
+    if cfg.objective.name != "sft" and cfg.data.packing:
+        p.append("data.packing: packs SFT rows only; set data.packing=false for preference objectives")
+    if not 0.0 <= cfg.objective.label_smoothing < 0.5:
+        p.append(f"objective.label_smoothing: must be in [0, 0.5), got {cfg.objective.label_smoothing}")
+    if cfg.objective.name == "ipo" and cfg.objective.label_smoothing:
+        p.append("objective.label_smoothing: IPO has no smoothed form; set it to 0 (conservative DPO is dpo)")
+    if cfg.objective.beta <= 0:
+        p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
     if cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2":
         p.append(
             "data.packing: isolates packed samples with a 4D attention mask, which flash_attention_2 does not "

@@ -20,9 +20,10 @@ def create_engine(module: nn.Module, ds_config: dict[str, Any]) -> DeepSpeedEngi
     return engine
 
 
-def forward(engine: DeepSpeedEngine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(engine: DeepSpeedEngine, batch: dict[str, Any], **flags: bool) -> tuple[torch.Tensor, ...]:
+    """The wrapped module's forward on `batch` (tensors moved to the engine's device) and `flags`."""
     device = engine.device
-    return engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    return engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **flags)
 
 
 def backward(engine: DeepSpeedEngine, loss: torch.Tensor) -> None:

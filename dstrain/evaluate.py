@@ -1,4 +1,5 @@
-"""Eval loop: token-weighted mean loss over the held-out set, sharded across ranks."""
+"""Eval loop: token-weighted mean loss over the held-out set, sharded across ranks; for preference data also
+the preference accuracy (share of pairs whose implicit reward margin is > 0) and the mean reward margin."""
 
 from __future__ import annotations
 
@@ -6,23 +7,76 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from dstrain import engine as eng
+from dstrain.config import ObjectiveConfig
 from dstrain.data.batches import Example
 from dstrain.data.loader import eval_batches
+from dstrain.data.pairs import PairExample
 from dstrain.distributed import all_reduce_sum
+from dstrain.preference import score_pairs
 
 
 @torch.no_grad()
 def evaluate(
-    engine: DeepSpeedEngine, examples: list[Example], micro: int, rank: int, world: int, pad_id: int
-) -> float:
-    """Mean NLL per supervised token over all of `examples` (a collective: every rank calls it)."""
+    engine: DeepSpeedEngine,
+    examples: list[Example] | list[PairExample],
+    micro: int,
+    rank: int,
+    world: int,
+    pad_id: int,
+    objective: ObjectiveConfig,
+) -> dict[str, float]:
+    """Eval metrics over all of `examples` (a collective: every rank calls it)."""
     engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
     try:
-        for batch in eval_batches(examples, micro, rank, world, pad_id):
-            nll_sum, num_tokens = eng.forward(engine, batch.inputs)
-            totals += torch.stack([nll_sum.double().cpu(), num_tokens.double().cpu()])
+        if isinstance(examples[0], PairExample):
+            return _evaluate_pairs(engine, examples, micro, rank, world, pad_id, objective)
+        return {"eval_loss": _evaluate_tokens(engine, examples, micro, rank, world, pad_id)}
     finally:
         engine.train()
+
+
+def _evaluate_tokens(
+    engine: DeepSpeedEngine, examples: list[Example], micro: int, rank: int, world: int, pad_id: int
+) -> float:
+    """Mean NLL per supervised token."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in eval_batches(examples, micro, rank, world, pad_id):
+        nll_sum, num_tokens = eng.forward(engine, batch.inputs)
+        totals += torch.stack([nll_sum.double().cpu(), num_tokens.double().cpu()])
     nll, tokens = all_reduce_sum(totals).tolist()
     return nll / max(tokens, 1.0)
+
+
+def _evaluate_pairs(
+    engine: DeepSpeedEngine,
+    pairs: list[PairExample],
+    micro: int,
+    rank: int,
+    world: int,
+    pad_id: int,
+    objective: ObjectiveConfig,
+) -> dict[str, float]:
+    """eval_loss is the objective's mean loss per pair (for sft: NLL per chosen token), plus pair metrics."""
+    # [loss sum, chosen nll sum, chosen tokens, margin sum, correct, pairs]
+    totals = torch.zeros(6, dtype=torch.float64)
+    for batch in eval_batches(pairs, micro, rank, world, pad_id):
+        policy, reference, tokens = eng.forward(engine, batch.inputs, pairs=True)
+        scores = score_pairs(objective, policy, reference, tokens)
+        valid = scores.valid
+        chosen_tokens = tokens[: len(valid)].double().cpu() * valid.double().cpu()
+        row = [
+            (scores.loss * valid).sum(),
+            (scores.chosen_nll * chosen_tokens.to(valid.device) * valid).sum(),
+            chosen_tokens.sum(),
+            (scores.margin * valid).sum(),
+            ((scores.margin > 0).float() * valid).sum(),
+            valid.sum(),
+        ]
+        totals += torch.stack([torch.as_tensor(v).double().cpu() for v in row])
+    loss, nll, tokens, margin, correct, count = all_reduce_sum(totals).tolist()
+    count = max(count, 1.0)
+    return {
+        "eval_loss": nll / max(tokens, 1.0) if objective.name == "sft" else loss / count,
+        "eval_pref_acc": correct / count,
+        "eval_reward_margin": margin / count,
+    }

@@ -18,12 +18,14 @@ from dstrain import engine as eng
 from dstrain.checkpoint.save import RunFiles, TrainerState, save_checkpoint
 from dstrain.config import RunConfig
 from dstrain.data.batches import Example, MicroBatch
+from dstrain.data.pairs import PairExample
 from dstrain.data.records import BadRecord
 from dstrain.ds_config import BatchPlan
 from dstrain.errors import DataError, TrainingError
 from dstrain.evaluate import evaluate
 from dstrain.metrics import MetricsSink, StepMeter, device_stats, max_over_ranks, mfu
 from dstrain.objectives import sft_loss
+from dstrain.preference import mean_over_pairs, score_pairs
 from dstrain.stop import StopRequest
 
 
@@ -37,7 +39,7 @@ class Session:
     engine: DeepSpeedEngine
     peft_model: PeftModel
     batches: Iterator[MicroBatch]
-    eval_examples: list[Example]
+    eval_examples: list[Example] | list[PairExample]
     steps_per_epoch: int
     total_steps: int
     output_dir: Path
@@ -58,13 +60,23 @@ def micro_step(session: Session, meter: StepMeter) -> None:
     started = time.perf_counter()
     batch = next(session.batches)
     waited = time.perf_counter() - started
-    nll_sum, num_tokens = eng.forward(session.engine, batch.inputs)
-    loss = sft_loss(nll_sum, num_tokens)
+    loss = micro_loss(session, batch, meter)
     eng.backward(session.engine, loss)
     eng.step(session.engine)
     meter.add(loss, batch.tokens, batch.samples, waited, skipped=len(batch.bad))
     if batch.bad:
         note_bad_records(session, batch.bad)
+
+
+def micro_loss(session: Session, batch: MicroBatch, meter: StepMeter) -> torch.Tensor:
+    """The objective's loss of one micro batch: SFT's NLL per token, or the mean preference loss per pair."""
+    if session.cfg.objective.name == "sft":
+        nll_sum, num_tokens = eng.forward(session.engine, batch.inputs)
+        return sft_loss(nll_sum, num_tokens)
+    policy, reference, tokens = eng.forward(session.engine, batch.inputs, pairs=True)
+    scores = score_pairs(session.cfg.objective, policy, reference, tokens)
+    meter.add_pairs(scores.chosen_rewards, scores.rejected_rewards, scores.margin, scores.valid)
+    return mean_over_pairs(scores.loss, scores.valid)
 
 
 def note_bad_records(session: Session, bad: list[BadRecord]) -> None:
@@ -129,7 +141,7 @@ def log_train(session: Session, state: TrainerState, meter: StepMeter, steps: in
     check_bad_fraction(session)  # the same numbers on every rank: all raise, or none
 
 
-def run_eval(session: Session, state: TrainerState) -> float | None:
+def run_eval(session: Session, state: TrainerState) -> dict[str, float] | None:
     if not session.eval_examples:
         return None
     result = evaluate(
@@ -139,11 +151,14 @@ def run_eval(session: Session, state: TrainerState) -> float | None:
         session.rank,
         session.plan.world,
         session.pad_id,
+        session.cfg.objective,
     )
-    session.sink.log({"step": state.step, "eval_loss": result})
-    if state.best_metric is None or result < state.best_metric:
+    session.sink.log({"step": state.step, **result})
+    name = session.cfg.train.best_metric
+    value = result[name] if name == "eval_loss" else -result[name]  # stored so that lower is better
+    if state.best_metric is None or value < state.best_metric:
         # best_checkpoint follows only if this step is saved (save() sets it): no stale "best" is protected.
-        state.best_metric, state.best_step, state.best_checkpoint = result, state.step, None
+        state.best_metric, state.best_step, state.best_checkpoint = value, state.step, None
     return result
 
 

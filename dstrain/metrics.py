@@ -90,6 +90,7 @@ class StepMeter:
         self.tokens = 0
         self.samples = 0
         self.skipped = 0  # records dropped at tokenisation under data.on_error=skip
+        self.pairs: torch.Tensor | None = None  # preference objectives: [chosen, rejected, margin, right, n]
         self.data_wait_s = 0.0
         self.excluded_s = 0.0
         self.started = time.perf_counter()
@@ -115,6 +116,15 @@ class StepMeter:
         self.skipped += skipped
         self.data_wait_s += data_wait_s
 
+    def add_pairs(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        """Sums of one micro batch's pair rewards over its real pairs (device tensors, not synced here)."""
+        right = (margin > 0).float()
+        stats = torch.stack([(v.detach().float() * valid).sum() for v in (chosen, rejected, margin, right)])
+        stats = torch.cat([stats, valid.sum()[None]])
+        self.pairs = stats if self.pairs is None else self.pairs + stats
+
     def take_nonfinite(self) -> torch.Tensor:
         """This step's count of non-finite micro-batch losses (a device tensor), reset for the next step."""
         value = self.nonfinite if self.nonfinite is not None else torch.zeros(())
@@ -131,7 +141,9 @@ class StepMeter:
                 torch.tensor(counts, dtype=torch.float64, device=device),  # exact beyond 2**24 tokens
             ]
         )
-        loss_sum, finite, tokens, micro, samples, wait, skipped = all_reduce_sum(local).tolist()
+        if self.pairs is not None:  # the same objective on every rank: the same vector length
+            local = torch.cat([local, self.pairs.to(device, torch.float64)])
+        loss_sum, finite, tokens, micro, samples, wait, skipped, *pairs = all_reduce_sum(local).tolist()
         elapsed = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         ranks = micro / max(1, self.micro_batches)
         return {
@@ -144,7 +156,22 @@ class StepMeter:
             "step_time_s": elapsed / max(1, steps),
             "data_wait_s": wait / ranks,  # mean over ranks, summed over the logged steps
             "skipped_now": int(skipped),  # bad records dropped since the last log, all ranks
+            **pair_metrics(pairs),
         }
+
+
+def pair_metrics(sums: list[float]) -> dict[str, float]:
+    """Mean rewards, margin and preference accuracy from summed pair statistics (none for SFT)."""
+    if not sums:
+        return {}
+    chosen, rejected, margin, right, count = sums
+    count = max(count, 1.0)
+    return {
+        "rewards_chosen": chosen / count,
+        "rewards_rejected": rejected / count,
+        "reward_margin": margin / count,
+        "pref_acc": right / count,
+    }
 
 
 def keep_rows_up_to(path: Path, step: int) -> None:

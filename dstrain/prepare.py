@@ -20,6 +20,7 @@ from dstrain.config import RunConfig, dump_yaml
 from dstrain.data.batches import Example
 from dstrain.data.index import index_file
 from dstrain.data.loader import TokenizedCorpus, steps_per_epoch
+from dstrain.data.pairs import PairExample
 from dstrain.data.records import BadRecord, check_bad, expand_paths
 from dstrain.data.stream import Corpus
 from dstrain.ds_config import BatchPlan, find_ds_config, load_ds_config, plan_batch, resolve_ds_config
@@ -35,7 +36,7 @@ class Prepared:
     plan: BatchPlan
     tokenizer: PreTrainedTokenizerBase
     train: TokenizedCorpus  # read and tokenised on demand
-    eval: list[Example]
+    eval: list[Example] | list[PairExample]
     skipped: int  # bad training records found by the index (more may surface at tokenisation)
     steps_per_epoch: int
     total_steps: int
@@ -108,12 +109,14 @@ def index_split(patterns: list[str], what: str, cfg: RunConfig) -> Corpus:
     return corpus
 
 
-def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example]:
+def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example] | list[PairExample]:
     """The eval set, tokenised up front (it is read at every eval); over-long records are bad records too."""
-    dataset = TokenizedCorpus(index_split(cfg.data.eval, "data.eval", cfg), tokenizer, cfg.data)
+    # Preference data is always evaluated as pairs: preference accuracy is reported whatever the objective.
+    pairs = cfg.data.format == "preference"
+    dataset = TokenizedCorpus(index_split(cfg.data.eval, "data.eval", cfg), tokenizer, cfg.data, pairs)
     limit = min(len(dataset), cfg.data.max_eval_samples or len(dataset))
     items = [dataset[i] for i in range(limit)]
-    examples = [item for item in items if isinstance(item, Example)]
+    examples = [item for item in items if not isinstance(item, BadRecord)]
     bad = [item for item in items if isinstance(item, BadRecord)]
     check_bad(len(examples), bad, len(bad), cfg.data.on_error, cfg.data.max_bad_fraction, "data.eval")
     if not examples:
@@ -134,7 +137,7 @@ def prepare(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None)
         why = "data.format=messages" if cfg.data.format == "messages" else "data.chat_template=true"
         raise ConfigError([f"{why} needs a chat template, and the tokenizer of {cfg.model.path} has none"])
     corpus = index_split(cfg.data.train, "data.train", cfg)
-    train = TokenizedCorpus(corpus, tokenizer, cfg.data)
+    train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=cfg.objective.name != "sft")
     eval_set = load_eval(tokenizer, cfg) if cfg.data.eval else []
     # preflight validated the JSON: the batch plan alone gives the schedule length, then resolve once.
     per_epoch = steps_per_epoch(len(train), plan_batch(raw, cfg, world, problems=[]))

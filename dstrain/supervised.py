@@ -8,6 +8,7 @@ prompt and passages, which carry no loss.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
@@ -45,12 +46,32 @@ class SupervisedLM(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (summed NLL over supervised tokens, number of supervised tokens).
+        pairs: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """(summed NLL over supervised tokens, number of supervised tokens); with `pairs`, per row:
+        (policy log-prob [N], reference log-prob [N], supervised tokens [N]).
 
         `attention_mask` is [batch, seq] for padded rows, or a [batch, 1, seq, seq] block mask with
-        `position_ids` for packed rows (see data/packing.py).
+        `position_ids` for packed rows (see data/packing.py). The reference is the same model with its
+        adapter disabled: no second model in memory, and under ZeRO-3 the same partitioned weights.
         """
+        inputs = (input_ids, attention_mask, labels, position_ids)
+        if not pairs:
+            logits, targets, keep = self._labelled(*inputs)
+            return token_nll_sum(logits, targets), keep.sum()
+        policy, tokens = self._row_logps(*inputs)
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            reference, _ = self._row_logps(*inputs)
+        return policy, reference, tokens
+
+    def _labelled(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits at labelled positions [K, vocab], their targets [K], the [batch, seq-1] label mask)."""
         base = self.peft_model.get_base_model()
         decoder = base.get_decoder()
         hidden = decoder(
@@ -58,5 +79,12 @@ class SupervisedLM(nn.Module):
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])
-        return token_nll_sum(logits, targets[keep]), keep.sum()
+        return base.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep
+
+    def _row_logps(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-prob of each row's labelled tokens [N] (fp32), and each row's count of them [N]."""
+        logits, targets, keep = self._labelled(*inputs)
+        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+        rows = keep.nonzero()[:, 0]
+        totals = torch.zeros(keep.shape[0], dtype=torch.float32, device=token_logps.device)
+        return totals.index_add(0, rows, token_logps), keep.sum(dim=1)

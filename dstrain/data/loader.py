@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from dstrain.config import DataConfig
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.packing import collate_packed
+from dstrain.data.pairs import PairExample, collate_pairs, tokenize_pair
 from dstrain.data.records import BadRecord
 from dstrain.data.stream import Corpus, EpochOrder, UnreadableRecordError
 from dstrain.ds_config import BatchPlan
@@ -47,13 +48,15 @@ class TokenizedCorpus(Dataset):
     (its file changed) comes back as a fatal BadRecord, which stops the run whatever the policy.
     """
 
-    def __init__(self, corpus: Corpus, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
-        self.corpus, self.tokenizer, self.cfg = corpus, tokenizer, cfg
+    def __init__(
+        self, corpus: Corpus, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, pairs: bool = False
+    ) -> None:
+        self.corpus, self.tokenizer, self.cfg, self.pairs = corpus, tokenizer, cfg, pairs
 
     def __len__(self) -> int:
         return len(self.corpus)
 
-    def __getitem__(self, index: int) -> Example | BadRecord:
+    def __getitem__(self, index: int) -> Example | PairExample | BadRecord:
         try:
             record = self.corpus.read(index)
         except (
@@ -61,19 +64,29 @@ class TokenizedCorpus(Dataset):
         ) as exc:  # returned, not raised: a worker's exception reaches the user as a traceback
             return exc.bad
         try:
+            if self.pairs:  # preference objectives: prompt, chosen and rejected for one forward
+                return tokenize_pair(self.tokenizer, record, self.cfg)
             return tokenize_record(self.tokenizer, record, self.cfg)
         except ValueError as exc:
             return BadRecord(*self.corpus.origin(index), str(exc))
 
 
-def collate_micro(items: Sequence[Example | BadRecord], pad_id: int, pack_to: int = 0) -> MicroBatch:
-    """Drop bad items, then pad (or with `pack_to` > 0, pack into rows of at most that many tokens).
+def collate_micro(
+    items: Sequence[Example | PairExample | BadRecord], pad_id: int, pack_to: int = 0, pairs: bool = False
+) -> MicroBatch:
+    """Drop bad items, then pad (or with `pack_to` > 0, pack into rows of at most that many tokens); with
+    `pairs`, chosen rows then rejected rows (see data/pairs.py).
 
     A micro batch whose every item is bad still yields one row (a pad token without labels): every rank
     must run the same number of forwards, which are collectives under ZeRO-3.
     """
-    good = [item for item in items if isinstance(item, Example)]
     bad = [item for item in items if isinstance(item, BadRecord)]
+    if pairs:
+        good_pairs = [item for item in items if isinstance(item, PairExample)]
+        inputs = collate_pairs(good_pairs or [PairExample([pad_id], [], [])], pad_id)
+        tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
+        return MicroBatch(inputs, tokens, len(good_pairs), bad)
+    good = [item for item in items if isinstance(item, Example)]
     rows = good or [Example([pad_id], [IGNORE])]
     inputs = collate_packed(rows, pad_id, pack_to) if pack_to else collate(rows, pad_id)
     return MicroBatch(inputs, sum(len(e.input_ids) for e in good), len(good), bad)
@@ -148,7 +161,9 @@ def train_loader(
         dataset,
         generator=torch.Generator().manual_seed(seed),
         batch_sampler=sampler,
-        collate_fn=partial(collate_micro, pad_id=pad_id, pack_to=pack_to),
+        collate_fn=partial(
+            collate_micro, pad_id=pad_id, pack_to=pack_to, pairs=getattr(dataset, "pairs", False)
+        ),
         num_workers=num_workers,
         worker_init_fn=ignore_in_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
@@ -157,16 +172,21 @@ def train_loader(
 
 
 def eval_batches(
-    examples: Sequence[Example], micro: int, rank: int, world: int, pad_id: int
+    examples: Sequence[Example | PairExample], micro: int, rank: int, world: int, pad_id: int
 ) -> Iterator[MicroBatch]:
     """This rank's share of the eval set, in the same number of batches on every rank.
 
     Equal counts matter: under ZeRO-3 every forward is a collective. Short shards are topped up with a
-    copy of an example whose labels are all ignored, so it adds nothing to the loss.
+    copy of an example whose labels are all ignored (a pair without answers), so it adds nothing.
     """
+    pairs = isinstance(examples[0], PairExample)
     shard = list(examples[rank::world])
     per_rank = -(-len(examples) // world)
-    filler = Example(examples[0].input_ids, [IGNORE] * len(examples[0].input_ids))
+    first = examples[0]
+    if pairs:
+        filler = PairExample(first.prompt_ids, [], [])
+    else:
+        filler = Example(first.input_ids, [IGNORE] * len(first.input_ids))
     shard += [filler] * (per_rank - len(shard))
     for start in range(0, per_rank, micro):
-        yield collate_micro(shard[start : start + micro], pad_id)
+        yield collate_micro(shard[start : start + micro], pad_id, pairs=pairs)
