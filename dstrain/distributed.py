@@ -6,12 +6,14 @@ and a plain single process, for which a private loopback rendezvous is set up.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -111,7 +113,22 @@ def init_process_group(env: DistEnv, timeout_s: int = DEFAULT_TIMEOUT_S) -> Dist
             f"{env.master_addr}:{port} within {timeout_s}s ({type(exc).__name__}: {exc}). Check that "
             "MASTER_ADDR is reachable from every node, the port is free and open, and every rank was started."
         ) from exc
+    if get_accelerator().device_name() == "cpu" and env.world_size > 1:
+        release_shm_name(env)
     return env
+
+
+def release_shm_name(env: DistEnv) -> None:
+    """Unlink this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>` (69 MB) per rank and
+    never unlinks it: every multi-rank CPU run, finished or killed, left 69 MB per rank of RAM-backed files
+    behind. The mappings stay valid after the unlink; the memory is freed when the last rank exits.
+    """
+    barrier()  # every rank has finished mapping its peers' buffers (they open them by name)
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
+    with contextlib.suppress(OSError):
+        (Path("/dev/shm") / name).unlink()
 
 
 def stale_build_locks(max_age_s: float = 600.0) -> list[tuple[str, float]]:

@@ -3,6 +3,8 @@ must trace the same loss curve (gradients are averaged over ranks exactly as ove
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import check, metrics, train_deepspeed, train_losses, train_single, write_config
@@ -17,7 +19,11 @@ def test_two_ranks_match_one_rank_with_doubled_accumulation(tmp_path, small_data
     common = {"train": {"max_steps": 8, "log_every": 1, "save_every": 0, "global_batch_size": 8}}
     two = write_config(tmp_path, small_data, name="two", **common)
     one = write_config(tmp_path, small_data, name="one", **common)
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
     check(train_deepspeed(two, cwd=tmp_path, nproc=2))  # micro 4 x accumulation 1 x world 2
+    # DeepSpeed's CPU all-reduce leaves a 69 MB RAM-backed file per rank unless dstrain unlinks it
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) <= before
     check(train_single(one, cwd=tmp_path))  # micro 4 x accumulation 2 x world 1
     two_losses, one_losses = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
     assert len(two_losses) == len(one_losses) == 8
