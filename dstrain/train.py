@@ -145,6 +145,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         start_step=state.step,
         pack_to=cfg.data.max_seq_len if cfg.data.packing else 0,
         shuffle=(cfg.data.shuffle_block, cfg.data.shuffle_window),
+        pairs=prepared.train.pairs,
     )
     sink = MetricsSink(
         output_dir,

@@ -152,8 +152,10 @@ def train_loader(
     start_step: int = 0,
     pack_to: int = 0,
     shuffle: tuple[int, int] = (128, 64),
+    pairs: bool = False,
 ) -> DataLoader:
-    """MicroBatches of `dataset` for this rank, from `start_step` on; `shuffle` is (block, window)."""
+    """MicroBatches of `dataset` for this rank, from `start_step` on; `shuffle` is (block, window); `pairs`:
+    the dataset yields PairExamples (preference objectives)."""
     sampler = MicroBatchSampler(len(dataset), plan, rank, seed, total_steps, start_step, *shuffle)
     # A private generator: creating the iterator draws a worker seed from it, and drawing from the global
     # one would shift dropout after a resume (the resumed run creates its iterator at another step).
@@ -161,9 +163,7 @@ def train_loader(
         dataset,
         generator=torch.Generator().manual_seed(seed),
         batch_sampler=sampler,
-        collate_fn=partial(
-            collate_micro, pad_id=pad_id, pack_to=pack_to, pairs=getattr(dataset, "pairs", False)
-        ),
+        collate_fn=partial(collate_micro, pad_id=pad_id, pack_to=pack_to, pairs=pairs),
         num_workers=num_workers,
         worker_init_fn=ignore_in_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
