@@ -3,12 +3,14 @@ the preference accuracy (share of pairs whose implicit reward margin is > 0) and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from dstrain import engine as eng
 from dstrain.config import ObjectiveConfig
-from dstrain.data.batches import Example
+from dstrain.data.batches import Example, MicroBatch
 from dstrain.data.loader import eval_batches
 from dstrain.data.pairs import PairExample
 from dstrain.distributed import all_reduce_sum
@@ -27,20 +29,19 @@ def evaluate(
 ) -> dict[str, float]:
     """Eval metrics over all of `examples` (a collective: every rank calls it)."""
     engine.eval()
+    batches = eval_batches(examples, micro, rank, world, pad_id)
     try:
         if isinstance(examples[0], PairExample):
-            return _evaluate_pairs(engine, examples, micro, rank, world, pad_id, objective)
-        return {"eval_loss": _evaluate_tokens(engine, examples, micro, rank, world, pad_id)}
+            return _evaluate_pairs(engine, batches, objective)
+        return {"eval_loss": _evaluate_tokens(engine, batches)}
     finally:
         engine.train()
 
 
-def _evaluate_tokens(
-    engine: DeepSpeedEngine, examples: list[Example], micro: int, rank: int, world: int, pad_id: int
-) -> float:
+def _evaluate_tokens(engine: DeepSpeedEngine, batches: Iterator[MicroBatch]) -> float:
     """Mean NLL per supervised token."""
     totals = torch.zeros(2, dtype=torch.float64)
-    for batch in eval_batches(examples, micro, rank, world, pad_id):
+    for batch in batches:
         nll_sum, num_tokens = eng.forward(engine, batch.inputs)
         totals += torch.stack([nll_sum.double().cpu(), num_tokens.double().cpu()])
     nll, tokens = all_reduce_sum(totals).tolist()
@@ -48,31 +49,25 @@ def _evaluate_tokens(
 
 
 def _evaluate_pairs(
-    engine: DeepSpeedEngine,
-    pairs: list[PairExample],
-    micro: int,
-    rank: int,
-    world: int,
-    pad_id: int,
-    objective: ObjectiveConfig,
+    engine: DeepSpeedEngine, batches: Iterator[MicroBatch], objective: ObjectiveConfig
 ) -> dict[str, float]:
     """eval_loss is the objective's mean loss per pair (for sft: NLL per chosen token), plus pair metrics."""
     # [loss sum, chosen nll sum, chosen tokens, margin sum, correct, pairs]
     totals = torch.zeros(6, dtype=torch.float64)
-    for batch in eval_batches(pairs, micro, rank, world, pad_id):
+    for batch in batches:
         policy, reference, tokens = eng.forward(engine, batch.inputs, pairs=True)
         scores = score_pairs(objective, policy, reference, tokens)
         valid = scores.valid
-        chosen_tokens = tokens[: len(valid)].double().cpu() * valid.double().cpu()
+        chosen_tokens = tokens[: len(valid)] * valid
         row = [
             (scores.loss * valid).sum(),
-            (scores.chosen_nll * chosen_tokens.to(valid.device) * valid).sum(),
+            (scores.chosen_nll * chosen_tokens).sum(),
             chosen_tokens.sum(),
             (scores.margin * valid).sum(),
             ((scores.margin > 0).float() * valid).sum(),
             valid.sum(),
         ]
-        totals += torch.stack([torch.as_tensor(v).double().cpu() for v in row])
+        totals += torch.stack(row).double().cpu()
     loss, nll, tokens, margin, correct, count = all_reduce_sum(totals).tolist()
     count = max(count, 1.0)
     return {
