@@ -24,6 +24,9 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 DataFormat = Literal["preference", "sft-rag", "messages"]
 ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll"]
 
+BestMetric = Literal["eval_loss", "eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1"]
+# Metrics where higher is better (the rest: lower is better).
+HIGHER_IS_BETTER = ("eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1")
 DEFAULT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"
 
 
@@ -87,7 +90,10 @@ class TrainConfig:
     seed: int = 42
     global_batch_size: int = 0  # fills "auto" train_batch_size in the ZeRO JSON; 0: micro x world
     max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row skipped for NaN/inf
-    best_metric: Literal["eval_loss", "eval_pref_acc", "eval_reward_margin"] = "eval_loss"  # keeps the best
+    # greedy-generate answers for this many eval samples and report eval_exact_match / eval_token_f1; 0: off
+    eval_generate: int = 0
+    eval_max_new_tokens: int = 32  # bound on each generated answer
+    best_metric: BestMetric = "eval_loss"  # the checkpoint kept as best
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
 
 
@@ -266,6 +272,7 @@ def check_values(cfg: RunConfig) -> list[str]:
         "data.max_seq_len": cfg.data.max_seq_len,
         "train.log_every": cfg.train.log_every,
         "train.keep_last": cfg.train.keep_last,
+        "train.eval_max_new_tokens": cfg.train.eval_max_new_tokens,
     }
     p += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
     non_negative = {
@@ -278,6 +285,7 @@ def check_values(cfg: RunConfig) -> list[str]:
         "train.save_every": cfg.train.save_every,
         "train.global_batch_size": cfg.train.global_batch_size,
         "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+        "train.eval_generate": cfg.train.eval_generate,
     }
     p += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
@@ -305,8 +313,7 @@ def check_values(cfg: RunConfig) -> list[str]:
             f"objective.name: '{cfg.objective.name}' needs preference data (chosen and rejected answers); "
             f"data.format is '{cfg.data.format}': use objective.name=sft, or data.format=preference"
         )
-    if cfg.train.best_metric != "eval_loss" and cfg.data.format != "preference":
-        p.append(f"train.best_metric: {cfg.train.best_metric} needs preference eval data; use eval_loss")
+    p += check_eval_metrics(cfg)
     if cfg.objective.name != "sft" and cfg.data.packing:
         p.append("data.packing: packs SFT rows only; set data.packing=false for preference objectives")
     if not 0.0 <= cfg.objective.label_smoothing < 0.5:
@@ -324,6 +331,24 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append("model.load_in_4bit: not available in this version of dstrain; set model.load_in_4bit=false")
     if not cfg.output_dir.strip():
         p.append("output_dir: must not be empty")
+    return p
+
+
+def check_eval_metrics(cfg: RunConfig) -> list[str]:
+    """The best metric must be one that the eval settings produce."""
+    p: list[str] = []
+    best, generate = cfg.train.best_metric, cfg.train.eval_generate
+    if generate and not cfg.data.eval:
+        p.append("train.eval_generate: generates answers for eval samples; give data.eval files")
+    if generate and cfg.data.format == "messages":
+        p.append(
+            "train.eval_generate: scores answers of sft-rag or preference eval data; messages data has no "
+            "single reference answer (set train.eval_generate=0)"
+        )
+    if best in ("eval_pref_acc", "eval_reward_margin") and cfg.data.format != "preference":
+        p.append(f"train.best_metric: {best} needs preference eval data; use eval_loss")
+    if best in ("eval_exact_match", "eval_token_f1") and not generate:
+        p.append(f"train.best_metric: {best} needs generated answers; set train.eval_generate (e.g. 64)")
     return p
 
 

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from dstrain.checkpoint import layout
 from dstrain.checkpoint.load import is_checkpoint_dir, read_json, verify
+from dstrain.config import HIGHER_IS_BETTER
 from dstrain.errors import CheckpointError
 
 
@@ -44,6 +46,15 @@ def file_rows(ckpt: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def best_metric_name(ckpt: Path) -> str:
+    """train.best_metric of the run (its config.yaml travels in every checkpoint)."""
+    try:
+        raw = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+        return str(raw["train"]["best_metric"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "eval_loss"
+
+
 def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
     state_path = ckpt / "trainer_state.json"
     state: dict[str, Any] = {}
@@ -52,11 +63,15 @@ def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
             state = read_json(state_path)
         except CheckpointError as exc:
             problems.append(str(exc))
+    name, best = best_metric_name(ckpt), state.get("best_metric")
+    if best is not None and name in HIGHER_IS_BETTER:
+        best = -best  # stored so that lower is better
     keys = ("step", "epoch", "cursor", "samples", "tokens", "world_size", "global_batch", "config_digest")
     return {
         "path": str(ckpt),
         **{key: state.get(key) for key in keys},
-        "best_metric": state.get("best_metric"),
+        "best_metric_name": name,
+        "best_metric": best,
         "best_checkpoint": state.get("best_checkpoint"),
         "versions": state.get("versions"),
         "files": file_rows(ckpt),
@@ -80,7 +95,8 @@ def render(info: dict[str, Any], console: Console) -> None:
         value = info[key]
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     if info["best_metric"] is not None:
-        table.add_row("best eval_loss", f"{info['best_metric']:.4f} ({info['best_checkpoint']})")
+        best = f"{info['best_metric']:.4f} ({info['best_checkpoint']})"
+        table.add_row(f"best {info['best_metric_name']}", best)
     if info["versions"]:
         table.add_row("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     console.print(table)

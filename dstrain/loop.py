@@ -16,13 +16,14 @@ from peft import PeftModel
 from dstrain import distributed
 from dstrain import engine as eng
 from dstrain.checkpoint.save import RunFiles, TrainerState, save_checkpoint
-from dstrain.config import RunConfig
+from dstrain.config import HIGHER_IS_BETTER, RunConfig
 from dstrain.data.batches import Example, MicroBatch
 from dstrain.data.pairs import PairExample
 from dstrain.data.records import BadRecord
 from dstrain.ds_config import BatchPlan
 from dstrain.errors import DataError, TrainingError
 from dstrain.evaluate import evaluate
+from dstrain.generation import GenerationEval, evaluate_generation
 from dstrain.metrics import MetricsSink, StepMeter, device_stats, max_over_ranks, mfu
 from dstrain.objectives import sft_loss
 from dstrain.preference import mean_over_pairs, score_pairs
@@ -53,6 +54,7 @@ class Session:
     stop: StopRequest | None = None
     nonfinite_in_a_row: int = 0
     num_params: int = 0  # all parameters (base + adapter), for the MFU estimate
+    generation: GenerationEval | None = None  # train.eval_generate > 0
 
 
 def micro_step(session: Session, meter: StepMeter) -> None:
@@ -153,9 +155,18 @@ def run_eval(session: Session, state: TrainerState) -> dict[str, float] | None:
         session.pad_id,
         session.cfg.objective,
     )
+    if session.generation:
+        session.engine.eval()
+        try:
+            world = session.plan.world
+            result |= evaluate_generation(
+                session.peft_model, session.generation, session.plan.micro, session.rank, world
+            )
+        finally:
+            session.engine.train()
     session.sink.log({"step": state.step, **result})
     name = session.cfg.train.best_metric
-    value = result[name] if name == "eval_loss" else -result[name]  # stored so that lower is better
+    value = -result[name] if name in HIGHER_IS_BETTER else result[name]  # stored so that lower is better
     if state.best_metric is None or value < state.best_metric:
         # best_checkpoint follows only if this step is saved (save() sets it): no stale "best" is protected.
         state.best_metric, state.best_step, state.best_checkpoint = value, state.step, None

@@ -29,6 +29,8 @@ MUTABLE = (
     "train.keep_last",
     "train.max_nonfinite_steps",
     "train.wandb_project",
+    "train.eval_generate",
+    "train.eval_max_new_tokens",
     "data.eval",
     "data.num_workers",
     "data.packing",  # packing re-lays out the same micro batches: same samples, same loss

@@ -24,6 +24,7 @@ from dstrain.errors import DstrainError
 if TYPE_CHECKING:  # heavy imports (torch, deepspeed) stay out of `--help` and argument errors
     import torch
 
+    from dstrain.generation import GenerationEval
     from dstrain.loop import Session
     from dstrain.prepare import Prepared
     from dstrain.resume import ResumePoint
@@ -181,8 +182,19 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         records_seen=len(prepared.train) + prepared.skipped,
         stop=StopRequest().install(),
         num_params=count_parameters(peft_model)[1],
+        generation=generation_eval(cfg, prepared, env.world_size),
     )
     return session, state
+
+
+def generation_eval(cfg: RunConfig, prepared: Prepared, world: int) -> GenerationEval | None:
+    from dstrain.generation import GenerationEval, generation_items
+
+    if not (cfg.train.eval_generate and prepared.eval):
+        return None
+    items = generation_items(prepared.eval, prepared.tokenizer, cfg.train.eval_generate)
+    synced = zero_stage(prepared.ds) == 3 and world > 1
+    return GenerationEval(prepared.tokenizer, items, cfg.train.eval_max_new_tokens, synced)
 
 
 def agree_on_checkpoint(resume: ResumePoint) -> None:

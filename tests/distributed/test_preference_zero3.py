@@ -1,5 +1,6 @@
 """DPO under ZeRO-3 on 2 ranks: the reference pass (adapter disabled on the partitioned model) and the pair
-batches give the 1-rank loss curve at the same global batch."""
+batches give the 1-rank loss curve at the same global batch; greedy generation eval (synced_gpus, an odd
+number of answers so one rank pads its shard) gives the 1-rank scores."""
 
 from __future__ import annotations
 
@@ -22,7 +23,15 @@ def test_dpo_zero3_two_ranks_match_one_rank(tmp_path):
     common = {
         "data": {"format": "preference"},
         "objective": {"name": "dpo", "beta": 0.1},
-        "train": {"max_steps": 6, "log_every": 1, "save_every": 0, "eval_every": 3, "global_batch_size": 8},
+        "train": {
+            "max_steps": 6,
+            "log_every": 1,
+            "save_every": 0,
+            "eval_every": 3,
+            "global_batch_size": 8,
+            "eval_generate": 7,
+            "eval_max_new_tokens": 6,
+        },
         "ds_config": "ds_configs/zero3.json",
     }
     check(train_deepspeed(write_config(tmp_path, files, name="two", **common), cwd=tmp_path, nproc=2))
@@ -30,7 +39,8 @@ def test_dpo_zero3_two_ranks_match_one_rank(tmp_path):
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert len(two) == len(one)
     for a, b in zip(two, one, strict=True):
-        for key in ("loss", "reward_margin", "eval_loss", "eval_reward_margin", "eval_pref_acc"):
+        keys = ("loss", "reward_margin", "eval_loss", "eval_reward_margin", "eval_pref_acc")
+        for key in (*keys, "eval_exact_match", "eval_token_f1"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=REL_TOL, abs=1e-7), (
                     a["step"],
@@ -38,3 +48,4 @@ def test_dpo_zero3_two_ranks_match_one_rank(tmp_path):
                     a[key],
                     b[key],
                 )
+    assert sum("eval_token_f1" in row for row in one) == 3  # steps 0, 3 and 6
