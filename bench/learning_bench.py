@@ -1,0 +1,142 @@
+"""Learning check: does a dstrain run make the bundled tiny model better at a retrieval-grounded task?
+
+The task is generated (dstrain/synthetic.py): each record asks for the code of an entity, one passage gives
+it, the others are distractors; entity and code are drawn afresh per record, so the answer can only be read out
+of the passages. Two real `dstrain train` runs (one process, ZeRO-2, CPU, LoRA r=16) on it:
+  sft  held-out exact match and token F1 of greedy answers (eval_generate over the whole eval split)
+  dpo  held-out preference accuracy (implicit reward margin > 0) and mean reward margin; chosen = the code in
+       the passage, rejected = a code no passage mentions. The chance level printed beside it is the base
+       model's own preference (log-prob of chosen > rejected), since at step 0 every margin is exactly 0.
+
+Run:  python bench/learning_bench.py [--out bench/results] [--sft-steps 1500] [--dpo-steps 500]
+Writes learning.png (both curves) and learning.json (every eval row) under --out; prints the table recorded in
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from dstrain.config import DataConfig, ModelConfig
+from dstrain.data.pairs import answer_logps, collate_pairs, split_pair, tokenize_pair
+from dstrain.data.records import parse_record
+from dstrain.model import builtin_dir, load_tokenizer
+from dstrain.synthetic import TaskSpec, run_config, write_task
+
+
+def train(config: dict[str, Any], work: Path, name: str) -> tuple[list[dict], float]:
+    """Run `dstrain train` on `config`; its eval rows and the wall time."""
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dstrain.cli", "train", "--config", str(path)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        sys.exit(f"{name}: dstrain train failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (Path(config["output_dir"]) / "metrics.jsonl").open()]
+    return [r for r in rows if "eval_loss" in r], time.perf_counter() - started
+
+
+@torch.no_grad()
+def base_preference(eval_file: Path, cfg: dict[str, Any]) -> float:
+    """Share of eval pairs whose chosen answer the base model (no adapter) already scores higher."""
+    tokenizer = load_tokenizer(ModelConfig())
+    data = DataConfig(
+        max_seq_len=cfg["data"]["max_seq_len"], max_passage_tokens=cfg["data"]["max_passage_tokens"]
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(builtin_dir("tiny")), dtype=torch.float32).eval()
+    lines = eval_file.read_text(encoding="utf-8").splitlines()
+    pairs = [tokenize_pair(tokenizer, parse_record(json.loads(line), "preference"), data) for line in lines]
+    wins = 0
+    for start in range(0, len(pairs), 16):
+        batch = collate_pairs(pairs[start : start + 16], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        chosen, rejected = split_pair(answer_logps(logits, batch["labels"]))
+        wins += int((chosen > rejected).sum())
+    return wins / len(pairs)
+
+
+def plot(sft: list[dict], dpo: list[dict], chance: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in sft]
+    left.plot(steps, [r["eval_exact_match"] for r in sft], marker="o", label="exact match")
+    left.plot(steps, [r["eval_token_f1"] for r in sft], marker=".", label="token F1")
+    left.set(title="SFT: greedy answers on held-out records", xlabel="step", ylim=(-0.02, 1.02))
+    left.legend()
+    steps = [r["step"] for r in dpo]
+    right.plot(steps, [r["eval_pref_acc"] for r in dpo], marker="o", label="preference accuracy")
+    right.axhline(chance, color="grey", linestyle="--", label=f"base model's own preference ({chance:.0%})")
+    right.set(title="DPO: held-out pairs", xlabel="step", ylim=(-0.02, 1.02))
+    margin = right.twinx()
+    margin.plot(
+        steps, [r["eval_reward_margin"] for r in dpo], color="tab:red", marker=".", label="reward margin"
+    )
+    margin.set_ylabel("mean reward margin")
+    right.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--sft-steps", type=int, default=1500)
+    parser.add_argument("--dpo-steps", type=int, default=500)
+    parser.add_argument("--train-records", type=int, default=24_000)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        files = write_task(work / "data", load_tokenizer(ModelConfig()), TaskSpec(train=args.train_records))
+        sft_cfg = run_config("sft", files, work / "sft", args.sft_steps, max(args.sft_steps // 10, 1))
+        dpo_cfg = run_config("dpo", files, work / "dpo", args.dpo_steps, max(args.dpo_steps // 10, 1))
+        sft, sft_s = train(sft_cfg, work, "sft")
+        dpo, dpo_s = train(dpo_cfg, work, "dpo")
+        chance = base_preference(files["preference_eval"], dpo_cfg)
+    plot(sft, dpo, chance, args.out / "learning.png")
+    result = {"sft": sft, "dpo": dpo, "base_preference": chance, "sft_s": sft_s, "dpo_s": dpo_s}
+    (args.out / "learning.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print("| run | steps | wall s | metric | step 0 | final | best |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows, secs, metric in (
+        ("sft", sft, sft_s, "eval_exact_match"),
+        ("sft", sft, sft_s, "eval_token_f1"),
+        ("dpo", dpo, dpo_s, "eval_pref_acc"),
+        ("dpo", dpo, dpo_s, "eval_reward_margin"),
+    ):
+        values = [r[metric] for r in rows]
+        print(
+            f"| {name} | {rows[-1]['step']} | {secs:.0f} | {metric} | {values[0]:.3f} | {values[-1]:.3f} | "
+            f"{max(values):.3f} |"
+        )
+    print(f"base model's own preference for the chosen answer (chance level of eval_pref_acc): {chance:.3f}")
+    print(f"wrote {args.out / 'learning.png'} and {args.out / 'learning.json'}")
+
+
+if __name__ == "__main__":
+    main()
