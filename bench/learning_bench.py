@@ -2,14 +2,15 @@
 
 The task is generated (dstrain/synthetic.py): each record asks for the code of an entity, one passage gives
 it, the others are distractors; entity and code are drawn afresh per record, so the answer can only be read out
-of the passages. Two real `dstrain train` runs (one process, ZeRO-2, CPU, LoRA r=16) on it:
+of the passages. Three real `dstrain train` runs (one process, ZeRO-2, CPU, LoRA r=16) on it:
   sft  held-out exact match and token F1 of greedy answers (eval_generate over the whole eval split)
-  dpo  held-out preference accuracy (implicit reward margin > 0) and mean reward margin; chosen = the code in
-       the passage, rejected = a code no passage mentions. The chance level printed beside it is the base
-       model's own preference (log-prob of chosen > rejected), since at step 0 every margin is exactly 0.
+  dpo_nll, dpo  held-out preference accuracy (implicit reward margin > 0) and mean reward margin, beta 0.5;
+       chosen = the code in the passage, rejected = a code no passage mentions. The chance level printed beside
+       it is the base model's own preference (log-prob of chosen > rejected): at step 0 every margin is 0.
 
-Run:  python bench/learning_bench.py [--out bench/results] [--sft-steps 1500] [--dpo-steps 500]
-Writes learning.png (both curves) and learning.json (every eval row) under --out; prints the table recorded in
+Run:  python bench/learning_bench.py [--out bench/results] [--sft-steps 1500] [--dpo-nll-steps 800]
+                                    [--dpo-steps 1500]
+Writes learning.png (the curves) and learning.json (every eval row) under --out; prints the table recorded in
 BENCHMARKS.md.
 """
 
@@ -74,30 +75,35 @@ def base_preference(eval_file: Path, cfg: dict[str, Any]) -> float:
     return wins / len(pairs)
 
 
-def plot(sft: list[dict], dpo: list[dict], chance: float, out: Path) -> None:
+def plot(runs: dict[str, list[dict]], chance: float, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    sft = runs["sft"]
     steps = [r["step"] for r in sft]
     left.plot(steps, [r["eval_exact_match"] for r in sft], marker="o", label="exact match")
     left.plot(steps, [r["eval_token_f1"] for r in sft], marker=".", label="token F1")
     left.set(title="SFT: greedy answers on held-out records", xlabel="step", ylim=(-0.02, 1.02))
     left.legend()
-    steps = [r["step"] for r in dpo]
-    right.plot(steps, [r["eval_pref_acc"] for r in dpo], marker="o", label="preference accuracy")
+    for name in PREFERENCE:
+        rows = runs[name]
+        right.plot([r["step"] for r in rows], [r["eval_pref_acc"] for r in rows], marker="o", label=name)
     right.axhline(chance, color="grey", linestyle="--", label=f"base model's own preference ({chance:.0%})")
-    right.set(title="DPO: held-out pairs", xlabel="step", ylim=(-0.02, 1.02))
-    margin = right.twinx()
-    margin.plot(
-        steps, [r["eval_reward_margin"] for r in dpo], color="tab:red", marker=".", label="reward margin"
-    )
-    margin.set_ylabel("mean reward margin")
-    right.legend(loc="center right")
+    right.set(title="preference accuracy on held-out pairs", xlabel="step", ylim=(-0.02, 1.02))
+    right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+
+
+PREFERENCE = ("dpo_nll", "dpo")
+METRICS = {
+    "sft": ("eval_exact_match", "eval_token_f1"),
+    "dpo_nll": ("eval_pref_acc", "eval_reward_margin"),
+    "dpo": ("eval_pref_acc", "eval_reward_margin"),
+}
 
 
 def main() -> None:
@@ -106,34 +112,37 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--sft-steps", type=int, default=1500)
-    parser.add_argument("--dpo-steps", type=int, default=500)
+    parser.add_argument("--dpo-nll-steps", type=int, default=800)
+    parser.add_argument("--dpo-steps", type=int, default=1500)
     parser.add_argument("--train-records", type=int, default=24_000)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    steps = {"sft": args.sft_steps, "dpo_nll": args.dpo_nll_steps, "dpo": args.dpo_steps}
+    runs: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         files = write_task(work / "data", load_tokenizer(ModelConfig()), TaskSpec(train=args.train_records))
-        sft_cfg = run_config("sft", files, work / "sft", args.sft_steps, max(args.sft_steps // 10, 1))
-        dpo_cfg = run_config("dpo", files, work / "dpo", args.dpo_steps, max(args.dpo_steps // 10, 1))
-        sft, sft_s = train(sft_cfg, work, "sft")
-        dpo, dpo_s = train(dpo_cfg, work, "dpo")
-        chance = base_preference(files["preference_eval"], dpo_cfg)
-    plot(sft, dpo, chance, args.out / "learning.png")
-    result = {"sft": sft, "dpo": dpo, "base_preference": chance, "sft_s": sft_s, "dpo_s": dpo_s}
+        for name, n in steps.items():
+            cfg = run_config(name, files, work / name, n, max(n // 10, 1))
+            runs[name], seconds[name] = train(cfg, work, name)
+        chance = base_preference(files["preference_eval"], cfg)
+    plot(runs, chance, args.out / "learning.png")
+    result = {"runs": runs, "seconds": seconds, "base_preference": chance}
     (args.out / "learning.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     print("| run | steps | wall s | metric | step 0 | final | best |")
     print("|---|---|---|---|---|---|---|")
-    for name, rows, secs, metric in (
-        ("sft", sft, sft_s, "eval_exact_match"),
-        ("sft", sft, sft_s, "eval_token_f1"),
-        ("dpo", dpo, dpo_s, "eval_pref_acc"),
-        ("dpo", dpo, dpo_s, "eval_reward_margin"),
-    ):
-        values = [r[metric] for r in rows]
-        print(
-            f"| {name} | {rows[-1]['step']} | {secs:.0f} | {metric} | {values[0]:.3f} | {values[-1]:.3f} | "
-            f"{max(values):.3f} |"
-        )
+    for name, metrics in METRICS.items():
+        rows = runs[name]
+        for metric in metrics:
+            values = [r[metric] for r in rows]
+            print(
+                f"| {name} | {rows[-1]['step']} | {seconds[name]:.0f} | {metric} | {values[0]:.3f} | "
+                f"{values[-1]:.3f} | {max(values):.3f} |"
+            )
+    for name, rows in runs.items():
+        metric = METRICS[name][0]
+        print(f"{name} {metric} by step: " + " ".join(f"{r['step']}:{r[metric]:.2f}" for r in rows))
     print(f"base model's own preference for the chosen answer (chance level of eval_pref_acc): {chance:.3f}")
     print(f"wrote {args.out / 'learning.png'} and {args.out / 'learning.json'}")
 

@@ -77,6 +77,9 @@ class ObjectiveConfig:
     label_smoothing: float = 0.0  # dpo: conservative DPO's assumed rate of flipped preference labels
     simpo_gamma: float = 0.5  # simpo: target reward margin (TRL's convention)
     nll_weight: float = 1.0  # dpo_nll: weight of the chosen answer's NLL term
+    # dpo/ipo/dpo_nll: score every training pair under the reference once, before step 1 (cached, reused by
+    # later epochs, resumes and runs on the same data); each step then runs the policy forward only
+    precompute_reference: bool = False
 
 
 @dataclass
@@ -320,6 +323,11 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"objective.label_smoothing: must be in [0, 0.5), got {cfg.objective.label_smoothing}")
     if cfg.objective.name == "ipo" and cfg.objective.label_smoothing:
         p.append("objective.label_smoothing: IPO has no smoothed form; set it to 0 (conservative DPO is dpo)")
+    if cfg.objective.precompute_reference and cfg.objective.name not in ("dpo", "ipo", "dpo_nll"):
+        p.append(
+            f"objective.precompute_reference: '{cfg.objective.name}' uses no reference model; "
+            "it applies to dpo, ipo and dpo_nll"
+        )
     if cfg.objective.beta <= 0:
         p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
     if cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2":

@@ -27,6 +27,7 @@ from dstrain.generation import GenerationEval, evaluate_generation
 from dstrain.metrics import MetricsSink, StepMeter, device_stats, max_over_ranks, mfu
 from dstrain.objectives import sft_loss
 from dstrain.preference import mean_over_pairs, score_pairs
+from dstrain.reference import lookup
 from dstrain.stop import StopRequest
 
 
@@ -55,6 +56,7 @@ class Session:
     nonfinite_in_a_row: int = 0
     num_params: int = 0  # all parameters (base + adapter), for the MFU estimate
     generation: GenerationEval | None = None  # train.eval_generate > 0
+    reference_table: torch.Tensor | None = None  # objective.precompute_reference: [records, 2] log-probs
 
 
 def micro_step(session: Session, meter: StepMeter) -> None:
@@ -75,7 +77,11 @@ def micro_loss(session: Session, batch: MicroBatch, meter: StepMeter) -> torch.T
     if session.cfg.objective.name == "sft":
         nll_sum, num_tokens = eng.forward(session.engine, batch.inputs)
         return sft_loss(nll_sum, num_tokens)
-    policy, reference, tokens = eng.forward(session.engine, batch.inputs, pairs=True)
+    if session.reference_table is None:
+        policy, reference, tokens = eng.forward(session.engine, batch.inputs, pairs=True)
+    else:
+        policy, _, tokens = eng.forward(session.engine, batch.inputs, pairs=True, reference=False)
+        reference = lookup(session.reference_table, batch.indices, policy)
     scores = score_pairs(session.cfg.objective, policy, reference, tokens)
     meter.add_pairs(scores.chosen_rewards, scores.rejected_rewards, scores.margin, scores.valid)
     return mean_over_pairs(scores.loss, scores.valid)

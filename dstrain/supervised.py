@@ -47,22 +47,29 @@ class SupervisedLM(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         pairs: bool = False,
-    ) -> tuple[torch.Tensor, ...]:
+        policy: bool = True,
+        reference: bool = True,
+    ) -> tuple[torch.Tensor | None, ...]:
         """(summed NLL over supervised tokens, number of supervised tokens); with `pairs`, per row:
         (policy log-prob [N], reference log-prob [N], supervised tokens [N]).
 
         `attention_mask` is [batch, seq] for padded rows, or a [batch, 1, seq, seq] block mask with
         `position_ids` for packed rows (see data/packing.py). The reference is the same model with its
         adapter disabled: no second model in memory, and under ZeRO-3 the same partitioned weights.
+        `policy=False` or `reference=False` skips that pass (its slot is None): precomputed reference
+        log-probs need only the policy, precomputing them only the reference.
         """
         inputs = (input_ids, attention_mask, labels, position_ids)
         if not pairs:
             logits, targets, keep = self._labelled(*inputs)
             return token_nll_sum(logits, targets), keep.sum()
-        policy, tokens = self._row_logps(*inputs)
-        with torch.no_grad(), self.peft_model.disable_adapter():
-            reference, _ = self._row_logps(*inputs)
-        return policy, reference, tokens
+        policy_logps = tokens = reference_logps = None
+        if policy:
+            policy_logps, tokens = self._row_logps(*inputs)
+        if reference:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                reference_logps, tokens = self._row_logps(*inputs)
+        return policy_logps, reference_logps, tokens
 
     def _labelled(
         self,

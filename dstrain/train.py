@@ -184,6 +184,20 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         num_params=count_parameters(peft_model)[1],
         generation=generation_eval(cfg, prepared, env.world_size),
     )
+    if cfg.objective.precompute_reference:
+        from dstrain.reference import reference_table
+
+        session.reference_table, note = reference_table(
+            cfg,
+            ds_engine,
+            prepared.train,
+            prepared.plan.micro,
+            env.rank,
+            env.world_size,
+            prepared.tokenizer.pad_token_id,
+            is_local_main=env.local_rank == 0,
+        )
+        sink.print(note)
     return session, state
 
 

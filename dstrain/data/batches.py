@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -124,6 +124,7 @@ class MicroBatch:
     tokens: int  # real (non-padding) tokens
     samples: int  # good examples; bad ones were dropped (data.on_error decides what that means)
     bad: list[BadRecord]
+    indices: list[int] = field(default_factory=list)  # pair batches: each pair's corpus index, in row order
 
 
 def collate(examples: Sequence[Example], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ and thrown away.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -65,7 +66,7 @@ class TokenizedCorpus(Dataset):
             return exc.bad
         try:
             if self.pairs:  # preference objectives: prompt, chosen and rejected for one forward
-                return tokenize_pair(self.tokenizer, record, self.cfg)
+                return replace(tokenize_pair(self.tokenizer, record, self.cfg), index=index)
             return tokenize_record(self.tokenizer, record, self.cfg)
         except ValueError as exc:
             return BadRecord(*self.corpus.origin(index), str(exc))
@@ -85,7 +86,7 @@ def collate_micro(
         good_pairs = [item for item in items if isinstance(item, PairExample)]
         inputs = collate_pairs(good_pairs or [PairExample([pad_id], [], [])], pad_id)
         tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
-        return MicroBatch(inputs, tokens, len(good_pairs), bad)
+        return MicroBatch(inputs, tokens, len(good_pairs), bad, [p.index for p in good_pairs])
     good = [item for item in items if isinstance(item, Example)]
     rows = good or [Example([pad_id], [IGNORE])]
     inputs = collate_packed(rows, pad_id, pack_to) if pack_to else collate(rows, pad_id)

@@ -26,6 +26,7 @@ class PairExample:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    index: int = -1  # the record's position in the training corpus (for precomputed reference log-probs)
 
     def chosen(self) -> Example:
         return _example(self.prompt_ids, self.chosen_ids)

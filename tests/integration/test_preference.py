@@ -62,3 +62,27 @@ def test_sft_on_preference_data_reports_preference_accuracy(tmp_path, pref_data)
     evals = [r for r in metrics(tmp_path / "sft") if "eval_loss" in r]
     assert evals[0]["eval_pref_acc"] is not None and 0.0 <= evals[-1]["eval_pref_acc"] <= 1.0
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # NLL of the chosen answers falls
+
+
+def test_precomputed_reference_matches_the_inline_reference_and_is_reused(tmp_path, pref_data):
+    objective = "dpo"
+    inline = pref_config(tmp_path, pref_data, "inline", objective)
+    check(dstrain("train", "--config", str(inline), cwd=tmp_path))
+    runs = []
+    for name in ("first", "second"):  # the second run on the same data and model finds the table cached
+        cfg = pref_config(tmp_path, pref_data, name, objective)
+        text = cfg.read_text(encoding="utf-8").replace(
+            "objective:\n", "objective:\n  precompute_reference: true\n"
+        )
+        cfg.write_text(text, encoding="utf-8")
+        runs.append(check(dstrain("train", "--config", str(cfg), cwd=tmp_path)).stdout)
+    assert "reference log-probs of 64 pairs computed" in runs[0]
+    assert "reference log-probs of 64 pairs loaded" in runs[1]
+    want = metrics(tmp_path / "inline")
+    for name in ("first", "second"):
+        got = metrics(tmp_path / name)
+        assert [r["step"] for r in got] == [r["step"] for r in want]
+        for a, b in zip(got, want, strict=True):
+            for key in ("loss", "rewards_chosen", "rewards_rejected", "eval_loss", "eval_reward_margin"):
+                if key in b:  # the table's pairs were scored in other batches: other padding, float noise
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, a["step"], key)
