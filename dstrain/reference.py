@@ -32,13 +32,12 @@ from dstrain.config import RunConfig
 from dstrain.data.index import cache_root, fingerprint
 from dstrain.data.loader import TokenizedCorpus, collate_micro
 from dstrain.data.pairs import PairExample, split_pair
-from dstrain.data.records import expand_paths
 from dstrain.distributed import all_ranks_ok, all_reduce_sum
 
 TABLE_VERSION = 1
 
 
-def table_key(cfg: RunConfig) -> str:
+def table_key(cfg: RunConfig, dataset: TokenizedCorpus) -> str:
     """Everything the reference log-probs depend on; the adapter and the schedule are not among them."""
     data = cfg.data
     payload = {
@@ -51,13 +50,9 @@ def table_key(cfg: RunConfig) -> str:
             "prompt_template": data.prompt_template,
             "chat_template": data.chat_template,
         },
-        "files": [fingerprint(path, data.format) for path in corpus_paths(cfg)],
+        "files": [fingerprint(index.path, data.format) for index in dataset.corpus.files],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def corpus_paths(cfg: RunConfig) -> list[str]:
-    return [str(path) for path in expand_paths(cfg.data.train, "data.train")]
 
 
 def table_path(key: str) -> Path:
@@ -122,7 +117,7 @@ def reference_table(
     is_local_main: bool,
 ) -> tuple[torch.Tensor, str]:
     """The table, from the cache when every rank finds it there, else computed (and cached); with a note."""
-    path = table_path(table_key(cfg))
+    path = table_path(table_key(cfg, dataset))
     cached = load_table(path, len(dataset))
     # Computing is a collective: all ranks compute, or none does.
     if all_ranks_ok(cached is not None):

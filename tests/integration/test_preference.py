@@ -20,13 +20,15 @@ def pref_data(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def pref_config(tmp_path: Path, files: dict[str, Path], name: str, objective: str, **train) -> Path:
+def pref_config(
+    tmp_path: Path, files: dict[str, Path], name: str, objective: str, precompute: bool = False, **train
+) -> Path:
     return write_config(
         tmp_path,
         files,
         name=name,
         data={"format": "preference"},
-        objective={"name": objective, "beta": 0.1},
+        objective={"name": objective, "beta": 0.1, "precompute_reference": precompute},
         train={"max_steps": 4, "log_every": 1, "save_every": 0, "eval_every": 2, **train},
     )
 
@@ -70,11 +72,7 @@ def test_precomputed_reference_matches_the_inline_reference_and_is_reused(tmp_pa
     check(dstrain("train", "--config", str(inline), cwd=tmp_path))
     runs = []
     for name in ("first", "second"):  # the second run on the same data and model finds the table cached
-        cfg = pref_config(tmp_path, pref_data, name, objective)
-        text = cfg.read_text(encoding="utf-8").replace(
-            "objective:\n", "objective:\n  precompute_reference: true\n"
-        )
-        cfg.write_text(text, encoding="utf-8")
+        cfg = pref_config(tmp_path, pref_data, name, objective, precompute=True)
         runs.append(check(dstrain("train", "--config", str(cfg), cwd=tmp_path)).stdout)
     assert "reference log-probs of 64 pairs computed" in runs[0]
     assert "reference log-probs of 64 pairs loaded" in runs[1]
