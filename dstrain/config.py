@@ -27,6 +27,7 @@ ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll"]
 BestMetric = Literal["eval_loss", "eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1"]
 # Metrics where higher is better (the rest: lower is better).
 HIGHER_IS_BETTER = ("eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1")
+MIN_HEARTBEAT_TIMEOUT_S = 10
 DEFAULT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"
 
 
@@ -101,12 +102,23 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # every rank must reach rank 0's rendezvous within this (nodes may start in any order, so not too short)
+    rendezvous_timeout_s: int = 300
+    # a collective waiting longer than this fails (the process group's timeout; ZeRO-3 saves gather in one)
+    collective_timeout_s: int = 600
+    # a rank whose heartbeat stops for this long is reported dead and the job is stopped; 0: no heartbeat
+    heartbeat_timeout_s: int = 90
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     ds_config: str = "ds_configs/zero2.json"
     output_dir: str = "runs/default"
 
@@ -276,6 +288,8 @@ def check_values(cfg: RunConfig) -> list[str]:
         "train.log_every": cfg.train.log_every,
         "train.keep_last": cfg.train.keep_last,
         "train.eval_max_new_tokens": cfg.train.eval_max_new_tokens,
+        "distributed.rendezvous_timeout_s": cfg.distributed.rendezvous_timeout_s,
+        "distributed.collective_timeout_s": cfg.distributed.collective_timeout_s,
     }
     p += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
     non_negative = {
@@ -289,8 +303,14 @@ def check_values(cfg: RunConfig) -> list[str]:
         "train.global_batch_size": cfg.train.global_batch_size,
         "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
         "train.eval_generate": cfg.train.eval_generate,
+        "distributed.heartbeat_timeout_s": cfg.distributed.heartbeat_timeout_s,
     }
     p += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    if 0 < cfg.distributed.heartbeat_timeout_s < MIN_HEARTBEAT_TIMEOUT_S:
+        p.append(
+            f"distributed.heartbeat_timeout_s: must be 0 (off) or >= {MIN_HEARTBEAT_TIMEOUT_S}, got "
+            f"{cfg.distributed.heartbeat_timeout_s} (shorter would call a rank busy in a long step dead)"
+        )
     if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
         p.append("train: set max_steps or epochs (both are 0, nothing would be trained)")
     if not 0.0 <= cfg.lora.dropout < 1.0:

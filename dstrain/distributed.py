@@ -83,10 +83,15 @@ def env_rank() -> int:
         return 0
 
 
-def init_process_group(env: DistEnv, timeout_s: int = DEFAULT_TIMEOUT_S) -> DistEnv:
-    """Start the process group (nccl on CUDA, gloo on CPU) through DeepSpeed's comm layer."""
+def init_process_group(
+    env: DistEnv, rendezvous_timeout_s: float = 300, collective_timeout_s: float = DEFAULT_TIMEOUT_S
+) -> DistEnv:
+    """Rendezvous (bounded, naming missing ranks), then start the process group (nccl on CUDA, gloo on CPU)
+    and hand it to DeepSpeed's comm layer."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    from dstrain import rendezvous
 
     port = env.master_port or free_port()
     os.environ.update(
@@ -97,23 +102,17 @@ def init_process_group(env: DistEnv, timeout_s: int = DEFAULT_TIMEOUT_S) -> Dist
         MASTER_PORT=str(port),
     )
     env = DistEnv(env.rank, env.local_rank, env.world_size, env.master_addr, port)
-    if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(env.local_rank)
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(env.local_rank)
     elif env.world_size == 1:
         skip_cpu_shm_kernel()
-    try:
-        deepspeed.init_distributed(
-            dist_backend=get_accelerator().communication_backend_name(),
-            auto_mpi_discovery=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-    except Exception as exc:  # the rendezvous failed: say where it tried, not just a C++ stack
-        raise DistributedError(
-            f"rank {env.rank}/{env.world_size} could not join the process group at "
-            f"{env.master_addr}:{port} within {timeout_s}s ({type(exc).__name__}: {exc}). Check that "
-            "MASTER_ADDR is reachable from every node, the port is free and open, and every rank was started."
-        ) from exc
-    if get_accelerator().device_name() == "cpu" and env.world_size > 1:
+    backend = accelerator.communication_backend_name()
+    rendezvous.join(env, backend, rendezvous_timeout_s, collective_timeout_s)
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
+    # torch.distributed is up: DeepSpeed adopts the group (and sets up its CPU shared-memory all-reduce).
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    if accelerator.device_name() == "cpu" and env.world_size > 1:
         release_shm_name(env)
     return env
 

@@ -38,6 +38,9 @@ MUTABLE = (
     "data.max_bad_fraction",
     "data.max_eval_samples",
     "output_dir",
+    "distributed.rendezvous_timeout_s",  # how long to wait for ranks is about the cluster, not the run
+    "distributed.collective_timeout_s",
+    "distributed.heartbeat_timeout_s",
 )
 
 

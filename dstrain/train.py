@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -90,7 +91,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
 
     With `resume`, the engine, RNG and data position continue from the checkpoint instead.
     """
-    from dstrain import distributed, engine
+    from dstrain import distributed, engine, heartbeat, ranklog
     from dstrain.checkpoint.save import RunFiles
     from dstrain.config import config_to_dict
     from dstrain.data.loader import train_loader
@@ -104,6 +105,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     from dstrain.supervised import SupervisedLM
 
     env = distributed.read_env()
+    output_dir = Path(cfg.output_dir)
+    ranklog.start(output_dir, env.rank, env.world_size)
     if env.local_rank == 0:  # the build cache is per node
         for lock, age in distributed.stale_build_locks():
             print(
@@ -116,8 +119,10 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)
     if resume:
         check_same_data(resume.state, len(prepared.train))
-    env = distributed.init_process_group(env)
-    output_dir = Path(cfg.output_dir)
+    timeouts = cfg.distributed
+    env = distributed.init_process_group(env, timeouts.rendezvous_timeout_s, timeouts.collective_timeout_s)
+    if env.is_distributed and timeouts.heartbeat_timeout_s:
+        heartbeat.start(env, timeouts.heartbeat_timeout_s, output_dir)
     if resume:
         agree_on_checkpoint(resume)
         if env.is_main:
@@ -295,7 +300,7 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
 
 def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     """Train to the end (or a requested stop), then plot (rank 0) and leave the process group."""
-    from dstrain import distributed
+    from dstrain import distributed, heartbeat
     from dstrain.loop import train
 
     session, state = start(cfg, resume)
@@ -304,6 +309,8 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     finally:
         session.sink.close()
         session.stop.uninstall()
+    heartbeat.stop()  # before the last collective: past it, rank 0 (serving the store) may exit any time
+    distributed.barrier()
     if session.rank == 0:
         from dstrain.plot import plot_run
 
@@ -318,6 +325,7 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
 
 def report_error(exc: BaseException, debug: bool) -> int:
     """Print a user error once (rank 0, or any rank for a rank-specific failure) and return the exit code."""
+    from dstrain import ranklog
     from dstrain.distributed import env_rank
     from dstrain.errors import ConfigError, DataError
 
@@ -326,11 +334,43 @@ def report_error(exc: BaseException, debug: bool) -> int:
         prefix = f"[rank {env_rank()}] " if env_rank() else ""
         if debug:
             traceback.print_exception(exc)
-        print(f"{prefix}error: {exc}", file=sys.stderr)
+        ranklog.error(f"{prefix}error: {exc}")
     return getattr(exc, "exit_code", 1)
 
 
+def report_crash(exc: BaseException, debug: bool) -> int:
+    """An exception that is not a user error. With other ranks involved, first ask the heartbeat which rank
+    failed first: this rank's own error is then usually just the broken connection to that one."""
+    from dstrain import heartbeat, ranklog
+    from dstrain.distributed import env_rank
+    from dstrain.errors import DistributedError
+
+    watch = heartbeat.current()
+    if watch:  # the launcher SIGTERMs the survivors of a dead rank: finish the report first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    verdict = watch.explain(exc) if watch else None
+    if verdict is not None:
+        ranklog.log_traceback(exc)  # the collective that broke, for the log; the console gets the verdict
+        cause = short_cause(exc)
+        return report_error(DistributedError(f"{verdict}. (This rank then failed: {cause})"), debug)
+    traceback.print_exception(exc)
+    if env_rank() != 0:
+        ranklog.error(f"[rank {env_rank()}] crashed: {type(exc).__name__}: {exc} (traceback in its log)")
+    return 1
+
+
+def short_cause(exc: BaseException) -> str:
+    """`RuntimeError: Read error [10.0.0.7]:41095: Connection reset by peer` out of gloo's/NCCL's paragraph."""
+    import re
+
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).strip())  # [.../pair.cc:537]
+    first = re.split(r"(?<=[^\d])\.\s", text.splitlines()[0] if text else "", maxsplit=1)[0]
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dstrain import heartbeat, ranklog
+
     args = parse_args(argv)
     # Library deprecation chatter (transformers, torch.distributed) says nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -344,10 +384,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(resolve_config(args.config, args.overrides, args.ds_config))
     except DstrainError as exc:
+        if heartbeat.current():
+            heartbeat.current().report(exc)
         return report_error(exc, args.debug)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        ranklog.error("interrupted")
         return 130
+    except Exception as exc:  # reported with its traceback; see report_crash
+        return report_crash(exc, args.debug)
+    finally:
+        heartbeat.stop()
+        ranklog.stop()
     return 0
 
 
