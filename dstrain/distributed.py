@@ -232,5 +232,10 @@ def agreed(what: str) -> Iterator[None]:
 
 
 def shutdown() -> None:
+    """Stop the heartbeat, wait for every rank, leave the process group. A collective: all ranks call it."""
+    from dstrain import heartbeat
+
+    heartbeat.stop()  # first: past the barrier, rank 0 (which serves the store) may exit at any moment
     if torch.distributed.is_initialized():
+        barrier()
         torch.distributed.destroy_process_group()

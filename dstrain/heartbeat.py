@@ -68,7 +68,8 @@ class Heartbeat:
     def stop(self) -> None:
         """Say goodbye and stop beating (before the final barrier: past it, rank 0's store may go away)."""
         self._stopped.set()
-        self._thread.join(timeout=STORE_OP_TIMEOUT_S + INTERVAL_S)
+        if self._thread.is_alive():
+            self._thread.join(timeout=STORE_OP_TIMEOUT_S + INTERVAL_S)
         with contextlib.suppress(Exception):
             self._store.set(self._key("done", self.env.rank), "1")
 

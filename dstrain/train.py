@@ -1,8 +1,8 @@
 """`python -m dstrain.train`: the per-rank entry the deepspeed and torchrun launchers start.
 
-deepspeed --num_gpus 2 -m dstrain.train --config RUN.yaml [--set k=v ...] [--ds-config zero3.json]
+deepspeed --num_gpus 2 --module dstrain.train --config RUN.yaml [--set k=v ...] [--ds-config zero3.json]
 torchrun --nproc_per_node 2 -m dstrain.train --config RUN.yaml
-deepspeed --num_gpus 2 -m dstrain.train --resume RUN_DIR_OR_CHECKPOINT [--set train.max_steps=200]
+deepspeed --num_gpus 2 --module dstrain.train --resume RUN_DIR_OR_CHECKPOINT [--set train.max_steps=200]
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
 
 def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     """Train to the end (or a requested stop), then plot (rank 0) and leave the process group."""
-    from dstrain import distributed, heartbeat
+    from dstrain import distributed
     from dstrain.loop import train
 
     session, state = start(cfg, resume)
@@ -309,8 +309,6 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     finally:
         session.sink.close()
         session.stop.uninstall()
-    heartbeat.stop()  # before the last collective: past it, rank 0 (serving the store) may exit any time
-    distributed.barrier()
     if session.rank == 0:
         from dstrain.plot import plot_run
 

@@ -104,7 +104,7 @@ def deepspeed_cmd(*args: str, nproc: int = 2) -> list[str]:
 def train_deepspeed(
     config: Path, *args: str, cwd: Path, nproc: int = 2, module: str = "dstrain.train"
 ) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N -m dstrain.train ...`, exactly as a user starts it (gloo on CPU)."""
+    """`deepspeed --num_gpus N --module dstrain.train ...`, exactly as a user starts it (gloo on CPU)."""
     return run(deepspeed_cmd("--module", module, "--config", str(config), *args, nproc=nproc), cwd)
 
 

@@ -132,6 +132,7 @@ def test_checkpoint_moved_aside_by_a_killed_resave_is_put_back(tmp_path: Path):
 
 def test_resume_overrides_only_non_structural():
     check_overrides(["train.max_steps=10", "train.save_every=5", "output_dir=/tmp/x", "data.num_workers=2"])
+    check_overrides(["distributed.rendezvous_timeout_s=900", "distributed.heartbeat_timeout_s=0"])  # cluster
     with pytest.raises(ConfigError) as info:
         check_overrides(["lora.r=4", "train.max_steps=10", "data.seed=3"])
     assert len(info.value.problems) == 2

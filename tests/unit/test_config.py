@@ -322,3 +322,15 @@ def test_target_modules_list_of_non_strings_is_a_type_error():
     problems = _problems(_valid(lora={"target_modules": ["q_proj", 3]}))
     assert len(problems) == 1
     assert problems[0].startswith("lora.target_modules: expected a string or a list of a string")
+
+
+def test_distributed_timeouts_are_checked_together():
+    problems = _problems(
+        _valid(distributed={"rendezvous_timeout_s": 0, "collective_timeout_s": -5, "heartbeat_timeout_s": 3})
+    )
+    assert len(problems) == 3
+    assert any(p.startswith("distributed.rendezvous_timeout_s: must be >= 1") for p in problems)
+    assert any(p.startswith("distributed.collective_timeout_s: must be >= 1") for p in problems)
+    assert any("distributed.heartbeat_timeout_s: must be 0 (off) or >= 10, got 3" in p for p in problems)
+    cfg = load_config(None, ["distributed.heartbeat_timeout_s=0"], base=_valid())
+    assert cfg.distributed.heartbeat_timeout_s == 0 and cfg.distributed.rendezvous_timeout_s == 300
