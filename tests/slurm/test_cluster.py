@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.cluster import CLUSTER_NAME, SlurmCluster, wait_for
+from tests.slurm.cluster import SlurmCluster, wait_for
+from tests.slurm.conf import CLUSTER_NAME
 
 pytestmark = pytest.mark.timeout(180)
 
