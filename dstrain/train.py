@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -300,15 +298,22 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
 
 def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     """Train to the end (or a requested stop), then plot (rank 0) and leave the process group."""
-    from dstrain import distributed
+    from dstrain import distributed, failures
     from dstrain.loop import train
 
-    session, state = start(cfg, resume)
     try:
-        state = train(session, state)
-    finally:
-        session.sink.close()
-        session.stop.uninstall()
+        session, state = start(cfg, resume)
+        try:
+            state = train(session, state)
+        finally:
+            session.sink.close()
+            session.stop.uninstall()
+    except DstrainError:
+        raise
+    except Exception as exc:  # a broken collective: say which rank failed, or which timeout ran out
+        if (known := failures.diagnose(exc, cfg.distributed)) is None:
+            raise
+        raise known from exc
     if session.rank == 0:
         from dstrain.plot import plot_run
 
@@ -321,53 +326,9 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     return state
 
 
-def report_error(exc: BaseException, debug: bool) -> int:
-    """Print a user error once (rank 0, or any rank for a rank-specific failure) and return the exit code."""
-    from dstrain import ranklog
-    from dstrain.distributed import env_rank
-    from dstrain.errors import ConfigError, DataError
-
-    shared = isinstance(exc, (ConfigError, DataError))  # identical on every rank: say it once
-    if env_rank() == 0 or not shared:
-        prefix = f"[rank {env_rank()}] " if env_rank() else ""
-        if debug:
-            traceback.print_exception(exc)
-        ranklog.error(f"{prefix}error: {exc}")
-    return getattr(exc, "exit_code", 1)
-
-
-def report_crash(exc: BaseException, debug: bool) -> int:
-    """An exception that is not a user error. With other ranks involved, first ask the heartbeat which rank
-    failed first: this rank's own error is then usually just the broken connection to that one."""
-    from dstrain import heartbeat, ranklog
-    from dstrain.distributed import env_rank
-    from dstrain.errors import DistributedError
-
-    watch = heartbeat.current()
-    if watch:  # the launcher SIGTERMs the survivors of a dead rank: finish the report first
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    verdict = watch.explain(exc) if watch else None
-    if verdict is not None:
-        ranklog.log_traceback(exc)  # the collective that broke, for the log; the console gets the verdict
-        cause = short_cause(exc)
-        return report_error(DistributedError(f"{verdict}. (This rank then failed: {cause})"), debug)
-    traceback.print_exception(exc)
-    if env_rank() != 0:
-        ranklog.error(f"[rank {env_rank()}] crashed: {type(exc).__name__}: {exc} (traceback in its log)")
-    return 1
-
-
-def short_cause(exc: BaseException) -> str:
-    """`RuntimeError: Read error [10.0.0.7]:41095: Connection reset by peer` out of gloo's/NCCL's paragraph."""
-    import re
-
-    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).strip())  # [.../pair.cc:537]
-    first = re.split(r"(?<=[^\d])\.\s", text.splitlines()[0] if text else "", maxsplit=1)[0]
-    return f"{type(exc).__name__}: {first[:200]}"
-
-
 def main(argv: list[str] | None = None) -> int:
     from dstrain import heartbeat, ranklog
+    from dstrain.failures import report_crash, report_error
 
     args = parse_args(argv)
     # Library deprecation chatter (transformers, torch.distributed) says nothing a user can act on.
@@ -389,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         ranklog.error("interrupted")
         return 130
     except Exception as exc:  # reported with its traceback; see report_crash
-        return report_crash(exc, args.debug)
+        return report_crash(exc)
     finally:
         heartbeat.stop()
         ranklog.stop()

@@ -8,6 +8,7 @@ reports an error, rank 0's store disappearing.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,3 +122,27 @@ def test_zombie_counts_as_dead():
     child.wait()
     assert not heartbeat.process_alive(child.pid)
     assert heartbeat.process_alive(os.getpid())
+
+
+def test_collective_timeout_with_every_rank_alive_names_the_knob(server, tmp_path, monkeypatch):
+    from dstrain import failures
+    from dstrain.config import DistributedConfig
+
+    _, port = server
+    rank0, rank1 = ranks(port, tmp_path)
+    rank0.start(), rank1.start()
+    monkeypatch.setattr(heartbeat, "_current", rank0)
+    previous = signal.getsignal(signal.SIGTERM)
+    gloo = RuntimeError(
+        "[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation"
+    )
+    try:
+        error = failures.diagnose(gloo, DistributedConfig(collective_timeout_s=5))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        rank0.stop(), rank1.stop()
+    assert error is not None
+    message = str(error)
+    assert "waited longer than distributed.collective_timeout_s (5 s) although every rank is alive" in message
+    assert f"127.0.0.1:{port}" in message and "RuntimeError: Timed out waiting 5000ms" in message
+    assert failures.diagnose(ValueError("a bug, not a collective"), DistributedConfig()) is None
