@@ -130,29 +130,6 @@ def release_shm_name(env: DistEnv) -> None:
         (Path("/dev/shm") / name).unlink()
 
 
-def stale_build_locks(max_age_s: float = 600.0) -> list[tuple[str, float]]:
-    """(lock file, age in s) of torch JIT-extension builds that look abandoned.
-
-    DeepSpeed compiles its ops (fused_adam, cpu_adam, shm_comm) on first use; a process killed during that
-    build leaves `<op>/lock` behind, and every later run then waits for it forever, silently, before the
-    first step: no collective timeout covers it.
-    """
-    import time
-    from pathlib import Path
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path("~/.cache/torch_extensions").expanduser())
-    now = time.time()
-    found = []
-    for lock in root.glob("**/lock"):
-        try:
-            age = now - lock.stat().st_mtime
-        except OSError:
-            continue
-        if age > max_age_s:
-            found.append((str(lock), age))
-    return found
-
-
 def skip_cpu_shm_kernel() -> None:
     """A single CPU process has nothing to all-reduce: skip DeepSpeed's shared-memory comm kernel.
 

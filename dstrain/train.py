@@ -89,7 +89,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
 
     With `resume`, the engine, RNG and data position continue from the checkpoint instead.
     """
-    from dstrain import distributed, engine, heartbeat, ranklog
+    from dstrain import buildlocks, distributed, engine, heartbeat, ranklog
     from dstrain.checkpoint.save import RunFiles
     from dstrain.config import config_to_dict
     from dstrain.data.loader import train_loader
@@ -105,13 +105,9 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     env = distributed.read_env()
     output_dir = Path(cfg.output_dir)
     ranklog.start(output_dir, env.rank, env.world_size)
-    if env.local_rank == 0:  # the build cache is per node
-        for lock, age in distributed.stale_build_locks():
-            print(
-                f"warning: {lock} is {age / 60:.0f} min old: an interrupted build of a DeepSpeed op left it, "
-                "and the run will wait for it forever. If no other build is running, delete it.",
-                file=sys.stderr,
-            )
+    if env.local_rank == 0:  # the build cache is per node; the other local ranks build only after rendezvous
+        for verdict in buildlocks.clear_stale():
+            print(f"warning: {verdict.note}", file=sys.stderr)
     if cfg.data.num_workers:  # the tokenizer is used here before DataLoader workers fork from this process
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)

@@ -47,22 +47,3 @@ def test_multi_rank_environment_without_rendezvous_fails_fast(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(DistributedError, match="MASTER_ADDR/MASTER_PORT"):
         read_env()
-
-
-def test_stale_torch_extension_build_locks_are_found(tmp_path, monkeypatch):
-    import os
-    import time
-
-    from dstrain.distributed import stale_build_locks
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    (tmp_path / "py311_cpu" / "fused_adam").mkdir(parents=True)
-    (tmp_path / "py311_cpu" / "cpu_adam").mkdir(parents=True)
-    old = tmp_path / "py311_cpu" / "fused_adam" / "lock"
-    fresh = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
-    old.write_text("")
-    fresh.write_text("")
-    os.utime(old, (time.time() - 3600, time.time() - 3600))
-    found = stale_build_locks(max_age_s=600)
-    assert [path for path, _ in found] == [str(old)]  # a build in progress (fresh lock) is not reported
-    assert found[0][1] > 3000

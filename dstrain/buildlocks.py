@@ -1,0 +1,115 @@
+"""Locks left behind by interrupted builds of DeepSpeed's JIT-compiled ops.
+
+DeepSpeed compiles its ops (cpu_adam, fused_adam, shm_comm) on first use through
+`torch.utils.cpp_extension`, which guards each op's build directory with a `lock` file: the process that
+creates it builds, every other process polls until the file disappears. A builder killed mid-build (a
+timeout, Ctrl-C, a SIGKILLed rank, a preempted node) never removes it, and every later run on that node
+then waits for it forever before its first step, silently: no collective timeout covers it. The build
+cache outlives the job (it lives in the home directory), so one interrupted build hangs every future job.
+
+A lock is taken to be abandoned when it is old enough that its build must have started compiling and no
+process is compiling in its directory (torch runs ninja, and ninja the compiler, with the build directory
+as working directory). Such a lock is removed, and the op is rebuilt by the first rank that needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from dstrain.errors import DistributedError
+
+# Between taking the lock and starting ninja, torch only writes build.ninja: a minute is ample.
+MIN_AGE_S = 60.0
+# When some processes cannot be inspected (other users'), only a lock this old is taken as abandoned.
+UNSURE_AGE_S = 1800.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    lock: Path
+    age_s: float
+    removed: bool
+    note: str
+
+
+def extensions_root() -> Path:
+    """Where torch keeps JIT-built extensions (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path("~/.cache/torch_extensions").expanduser())
+
+
+def clear_stale(root: Path | None = None) -> list[Verdict]:
+    """Remove abandoned build locks under `root`; a verdict per lock that is old enough to matter.
+
+    Raises DistributedError when an abandoned lock cannot be removed: the run would wait forever.
+    """
+    root = root or extensions_root()
+    locks = [(lock, age) for lock in root.glob("**/lock") if (age := _age_s(lock)) is not None]
+    if not any(age >= MIN_AGE_S for _, age in locks):
+        return []
+    build_dirs, unsure = _busy_build_dirs()
+    return [_settle(lock, age, build_dirs, unsure) for lock, age in locks if age >= MIN_AGE_S]
+
+
+def _settle(lock: Path, age: float, busy: set[Path], unsure: bool) -> Verdict:
+    op = lock.parent.name
+    if lock.parent.resolve() in busy:
+        return Verdict(lock, age, False, f"waiting for the build of DeepSpeed's {op} op in progress ({lock})")
+    # torch creates the lock as its builder; processes we cannot inspect belong to other users
+    if unsure and age < UNSURE_AGE_S and _owner(lock) != os.getuid():
+        return Verdict(
+            lock,
+            age,
+            False,
+            f"{lock} is {age / 60:.0f} min old and may belong to another user's build of DeepSpeed's {op} op; "
+            "if the run does not start and no build is running, delete it",
+        )
+    try:
+        lock.unlink()
+    except FileNotFoundError:  # its build just finished
+        return Verdict(lock, age, False, f"the build of DeepSpeed's {op} op finished")
+    except OSError as exc:
+        raise DistributedError(
+            f"{lock} was left {age / 60:.0f} min ago by an interrupted build of DeepSpeed's {op} op, and it "
+            f"cannot be removed ({exc.strerror}): every run would wait for it forever.\n"
+            f"Delete it, or set TORCH_EXTENSIONS_DIR to a directory you can write."
+        ) from exc
+    return Verdict(
+        lock,
+        age,
+        True,
+        f"removed {lock}: an interrupted build of DeepSpeed's {op} op left it {age / 60:.0f} min ago and "
+        "nothing is building it now; the op is rebuilt on first use",
+    )
+
+
+def _age_s(lock: Path) -> float | None:
+    try:
+        return time.time() - lock.stat().st_mtime
+    except OSError:  # gone between the glob and the stat
+        return None
+
+
+def _owner(lock: Path) -> int | None:
+    try:
+        return lock.stat().st_uid
+    except OSError:
+        return None
+
+
+def _busy_build_dirs() -> tuple[set[Path], bool]:
+    """Working directories of all live processes, and whether some could not be inspected."""
+    busy: set[Path] = set()
+    unsure = False
+    for proc in psutil.process_iter():
+        try:
+            busy.add(Path(proc.cwd()).resolve())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        except (psutil.AccessDenied, OSError):
+            unsure = True
+    return busy, unsure
