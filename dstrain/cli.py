@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import shlex
 import shutil
@@ -48,6 +50,10 @@ def launcher_command(num_gpus: int | None, hostfile: Path | None, entry_args: li
         cmd += ["--hostfile", str(hostfile)]
     if num_gpus is not None:
         cmd += ["--num_gpus", str(num_gpus)]
+    if hostfile is None:  # one node: any free port will do, and DeepSpeed's fixed 29500 clashes between jobs
+        from dstrain.distributed import free_port
+
+        cmd += ["--master_port", str(free_port())]
     return [*cmd, "--module", "dstrain.train", *entry_args]
 
 
@@ -94,7 +100,7 @@ def launch(args: list[str], num_gpus: int | None, hostfile: Path | None) -> None
 
 
 def run_launcher(cmd: list[str]) -> int:
-    """Run the launcher and wait for it, passing SIGTERM on; Ctrl-C already reaches the whole process group.
+    """Run the launcher and wait for it; Ctrl-C already reaches the whole process group, SIGTERM is passed on.
 
     Killing the launcher here (what subprocess.call does on KeyboardInterrupt) would cut the ranks off in
     the middle of the checkpoint they write when asked to stop.
@@ -102,13 +108,41 @@ def run_launcher(cmd: list[str]) -> int:
     proc = subprocess.Popen(cmd, env=os.environ.copy())
     previous = {
         signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: signal_ranks(proc, signal.SIGTERM)),
     }
     try:
         return proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def signal_ranks(launcher: subprocess.Popen, signum: int) -> None:
+    """Signal the local ranks themselves, as Slurm does. Not the launcher: a single-node `deepspeed` runner
+    dies of SIGTERM without passing it on (leaving its ranks training, orphaned), and DeepSpeed's
+    launch.py would SIGKILL the ranks 30 s after passing it on. Ranks on other nodes learn of the stop from
+    these: every rank agrees to stop at the same step."""
+    import psutil
+
+    try:
+        family = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    ranks = [p for p in family if is_rank(p)]
+    for target in ranks or [launcher]:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            target.send_signal(signum)
+
+
+def is_rank(process: object) -> bool:
+    """`python -m dstrain.train ...` (a DataLoader worker forked from a rank looks the same; it ignores it)."""
+    import psutil
+
+    try:
+        cmd = process.cmdline()  # type: ignore[attr-defined]
+    except psutil.Error:
+        return False
+    return any(a == "-m" and b == "dstrain.train" for a, b in itertools.pairwise(cmd))
 
 
 @app.command()

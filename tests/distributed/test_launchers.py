@@ -3,11 +3,16 @@ the deepspeed launcher itself)."""
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
-from tests.helpers import VENV_BIN, check, free_port, metrics, run, write_config
+from tests.helpers import VENV_BIN, check, child_env, free_port, metrics, run, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -39,6 +44,36 @@ def test_dstrain_train_num_gpus_starts_the_deepspeed_launcher(tmp_path, small_da
             tmp_path,
         )
     )
-    assert "launching: deepspeed --num_gpus 2 --module dstrain.train" in proc.stderr
+    assert re.search(
+        r"launching: deepspeed --num_gpus 2 --master_port \d+ --module dstrain.train", proc.stderr
+    )
     state = (tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text()
     assert '"world_size": 2' in state
+
+
+def test_sigterm_to_dstrain_train_num_gpus_stops_the_ranks_with_a_save(tmp_path, small_data):
+    """SIGTERM to `dstrain train --num-gpus` (a scheduler stopping the job) must reach the ranks: the
+    deepspeed runner itself would die of it and leave them training, orphaned."""
+    config = write_config(tmp_path, small_data, train={"max_steps": 5000, "save_every": 0, "log_every": 1})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dstrain.cli", "train", "--config", str(config), "--num-gpus", "2"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = tmp_path / "run"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or not any(
+        r.get("step", 0) >= 3 for r in metrics(run_dir)
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, "no step 3"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped at step" in out + err
+    assert list((run_dir / "checkpoints").glob("step-*/manifest.json"))
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(config) in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]
