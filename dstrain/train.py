@@ -93,10 +93,11 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     from dstrain.checkpoint.save import RunFiles
     from dstrain.config import config_to_dict
     from dstrain.data.loader import train_loader
+    from dstrain.errors import ConfigError
     from dstrain.loop import Session
     from dstrain.metrics import MetricsSink
     from dstrain.model import build_model, count_parameters
-    from dstrain.prepare import prepare
+    from dstrain.prepare import check_output_dir, prepare
     from dstrain.resume import check_same_data
     from dstrain.rng import seed_everything
     from dstrain.stop import StopRequest
@@ -104,6 +105,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
 
     env = distributed.read_env()
     output_dir = Path(cfg.output_dir)
+    if problems := check_output_dir(output_dir):  # the rank logs go there before anything else is checked
+        raise ConfigError(problems, source="run")
     ranklog.start(output_dir, env.rank, env.world_size)
     if env.local_rank == 0:  # the build cache is per node; the other local ranks build only after rendezvous
         for verdict in buildlocks.clear_stale():
