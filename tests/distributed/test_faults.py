@@ -91,11 +91,14 @@ def cleanup(jobs: list[subprocess.Popen], victim: psutil.Process) -> None:
         job.wait(timeout=30)
 
 
-def test_killed_rank_ends_deepspeed_job_with_its_name(tmp_path, small_data):
-    config = long_run(tmp_path, small_data)
+def start_deepspeed_job(tmp_path, config) -> subprocess.Popen:
     port = str(free_port())
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "dstrain.train"]
-    job = start([*cmd, "--config", str(config)], tmp_path)
+    return start([*cmd, "--config", str(config)], tmp_path)
+
+
+def test_killed_rank_ends_deepspeed_job_with_its_name(tmp_path, small_data):
+    job = start_deepspeed_job(tmp_path, long_run(tmp_path, small_data))
     took, [(code, err)] = inject_and_wait(tmp_path / "run", [job], rank=1, sig=signal.SIGKILL)
     assert code != 0
     assert took < BOUND_S
@@ -126,10 +129,7 @@ def test_killed_rank_ends_torchrun_job_with_its_name(tmp_path, small_data):
 
 def test_frozen_rank_is_named_and_the_job_ends(tmp_path, small_data):
     """SIGSTOP: no error, no closed connection, a rank that simply stops. Only the heartbeat can tell."""
-    config = long_run(tmp_path, small_data, heartbeat_timeout_s=10)
-    port = str(free_port())
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "dstrain.train"]
-    job = start([*cmd, "--config", str(config)], tmp_path)
+    job = start_deepspeed_job(tmp_path, long_run(tmp_path, small_data, heartbeat_timeout_s=10))
     took, [(code, err)] = inject_and_wait(tmp_path / "run", [job], rank=1, sig=signal.SIGSTOP)
     assert code != 0
     assert took < BOUND_S
