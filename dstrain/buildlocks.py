@@ -48,19 +48,22 @@ def clear_stale(root: Path | None = None) -> list[Verdict]:
     Raises DistributedError when an abandoned lock cannot be removed: the run would wait forever.
     """
     root = root or extensions_root()
-    locks = [(lock, age) for lock in root.glob("**/lock") if (age := _age_s(lock)) is not None]
-    if not any(age >= MIN_AGE_S for _, age in locks):
+    now = time.time()
+    locks = [
+        (lock, st) for lock in root.glob("**/lock") if (st := _stat(lock)) and now - st.st_mtime >= MIN_AGE_S
+    ]
+    if not locks:
         return []
     build_dirs, unsure = _busy_build_dirs()
-    return [_settle(lock, age, build_dirs, unsure) for lock, age in locks if age >= MIN_AGE_S]
+    return [_settle(lock, now - st.st_mtime, st.st_uid, build_dirs, unsure) for lock, st in locks]
 
 
-def _settle(lock: Path, age: float, busy: set[Path], unsure: bool) -> Verdict:
+def _settle(lock: Path, age: float, owner: int, busy: set[Path], unsure: bool) -> Verdict:
     op = lock.parent.name
     if lock.parent.resolve() in busy:
         return Verdict(lock, age, False, f"waiting for the build of DeepSpeed's {op} op in progress ({lock})")
     # torch creates the lock as its builder; processes we cannot inspect belong to other users
-    if unsure and age < UNSURE_AGE_S and _owner(lock) != os.getuid():
+    if unsure and age < UNSURE_AGE_S and owner != os.getuid():
         return Verdict(
             lock,
             age,
@@ -87,17 +90,10 @@ def _settle(lock: Path, age: float, busy: set[Path], unsure: bool) -> Verdict:
     )
 
 
-def _age_s(lock: Path) -> float | None:
+def _stat(lock: Path) -> os.stat_result | None:
     try:
-        return time.time() - lock.stat().st_mtime
+        return lock.stat()
     except OSError:  # gone between the glob and the stat
-        return None
-
-
-def _owner(lock: Path) -> int | None:
-    try:
-        return lock.stat().st_uid
-    except OSError:
         return None
 
 

@@ -8,6 +8,7 @@ deepspeed --num_gpus 2 --module dstrain.train --resume RUN_DIR_OR_CHECKPOINT [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -93,11 +94,10 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     from dstrain.checkpoint.save import RunFiles
     from dstrain.config import config_to_dict
     from dstrain.data.loader import train_loader
-    from dstrain.errors import ConfigError
     from dstrain.loop import Session
     from dstrain.metrics import MetricsSink
     from dstrain.model import build_model, count_parameters
-    from dstrain.prepare import check_output_dir, prepare
+    from dstrain.prepare import prepare
     from dstrain.resume import check_same_data
     from dstrain.rng import seed_everything
     from dstrain.stop import StopRequest
@@ -105,9 +105,9 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
 
     env = distributed.read_env()
     output_dir = Path(cfg.output_dir)
-    if problems := check_output_dir(output_dir):  # the rank logs go there before anything else is checked
-        raise ConfigError(problems, source="run")
-    ranklog.start(output_dir, env.rank, env.world_size)
+    # An output_dir that cannot hold the rank logs is reported by prepare(), with every other config problem.
+    with contextlib.suppress(OSError):
+        ranklog.start(output_dir, env.rank, env.world_size)
     if env.local_rank == 0:  # the build cache is per node; the other local ranks build only after rendezvous
         for verdict in buildlocks.clear_stale():
             print(f"warning: {verdict.note}", file=sys.stderr)
