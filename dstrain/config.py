@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
+from dstrain.config_parse import build
 from dstrain.errors import ConfigError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
@@ -35,11 +33,15 @@ DEFAULT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"
 class ModelConfig:
     path: str = "builtin:tiny"
     dtype: Dtype = "fp32"
+    # QLoRA: the frozen base in 4-bit NF4 with double quantisation (bitsandbytes), computed in `dtype`
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     init_seed: int = 0  # seeds random init of builtin models, so every rank builds identical weights
+    # The output head and loss run only at supervised positions, this many at a time and recomputed in
+    # backward, so no [tokens, vocab] logits tensor larger than one chunk ever exists. 0: one chunk.
+    logits_chunk_tokens: int = 1024
 
 
 @dataclass
@@ -69,6 +71,13 @@ class DataConfig:
     # windows of `shuffle_window` blocks (block x window records). Bigger windows mix more, cost more per seek.
     shuffle_block: int = 128
     shuffle_window: int = 64
+    # Sort each window of `length_group_window` micro batches by record length (then shuffle the micro
+    # batches): less padding per batch, the same samples in each optimizer step on any world size.
+    group_by_length: bool = False
+    length_group_window: int = 64
+    # Preference pairs: prompt, chosen and rejected in one row, the answers masked from each other, so the
+    # (long, retrieved) prompt runs once per pair instead of twice, for the policy and the reference alike.
+    share_prompt: bool = True
 
 
 @dataclass
@@ -99,6 +108,8 @@ class TrainConfig:
     eval_max_new_tokens: int = 32  # bound on each generated answer
     best_metric: BestMetric = "eval_loss"  # the checkpoint kept as best
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
+    # Before training, estimate memory per rank; over the device's capacity: error (stop), warn, or off.
+    memory_check: Literal["error", "warn", "off"] = "error"
 
 
 @dataclass
@@ -190,87 +201,12 @@ def parse_override_value(text: str) -> Any:
 
 def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConfig:
     problems: list[str] = []
-    cfg = _build(RunConfig, raw, "", problems)
+    cfg = build(RunConfig, raw, "", problems)
     if not problems:
         problems.extend(check_values(cfg))
     if problems:
         raise ConfigError(problems, source=source)
     return cfg
-
-
-def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from `raw`, collecting unknown keys and type errors into `problems`."""
-    if not isinstance(raw, dict):
-        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(raw)}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
-            problems.append(f"{prefix}{key}: unknown key{hint}")
-    values = {}
-    for name in fields:
-        if name not in raw:
-            continue
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], f"{prefix}{name}.", problems)
-        else:
-            ok, value = _coerce(hint, raw[name])
-            if ok:
-                values[name] = value
-            else:
-                problems.append(f"{prefix}{name}: expected {_describe(hint)}, got {_show(raw[name])}")
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any) -> tuple[bool, Any]:
-    origin = get_origin(hint)
-    if origin is Literal:
-        return value in get_args(hint), value
-    if origin in (Union, types.UnionType):
-        for arm in get_args(hint):
-            ok, out = _coerce(arm, value)
-            if ok:
-                return True, out
-        return False, value
-    if origin is list:
-        (item,) = get_args(hint)
-        if isinstance(value, str) and item is str:
-            return True, [value]  # a single path is a one-element list
-        if not isinstance(value, list):
-            return False, value
-        pairs = [_coerce(item, v) for v in value]
-        return all(ok for ok, _ in pairs), [v for _, v in pairs]
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if hint is str:
-        return isinstance(value, str), value
-    if hint is type(None):
-        return value is None, value
-    raise TypeError(f"unsupported config type {hint}")
-
-
-def _describe(hint: Any) -> str:
-    origin = get_origin(hint)
-    if origin is Literal:
-        return " | ".join(str(a) for a in get_args(hint))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in get_args(hint))
-    if origin is list:
-        return f"a list of {_describe(get_args(hint)[0])}"
-    return {bool: "true|false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
 
 
 # ------------------------------------------------------------------------------------------ semantics
@@ -283,6 +219,7 @@ def check_values(cfg: RunConfig) -> list[str]:
         "lora.r": cfg.lora.r,
         "data.shuffle_block": cfg.data.shuffle_block,
         "data.shuffle_window": cfg.data.shuffle_window,
+        "data.length_group_window": cfg.data.length_group_window,
         "lora.alpha": cfg.lora.alpha,
         "data.max_seq_len": cfg.data.max_seq_len,
         "train.log_every": cfg.train.log_every,
@@ -295,6 +232,7 @@ def check_values(cfg: RunConfig) -> list[str]:
     non_negative = {
         "data.max_passage_tokens": cfg.data.max_passage_tokens,
         "data.num_workers": cfg.data.num_workers,
+        "model.logits_chunk_tokens": cfg.model.logits_chunk_tokens,
         "data.max_eval_samples": cfg.data.max_eval_samples,
         "train.max_steps": cfg.train.max_steps,
         "train.epochs": cfg.train.epochs,
@@ -350,13 +288,17 @@ def check_values(cfg: RunConfig) -> list[str]:
         )
     if cfg.objective.beta <= 0:
         p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
-    if cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2":
+    flash = cfg.model.attn_implementation == "flash_attention_2"
+    if cfg.data.packing and flash:
         p.append(
             "data.packing: isolates packed samples with a 4D attention mask, which flash_attention_2 does not "
             "take; use model.attn_implementation=sdpa (or eager), or set data.packing=false"
         )
-    if cfg.model.load_in_4bit:
-        p.append("model.load_in_4bit: not available in this version of dstrain; set model.load_in_4bit=false")
+    if cfg.data.share_prompt and cfg.data.format == "preference" and flash:
+        p.append(
+            "data.share_prompt: keeps the two answers apart with a 4D attention mask, which flash_attention_2 "
+            "does not take; use model.attn_implementation=sdpa (or eager), or set data.share_prompt=false"
+        )
     if not cfg.output_dir.strip():
         p.append("output_dir: must not be empty")
     return p
