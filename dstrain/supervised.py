@@ -1,8 +1,9 @@
 """The module DeepSpeed wraps: a PEFT causal LM whose forward returns the loss terms, not the logits.
 
-The output head runs only at positions that carry a label. With 32k-152k vocabularies the full
-[batch, seq, vocab] logits tensor is most of the activation memory, and on RAG data most positions are
-prompt and passages, which carry no loss.
+The output head runs only at positions that carry a label, and in chunks of `logits_chunk_tokens`
+positions, each recomputed in backward: no [tokens, vocab] logits tensor larger than one chunk ever exists.
+With 32k-152k vocabularies the full [batch, seq, vocab] logits are most of the activation memory, and on
+RAG data most positions are prompt and passages, which carry no loss.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dstrain.data.batches import IGNORE
 from dstrain.errors import ConfigError
-from dstrain.objectives import token_nll_sum
 
 # Config fields by which some causal LMs transform logits after the output head (Gemma-2/3 soft-capping,
 # Granite and Cohere scaling). Their loss through the bare head would train against the wrong logits.
@@ -34,10 +35,32 @@ def check_supported(base: nn.Module) -> None:
             )
 
 
+def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) [K] in fp32 from hidden states [K, hidden]: the head's logits exist only in here."""
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """log p(target) [K] for K supervised positions, `chunk` positions at a time (0: all at once).
+
+    Each chunk's logits are freed once its log-probs exist and recomputed in backward (activation
+    checkpointing of the head alone), so peak logits memory is chunk x vocab instead of K x vocab. When
+    K fits in one chunk nothing is recomputed: the memory is the same and the recompute would be waste.
+    """
+    if chunk <= 0 or hidden.shape[0] <= chunk:
+        return _target_logps(head, hidden, targets)
+    parts = [
+        checkpoint(_target_logps, head, h, t, use_reentrant=False)
+        for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
+    ]
+    return torch.cat(parts)
+
+
 class SupervisedLM(nn.Module):
-    def __init__(self, peft_model: PeftModel) -> None:
+    def __init__(self, peft_model: PeftModel, logits_chunk_tokens: int = 1024) -> None:
         super().__init__()
         self.peft_model = peft_model
+        self.chunk = logits_chunk_tokens
         check_supported(peft_model.get_base_model())
 
     def forward(
@@ -46,23 +69,25 @@ class SupervisedLM(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        label_rows: torch.Tensor | None = None,
         pairs: bool = False,
         policy: bool = True,
         reference: bool = True,
     ) -> tuple[torch.Tensor | None, ...]:
-        """(summed NLL over supervised tokens, number of supervised tokens); with `pairs`, per row:
+        """(summed NLL over supervised tokens, number of supervised tokens); with `pairs`, per answer row:
         (policy log-prob [N], reference log-prob [N], supervised tokens [N]).
 
         `attention_mask` is [batch, seq] for padded rows, or a [batch, 1, seq, seq] block mask with
-        `position_ids` for packed rows (see data/packing.py). The reference is the same model with its
-        adapter disabled: no second model in memory, and under ZeRO-3 the same partitioned weights.
-        `policy=False` or `reference=False` skips that pass (its slot is None): precomputed reference
-        log-probs need only the policy, precomputing them only the reference.
+        `position_ids` for packed rows (data/packing.py) and shared-prompt pairs (data/pairs.py). For the
+        latter, `label_rows` [batch, seq] names the answer row (chosen b, rejected B+b) of each label.
+        The reference is the same model with its adapter disabled: no second model in memory, and under
+        ZeRO-3 the same partitioned weights. `policy=False` or `reference=False` skips that pass (its slot
+        is None): precomputed reference log-probs need only the policy, precomputing them only the reference.
         """
-        inputs = (input_ids, attention_mask, labels, position_ids)
+        inputs = (input_ids, attention_mask, labels, position_ids, label_rows)
         if not pairs:
-            logits, targets, keep = self._labelled(*inputs)
-            return token_nll_sum(logits, targets), keep.sum()
+            logps, keep = self._labelled_logps(*inputs)
+            return -logps.sum(), keep.sum()
         policy_logps = tokens = reference_logps = None
         if policy:
             policy_logps, tokens = self._row_logps(*inputs)
@@ -71,14 +96,15 @@ class SupervisedLM(nn.Module):
                 reference_logps, tokens = self._row_logps(*inputs)
         return policy_logps, reference_logps, tokens
 
-    def _labelled(
+    def _labelled_logps(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits at labelled positions [K, vocab], their targets [K], the [batch, seq-1] label mask)."""
+        label_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob of each labelled token [K] in fp32, the [batch, seq-1] label mask)."""
         base = self.peft_model.get_base_model()
         decoder = base.get_decoder()
         hidden = decoder(
@@ -86,12 +112,20 @@ class SupervisedLM(nn.Module):
         ).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        return base.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep
+        head = base.get_output_embeddings()
+        return target_logps(head, hidden[:, :-1][keep], targets[keep], self.chunk), keep
 
     def _row_logps(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-prob of each row's labelled tokens [N] (fp32), and each row's count of them [N]."""
-        logits, targets, keep = self._labelled(*inputs)
-        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
-        rows = keep.nonzero()[:, 0]
-        totals = torch.zeros(keep.shape[0], dtype=torch.float32, device=token_logps.device)
-        return totals.index_add(0, rows, token_logps), keep.sum(dim=1)
+        """Summed log-prob of each answer row's labelled tokens [N] (fp32), and each row's count of them [N].
+
+        Padded pairs have one answer per row; shared-prompt pairs two per row, placed by `label_rows`.
+        """
+        token_logps, keep = self._labelled_logps(*inputs)
+        label_rows = inputs[4]
+        if label_rows is None:
+            rows, num_rows = keep.nonzero()[:, 0], keep.shape[0]
+        else:
+            rows, num_rows = label_rows[:, 1:][keep], 2 * keep.shape[0]
+        totals = torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device)
+        counts = torch.zeros(num_rows, dtype=torch.long, device=token_logps.device)
+        return totals.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))

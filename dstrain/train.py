@@ -131,7 +131,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
     seed_everything(cfg.train.seed)
     peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds))
-    ds_engine = engine.create_engine(SupervisedLM(peft_model), prepared.ds)
+    ds_engine = engine.create_engine(SupervisedLM(peft_model, cfg.model.logits_chunk_tokens), prepared.ds)
     # Then one seed per rank: dropout masks should differ across data-parallel ranks.
     seed_everything(cfg.train.seed + 1 + env.rank)
     state = new_state(env.world_size, prepared)

@@ -12,8 +12,8 @@ from dstrain.config import DataConfig, LoraConfig, ModelConfig
 from dstrain.data.batches import IGNORE, collate, tokenize_record
 from dstrain.data.records import load_records
 from dstrain.model import build_model
-from dstrain.objectives import sft_loss, token_nll_sum
-from dstrain.supervised import SupervisedLM
+from dstrain.objectives import sft_loss
+from dstrain.supervised import SupervisedLM, target_logps
 
 DATA = Path(dstrain.__file__).parent / "assets" / "data" / "sft_rag_train.jsonl"
 
@@ -122,24 +122,90 @@ def test_no_supervised_tokens_gives_zero_loss_with_a_graph(model, batch):
     _zero_grads(model)
 
 
+def _head(vocab: int = 13, hidden: int = 5) -> torch.nn.Linear:
+    return torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+
+
 def test_sft_loss_with_zero_tokens_keeps_grad_fn():
-    logits = torch.randn(0, 11, requires_grad=True)
-    nll_sum = token_nll_sum(logits, torch.zeros(0, dtype=torch.long))
+    hidden = torch.randn(0, 5, requires_grad=True)
+    nll_sum = -target_logps(_head(), hidden, torch.zeros(0, dtype=torch.long), chunk=4).sum()
     loss = sft_loss(nll_sum, torch.tensor(0))
     assert loss.item() == 0.0
     assert loss.grad_fn is not None
     loss.backward()
-    assert logits.grad is not None and logits.grad.shape == (0, 11)
+    assert hidden.grad is not None and hidden.grad.shape == (0, 5)
 
 
 def test_sft_loss_is_the_mean_token_nll():
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(7, 13, generator=generator)
+    head = _head().to(torch.bfloat16)
+    hidden = torch.randn(7, 5, generator=generator).to(torch.bfloat16)
     targets = torch.randint(0, 13, (7,), generator=generator)
-    nll_sum = token_nll_sum(logits.to(torch.bfloat16), targets)
-    assert nll_sum.dtype == torch.float32  # computed in fp32 whatever the logits dtype
-    expected = torch.nn.functional.cross_entropy(logits.to(torch.bfloat16).float(), targets)
-    assert sft_loss(nll_sum, torch.tensor(7)).item() == pytest.approx(expected.item(), rel=1e-6)
+    logps = target_logps(head, hidden, targets, chunk=0)
+    assert logps.dtype == torch.float32  # computed in fp32 whatever the logits dtype
+    expected = torch.nn.functional.cross_entropy(head(hidden).float(), targets)
+    assert sft_loss(-logps.sum(), torch.tensor(7)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_chunked_head_gives_the_same_loss_and_gradients(chunk):
+    generator = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 50)  # trainable here, so the weight gradient through recompute is checked too
+    hidden = torch.randn(20, 8, generator=generator)
+    targets = torch.randint(0, 50, (20,), generator=generator)
+    results = []
+    for size in (0, chunk):
+        head.zero_grad()
+        leaf = hidden.clone().requires_grad_(True)
+        loss = -target_logps(head, leaf, targets, chunk=size).sum()
+        loss.backward()
+        results.append((loss.detach(), leaf.grad, head.weight.grad.clone()))
+    (full_loss, full_dh, full_dw), (loss, dh, dw) = results
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dh, full_dh, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dw, full_dw, rtol=1e-5, atol=1e-7)
+
+
+def _largest_saved_for_backward(fn) -> int:
+    """The element count of the largest tensor autograd keeps for backward while `fn` runs."""
+    largest = 0
+
+    def pack(tensor):
+        nonlocal largest
+        largest = max(largest, tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return largest
+
+
+def test_chunked_head_never_keeps_the_full_logits():
+    vocab, positions, chunk = 4000, 96, 16
+    head = _head(vocab=vocab, hidden=8)
+    hidden = torch.randn(positions, 8, requires_grad=True)
+    targets = torch.randint(0, vocab, (positions,))
+    full = _largest_saved_for_backward(lambda: target_logps(head, hidden, targets, chunk=0).sum().backward())
+    chunked = _largest_saved_for_backward(
+        lambda: target_logps(head, hidden, targets, chunk=chunk).sum().backward()
+    )
+    assert full >= positions * vocab  # the whole [K, vocab] logits are kept
+    assert chunked <= chunk * vocab  # at most one chunk's, recomputed in backward
+
+
+def test_model_loss_and_gradients_are_the_same_with_a_small_chunk(model, batch):
+    results = []
+    for chunk in (0, 5):
+        _zero_grads(model)
+        nll_sum, n = SupervisedLM(model, logits_chunk_tokens=chunk)(**batch)
+        sft_loss(nll_sum, n).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((nll_sum.detach(), grads))
+    _zero_grads(model)
+    (full, full_grads), (chunked, chunked_grads) = results
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-7)
 
 
 def test_builtin_model_is_identical_on_every_build(model):
