@@ -149,6 +149,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         pack_to=cfg.data.max_seq_len if cfg.data.packing else 0,
         shuffle=(cfg.data.shuffle_block, cfg.data.shuffle_window),
         pairs=prepared.train.pairs,
+        group=(prepared.train.sizes(), cfg.data.length_group_window) if cfg.data.group_by_length else None,
     )
     sink = MetricsSink(
         output_dir,

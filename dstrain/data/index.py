@@ -29,7 +29,7 @@ from dstrain.data import records
 from dstrain.data.records import BadRecord, decode_line, over_long_bytes, parse_record, parse_text
 from dstrain.errors import DataError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 PARALLEL_FROM_BYTES = 32 * 1024 * 1024  # below this a process pool costs more than it saves
 KEPT_BAD = 1000  # bad records held in memory per file (all are counted, and all are in the cache's bad.jsonl)
 FIELDS = {"preference": ("query", "retrieval_result", "chosen", "rejected"), "sft-rag": ("query", "retrieval_result", "answer"), "messages": ("messages",)}  # fmt: skip
@@ -37,7 +37,8 @@ FIELDS = {"preference": ("query", "retrieval_result", "chosen", "rejected"), "sf
 
 @dataclass
 class FileIndex:
-    """Valid records of one file: `offsets[i]` (byte offset, or row for Parquet), `lengths[i]`, `lines[i]`."""
+    """Valid records of one file: `offsets[i]` (byte offset, or row for Parquet), `lengths[i]` (bytes of
+    the JSONL line, or the record's text size for Parquet: what data.group_by_length sorts by), `lines[i]`."""
 
     path: str
     fmt: str
@@ -168,17 +169,19 @@ def scan_parquet(path: str, fmt: str) -> FileIndex:
 
     source = pq.ParquetFile(path)
     columns = parquet_columns(path, fmt)
-    rows, bad, row = [], [], 0
+    rows, sizes, bad, row = [], [], [], 0
     for group in range(source.num_row_groups):
         for obj in source.read_row_group(group, columns=columns).to_pylist():
             row += 1
             try:
                 parse_record(obj, fmt)
                 rows.append(row - 1)
+                sizes.append(len(str(obj)))  # the text size: what data.group_by_length sorts by
             except ValueError as exc:
                 bad.append(BadRecord(path, row, str(exc)))
     offsets = np.asarray(rows, dtype=np.int64)
-    return FileIndex(path, fmt, offsets, np.zeros_like(offsets), offsets + 1, bad, len(bad))
+    lengths = np.asarray(sizes, dtype=np.int64)
+    return FileIndex(path, fmt, offsets, lengths, offsets + 1, bad, len(bad))
 
 
 def scan_file(path: str, fmt: str, workers: int = 0) -> FileIndex:

@@ -13,12 +13,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from dstrain.config import DataConfig
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
+from dstrain.data.grouping import LengthGroupedOrder
 from dstrain.data.packing import collate_packed
 from dstrain.data.pairs import PairExample, collate_pairs, tokenize_pair
 from dstrain.data.records import BadRecord
@@ -56,6 +58,10 @@ class TokenizedCorpus(Dataset):
 
     def __len__(self) -> int:
         return len(self.corpus)
+
+    def sizes(self) -> np.ndarray:
+        """Each record's stored size (see data/index.py), what data.group_by_length sorts by."""
+        return np.concatenate([f.lengths for f in self.corpus.files]) if self.corpus.files else np.zeros(0)
 
     def __getitem__(self, index: int) -> Example | PairExample | BadRecord:
         try:
@@ -117,20 +123,26 @@ class MicroBatchSampler(Sampler[list[int]]):
         start_step: int = 0,
         shuffle_block: int = 128,
         shuffle_window: int = 64,
+        group: tuple[np.ndarray, int] | None = None,
     ) -> None:
         self.num_samples, self.plan, self.rank, self.seed = num_samples, plan, rank, seed
         self.total_steps, self.start_step = total_steps, start_step
         self.block, self.window = shuffle_block, shuffle_window
+        self.group = group  # (record sizes, micro batches per window) for data.group_by_length
         self.per_epoch = steps_per_epoch(num_samples, plan)
 
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.plan.accumulation
 
-    def order(self, epoch: int) -> EpochOrder:
-        return EpochOrder(self.num_samples, self.seed, epoch, self.block, self.window)
+    def order(self, epoch: int) -> EpochOrder | LengthGroupedOrder:
+        order = EpochOrder(self.num_samples, self.seed, epoch, self.block, self.window)
+        if self.group is None:
+            return order
+        sizes, window = self.group
+        return LengthGroupedOrder(order, sizes, self.plan.micro, window)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order: EpochOrder | None = None
+        order: EpochOrder | LengthGroupedOrder | None = None
         micro, world = self.plan.micro, self.plan.world
         for step in range(self.start_step, self.total_steps):
             epoch, slot = divmod(step, self.per_epoch)
@@ -154,10 +166,12 @@ def train_loader(
     pack_to: int = 0,
     shuffle: tuple[int, int] = (128, 64),
     pairs: bool = False,
+    group: tuple[np.ndarray, int] | None = None,
 ) -> DataLoader:
     """MicroBatches of `dataset` for this rank, from `start_step` on; `shuffle` is (block, window); `pairs`:
-    the dataset yields PairExamples (preference objectives)."""
-    sampler = MicroBatchSampler(len(dataset), plan, rank, seed, total_steps, start_step, *shuffle)
+    the dataset yields PairExamples (preference objectives); `group`: (record sizes, micro batches per
+    window) to group by length (data/grouping.py)."""
+    sampler = MicroBatchSampler(len(dataset), plan, rank, seed, total_steps, start_step, *shuffle, group)
     # A private generator: creating the iterator draws a worker seed from it, and drawing from the global
     # one would shift dropout after a resume (the resumed run creates its iterator at another step).
     return DataLoader(
