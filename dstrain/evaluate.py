@@ -26,10 +26,12 @@ def evaluate(
     world: int,
     pad_id: int,
     objective: ObjectiveConfig,
+    share_prompt: bool = False,
 ) -> dict[str, float]:
-    """Eval metrics over all of `examples` (a collective: every rank calls it)."""
+    """Eval metrics over all of `examples` (a collective: every rank calls it); `share_prompt`: pairs in
+    the shared-prompt layout (data/pairs.py)."""
     engine.eval()
-    batches = eval_batches(examples, micro, rank, world, pad_id)
+    batches = eval_batches(examples, micro, rank, world, pad_id, share_prompt)
     try:
         if isinstance(examples[0], PairExample):
             return _evaluate_pairs(engine, batches, objective)

@@ -160,6 +160,7 @@ def run_eval(session: Session, state: TrainerState) -> dict[str, float] | None:
         session.plan.world,
         session.pad_id,
         session.cfg.objective,
+        session.cfg.data.share_prompt,
     )
     if session.generation:
         session.engine.eval()

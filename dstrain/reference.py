@@ -96,7 +96,8 @@ def compute_table(
         for start in range(0, per_rank, micro):
             items = [dataset[i] for i in mine[start : start + micro]]
             # Bad records (and an empty tail on short shards) leave a filler pair: the forward still runs.
-            batch = collate_micro([i for i in items if isinstance(i, PairExample)], pad_id, pairs=True)
+            good = [i for i in items if isinstance(i, PairExample)]
+            batch = collate_micro(good, pad_id, pairs=True, share_prompt=dataset.cfg.share_prompt)
             _, reference, _ = eng.forward(engine, batch.inputs, pairs=True, policy=False)
             chosen, rejected = split_pair(reference.float().cpu())
             for row, index in enumerate(batch.indices):

@@ -90,7 +90,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
 
     With `resume`, the engine, RNG and data position continue from the checkpoint instead.
     """
-    from dstrain import buildlocks, distributed, engine, heartbeat, ranklog
+    from dstrain import buildlocks, distributed, engine, heartbeat, memory, ranklog
     from dstrain.checkpoint.save import RunFiles
     from dstrain.config import config_to_dict
     from dstrain.data.loader import train_loader
@@ -131,6 +131,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
     seed_everything(cfg.train.seed)
     peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds))
+    with distributed.agreed("the memory check"):  # before the engine allocates: fail on every rank at once
+        memory_table = memory.check(cfg, prepared.ds, prepared.plan.micro, env.world_size, peft_model)
     ds_engine = engine.create_engine(SupervisedLM(peft_model, cfg.model.logits_chunk_tokens), prepared.ds)
     # Then one seed per rank: dropout masks should differ across data-parallel ranks.
     seed_everything(cfg.train.seed + 1 + env.rank)
@@ -150,6 +152,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         shuffle=(cfg.data.shuffle_block, cfg.data.shuffle_window),
         pairs=prepared.train.pairs,
         group=(prepared.train.sizes(), cfg.data.length_group_window) if cfg.data.group_by_length else None,
+        share_prompt=cfg.data.share_prompt,
     )
     sink = MetricsSink(
         output_dir,
@@ -162,6 +165,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     for note in resume.notes if resume else []:
         sink.print(f"[yellow]warning:[/] {note}")
     sink.print(describe(cfg, prepared, peft_model))
+    if memory_table is not None:
+        sink.print(memory_table)
     if resume:
         sink.print(
             f"resuming from {resume.ckpt} at step {state.step} (epoch {state.epoch}, sample {state.cursor})"

@@ -22,7 +22,7 @@ from dstrain.config import DataConfig
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.grouping import LengthGroupedOrder
 from dstrain.data.packing import collate_packed
-from dstrain.data.pairs import PairExample, collate_pairs, tokenize_pair
+from dstrain.data.pairs import PairExample, collate_pairs, collate_shared_pairs, tokenize_pair
 from dstrain.data.records import BadRecord
 from dstrain.data.stream import Corpus, EpochOrder, UnreadableRecordError
 from dstrain.ds_config import BatchPlan
@@ -79,19 +79,29 @@ class TokenizedCorpus(Dataset):
 
 
 def collate_micro(
-    items: Sequence[Example | PairExample | BadRecord], pad_id: int, pack_to: int = 0, pairs: bool = False
+    items: Sequence[Example | PairExample | BadRecord],
+    pad_id: int,
+    pack_to: int = 0,
+    pairs: bool = False,
+    share_prompt: bool = False,
 ) -> MicroBatch:
     """Drop bad items, then pad (or with `pack_to` > 0, pack into rows of at most that many tokens); with
-    `pairs`, chosen rows then rejected rows (see data/pairs.py).
+    `pairs`, chosen rows then rejected rows, or with `share_prompt` one row per pair (see data/pairs.py).
 
     A micro batch whose every item is bad still yields one row (a pad token without labels): every rank
-    must run the same number of forwards, which are collectives under ZeRO-3.
+    must run the same number of forwards, which are collectives under ZeRO-3. `tokens` counts the
+    non-padding tokens the model runs on.
     """
     bad = [item for item in items if isinstance(item, BadRecord)]
     if pairs:
         good_pairs = [item for item in items if isinstance(item, PairExample)]
-        inputs = collate_pairs(good_pairs or [PairExample([pad_id], [], [])], pad_id)
-        tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
+        rows = good_pairs or [PairExample([pad_id], [], [])]
+        if share_prompt:
+            inputs = collate_shared_pairs(rows, pad_id)
+            tokens = sum(len(p.prompt_ids) + 1 + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
+        else:
+            inputs = collate_pairs(rows, pad_id)
+            tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
         return MicroBatch(inputs, tokens, len(good_pairs), bad, [p.index for p in good_pairs])
     good = [item for item in items if isinstance(item, Example)]
     rows = good or [Example([pad_id], [IGNORE])]
@@ -167,6 +177,7 @@ def train_loader(
     shuffle: tuple[int, int] = (128, 64),
     pairs: bool = False,
     group: tuple[np.ndarray, int] | None = None,
+    share_prompt: bool = False,
 ) -> DataLoader:
     """MicroBatches of `dataset` for this rank, from `start_step` on; `shuffle` is (block, window); `pairs`:
     the dataset yields PairExamples (preference objectives); `group`: (record sizes, micro batches per
@@ -178,7 +189,9 @@ def train_loader(
         dataset,
         generator=torch.Generator().manual_seed(seed),
         batch_sampler=sampler,
-        collate_fn=partial(collate_micro, pad_id=pad_id, pack_to=pack_to, pairs=pairs),
+        collate_fn=partial(
+            collate_micro, pad_id=pad_id, pack_to=pack_to, pairs=pairs, share_prompt=share_prompt
+        ),
         num_workers=num_workers,
         worker_init_fn=ignore_in_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
@@ -187,7 +200,12 @@ def train_loader(
 
 
 def eval_batches(
-    examples: Sequence[Example | PairExample], micro: int, rank: int, world: int, pad_id: int
+    examples: Sequence[Example | PairExample],
+    micro: int,
+    rank: int,
+    world: int,
+    pad_id: int,
+    share_prompt: bool = False,
 ) -> Iterator[MicroBatch]:
     """This rank's share of the eval set, in the same number of batches on every rank.
 
@@ -204,4 +222,4 @@ def eval_batches(
         filler = Example(first.input_ids, [IGNORE] * len(first.input_ids))
     shard += [filler] * (per_rank - len(shard))
     for start in range(0, per_rank, micro):
-        yield collate_micro(shard[start : start + micro], pad_id, pairs=pairs)
+        yield collate_micro(shard[start : start + micro], pad_id, pairs=pairs, share_prompt=share_prompt)
