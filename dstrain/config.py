@@ -61,6 +61,8 @@ class DataConfig:
     max_passage_tokens: int = 384
     packing: bool = False
     num_workers: int = 0
+    # without workers: micro batches read and collated ahead by a thread while the current one trains; 0: off
+    prefetch: int = 2
     on_error: Literal["fail", "skip"] = "fail"
     max_bad_fraction: float = 0.0
     seed: int = 0
@@ -232,6 +234,7 @@ def check_values(cfg: RunConfig) -> list[str]:
     non_negative = {
         "data.max_passage_tokens": cfg.data.max_passage_tokens,
         "data.num_workers": cfg.data.num_workers,
+        "data.prefetch": cfg.data.prefetch,
         "model.logits_chunk_tokens": cfg.model.logits_chunk_tokens,
         "data.max_eval_samples": cfg.data.max_eval_samples,
         "train.max_steps": cfg.train.max_steps,

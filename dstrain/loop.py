@@ -19,6 +19,7 @@ from dstrain.checkpoint.save import RunFiles, TrainerState, save_checkpoint
 from dstrain.config import HIGHER_IS_BETTER, RunConfig
 from dstrain.data.batches import Example, MicroBatch
 from dstrain.data.pairs import PairExample
+from dstrain.data.prefetch import paused
 from dstrain.data.records import BadRecord
 from dstrain.ds_config import BatchPlan
 from dstrain.errors import DataError, TrainingError
@@ -162,13 +163,14 @@ def run_eval(session: Session, state: TrainerState) -> dict[str, float] | None:
         session.cfg.objective,
         session.cfg.data.share_prompt,
     )
-    if session.generation:
+    if session.generation:  # it uses the tokenizer, which the prefetch thread must not use meanwhile
         session.engine.eval()
         try:
             world = session.plan.world
-            result |= evaluate_generation(
-                session.peft_model, session.generation, session.plan.micro, session.rank, world
-            )
+            with paused(session.batches):
+                result |= evaluate_generation(
+                    session.peft_model, session.generation, session.plan.micro, session.rank, world
+                )
         finally:
             session.engine.train()
     session.sink.log({"step": state.step, **result})

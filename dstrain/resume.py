@@ -34,6 +34,10 @@ MUTABLE = (
     "data.eval",
     "data.num_workers",
     "data.packing",  # packing re-lays out the same micro batches: same samples, same loss
+    "data.share_prompt",  # so does sharing a pair's prompt
+    "data.prefetch",
+    "model.logits_chunk_tokens",  # the same loss, computed in pieces
+    "train.memory_check",
     "data.on_error",
     "data.max_bad_fraction",
     "data.max_eval_samples",

@@ -196,6 +196,7 @@ def train_loader(
         worker_init_fn=ignore_in_worker if num_workers else None,
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU can be async
     )
 
 

@@ -16,8 +16,13 @@ REL_TOL = 1e-5
 
 
 def test_two_ranks_match_one_rank_with_doubled_accumulation(tmp_path, small_data):
-    common = {"train": {"max_steps": 8, "log_every": 1, "save_every": 0, "global_batch_size": 8}}
-    two = write_config(tmp_path, small_data, name="two", **common)
+    """Also with length-grouped batches (world-size independent), and the output head in chunks of 3
+    positions on 2 ranks (the same loss as all at once)."""
+    common = {
+        "train": {"max_steps": 8, "log_every": 1, "save_every": 0, "global_batch_size": 8},
+        "data": {"group_by_length": True, "length_group_window": 4},
+    }
+    two = write_config(tmp_path, small_data, name="two", model={"logits_chunk_tokens": 3}, **common)
     one = write_config(tmp_path, small_data, name="one", **common)
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*"))

@@ -1,5 +1,6 @@
 """DPO under ZeRO-3 on 2 ranks: the reference pass (adapter disabled on the partitioned model) and the pair
-batches give the 1-rank loss curve at the same global batch; greedy generation eval (synced_gpus, an odd
+batches (shared-prompt rows, chunked output head) give the 1-rank loss curve (padded pair rows, one chunk) at
+the same global batch; greedy generation eval (synced_gpus, an odd
 number of answers so one rank pads its shard) gives the 1-rank scores."""
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ def test_dpo_zero3_two_ranks_match_one_rank(tmp_path):
         },
         "ds_config": "ds_configs/zero3.json",
     }
-    check(train_deepspeed(write_config(tmp_path, files, name="two", **common), cwd=tmp_path, nproc=2))
-    check(train_single(write_config(tmp_path, files, name="one", **common), cwd=tmp_path))
+    # The 2-rank run also shares each prompt between its answers and runs the output head in chunks of 4
+    # positions (recomputed in backward, on ZeRO-3's partitioned head); the 1-rank run does neither.
+    two = write_config(tmp_path, files, name="two", model={"logits_chunk_tokens": 4}, **common)
+    one = write_config(
+        tmp_path, files, name="one", **{**common, "data": {"format": "preference", "share_prompt": False}}
+    )
+    check(train_deepspeed(two, cwd=tmp_path, nproc=2))
+    check(train_single(one, cwd=tmp_path))
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert len(two) == len(one)
     for a, b in zip(two, one, strict=True):
