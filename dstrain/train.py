@@ -94,6 +94,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     from dstrain.checkpoint.save import RunFiles
     from dstrain.config import config_to_dict
     from dstrain.data.loader import train_loader
+    from dstrain.data.prefetch import prefetched
     from dstrain.loop import Session
     from dstrain.metrics import MetricsSink
     from dstrain.model import build_model, count_parameters
@@ -177,7 +178,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         plan=prepared.plan,
         engine=ds_engine,
         peft_model=peft_model,
-        batches=iter(loader),
+        batches=prefetched(loader, cfg.data.num_workers, cfg.data.prefetch),
         eval_examples=prepared.eval,
         steps_per_epoch=prepared.steps_per_epoch,
         total_steps=prepared.total_steps,
