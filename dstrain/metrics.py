@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import torch
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -268,7 +268,7 @@ class MetricsSink:
         if self.enabled:
             self.progress.update(self.task, completed=step)
 
-    def print(self, message: str) -> None:
+    def print(self, message: RenderableType) -> None:
         if self.enabled:
             self.console.print(message)
 
