@@ -16,6 +16,7 @@ from typing import Any
 
 from dstrain.config import RunConfig
 from dstrain.errors import ConfigError
+from dstrain.quant import check_qlora
 
 AUTO = "auto"
 PACKAGED_DIR = "ds_configs"
@@ -188,6 +189,7 @@ def resolve_ds_config(
     resolve_precision(ds, cfg, bf16_ok, fp16_ok, problems)
     resolve_zero(ds, hidden_size, problems)
     resolve_schedule(ds, total_steps, problems)
+    problems += check_qlora(cfg, ds)
     problems += [f'{key}: "auto" has no value dstrain can fill; set it explicitly' for key in find_autos(ds)]
     if problems:
         raise ConfigError(problems, source="ZeRO JSON")

@@ -4,7 +4,9 @@ Without --merge: a PEFT adapter dir (adapter_model.safetensors + adapter_config.
 With --merge: the LoRA update folded into the base weights, saved as a full Hugging Face model dir in
 safetensors (config, generation config, tokenizer) that `AutoModelForCausalLM.from_pretrained(DIR)` loads.
 The merge runs in fp32 and the result is cast to the run's `model.dtype` once, at the end, so the merged
-weights are not rounded twice.
+weights are not rounded twice. A QLoRA run (`model.load_in_4bit`) is merged the same way, into the
+un-quantised base weights: folding LoRA into 4-bit weights would need a re-quantisation that rounds the
+update away, and the usual deployment of a QLoRA adapter is on the full-precision base.
 
 The output appears atomically (written beside DIR, then renamed), and an existing non-empty DIR is never
 overwritten.
@@ -58,7 +60,7 @@ def export_merged(ckpt: Path, cfg: RunConfig, tmp: Path) -> None:
 
     hf_logging.disable_progress_bar()  # a CLI that prints one line per export, not loader progress bars
     warnings.filterwarnings("ignore", category=FutureWarning)
-    base = load_base_model(replace(cfg.model, dtype="fp32"))
+    base = load_base_model(replace(cfg.model, dtype="fp32", load_in_4bit=False))
     merged = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
     merged = merged.to(DTYPES[cfg.model.dtype])
     merged.config.use_cache = True  # off during training only; inference wants the KV cache
@@ -67,12 +69,28 @@ def export_merged(ckpt: Path, cfg: RunConfig, tmp: Path) -> None:
     load_tokenizer(cfg.model).save_pretrained(str(tmp))
 
 
+def qlora_note(cfg: RunConfig, merge: bool) -> str:
+    """What a user of an export from a 4-bit run must know: the base it trained on was NF4, not this one."""
+    if merge:
+        return (
+            "QLoRA run (model.load_in_4bit): the adapter was merged into the un-quantised base weights in "
+            f"fp32 and saved in {cfg.model.dtype}, not in 4-bit; outputs differ slightly from the 4-bit base + "
+            "adapter used in training (the NF4 rounding of the base is gone)"
+        )
+    return (
+        "QLoRA run (model.load_in_4bit): the adapter was trained on a 4-bit NF4 base; load the base with "
+        "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True) "
+        "to reproduce training outputs exactly (it also works on the full-precision base)"
+    )
+
+
 def export_checkpoint(path: Path, out: Path, merge: bool) -> tuple[Path, list[str]]:
     """Export the checkpoint at PATH (a run dir: its newest valid one). Returns (checkpoint used, notes)."""
     found = find_checkpoint(Path(path))
     out = Path(out)
     check_out(out)
     cfg = run_config(found.path)
+    notes = list(found.notes) + ([qlora_note(cfg, merge)] if cfg.model.load_in_4bit else [])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_dir():
@@ -83,4 +101,4 @@ def export_checkpoint(path: Path, out: Path, merge: bool) -> tuple[Path, list[st
         raise DstrainError(
             f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable directory"
         ) from exc
-    return found.path, found.notes
+    return found.path, notes

@@ -2,13 +2,16 @@
 
 `builtin:tiny` is a Llama-shaped model shipped in the package (config, tokenizer and, when present, small
 pretrained weights); a builtin without weights is initialised from `model.init_seed`, so every rank (and
-every test) builds bit-identical weights without a download.
+every test) builds bit-identical weights without a download. With `model.load_in_4bit` the base is loaded
+in 4-bit NF4 (QLoRA, see quant.py), builtins included.
 """
 
 from __future__ import annotations
 
+import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -21,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dstrain import quant
 from dstrain.config import LoraConfig, ModelConfig
 from dstrain.errors import ConfigError, DstrainError
 
@@ -86,22 +90,59 @@ def hidden_size(cfg: ModelConfig) -> int | None:
 
 
 def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
-    """The frozen base model in the configured dtype."""
+    """The frozen base model in the configured dtype; with `load_in_4bit` its linear layers in 4-bit NF4.
+
+    No device_map is passed: each rank loads the whole base onto its own device (the one set for its local
+    rank), which ZeRO-3 then partitions; a device_map spreading layers over devices would fight ZeRO.
+    """
     dtype = DTYPES[cfg.dtype]
-    path = str(model_dir(cfg))
-    kwargs = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
-    if cfg.path.startswith(BUILTIN_PREFIX) and not (Path(path) / "model.safetensors").is_file():
-        config = AutoConfig.from_pretrained(path, **kwargs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init_seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    path = Path(model_dir(cfg))
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": cfg.trust_remote_code,
+        "attn_implementation": cfg.attn_implementation,
+    }
+    if cfg.path.startswith(BUILTIN_PREFIX) and not (path / "model.safetensors").is_file():
+        model = load_random_init(path, cfg, kwargs)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise DstrainError(f"model.path: could not load a causal LM from {path}: {exc}") from exc
+        model = load_pretrained(path, dtype, quantization(cfg), kwargs)
+    if cfg.load_in_4bit:
+        quant.keep_training_layout(model)
     model.config.use_cache = False  # the KV cache only costs memory in training
     return model
+
+
+def quantization(cfg: ModelConfig) -> dict[str, Any]:
+    """from_pretrained's quantization_config for a QLoRA run, nothing otherwise."""
+    return {"quantization_config": quant.bnb_config(DTYPES[cfg.dtype])} if cfg.load_in_4bit else {}
+
+
+def load_pretrained(
+    path: Path, dtype: torch.dtype, quantized: dict[str, Any], kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **quantized, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise DstrainError(f"model.path: could not load a causal LM from {path}: {exc}") from exc
+
+
+def load_random_init(path: Path, cfg: ModelConfig, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """A model from the config in `path`, initialised from `cfg.init_seed` (identical on every rank).
+
+    `from_config` cannot quantise (it takes no quantization_config, transformers #26901), so a 4-bit run
+    writes the random weights to a temporary directory once and loads them back quantised: the same
+    loading code as every pretrained QLoRA base, and the same weights as the unquantised random init.
+    """
+    dtype = DTYPES[cfg.dtype]
+    config = AutoConfig.from_pretrained(str(path), **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    if not cfg.load_in_4bit:
+        return model
+    with tempfile.TemporaryDirectory(prefix="dstrain-init-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        return load_pretrained(Path(tmp), dtype, quantization(cfg), kwargs)
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
@@ -132,6 +173,15 @@ def enable_gradient_checkpointing(model: PeftModel, reentrant: bool) -> None:
 
 
 def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, zero_stage: int) -> PeftModel:
+    """Base (4-bit with `load_in_4bit`) + LoRA, with gradient checkpointing when configured.
+
+    A 4-bit base deliberately skips PEFT's `prepare_model_for_kbit_training`: it upcasts every non-4-bit
+    weight (embeddings, norms, output head) to fp32, which under bf16/fp16 DeepSpeed casts straight back at
+    engine creation (and which would mix dtypes inside ZeRO-3's flat partitions, DeepSpeed #8072), and it
+    turns gradient checkpointing on by default, unaware of the ZeRO stage. What it does that QLoRA needs is
+    done here the same way as without 4-bit: get_peft_model freezes the base, and enable_gradient_checkpointing picks the
+    reentrant variant ZeRO-3 needs and makes the checkpointed inputs require grad.
+    """
     model = add_lora(load_base_model(model_cfg), lora_cfg)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, reentrant=zero_stage == 3)
@@ -139,10 +189,11 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, zero_stage: int) -
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total); under ZeRO-3 partitioned params report their full size via ds_numel."""
+    """(trainable, total) weights. Packed 4-bit weights count as the weights they hold, not their storage
+    elements; under ZeRO-3 partitioned params report their full size via ds_numel."""
     trainable = total = 0
     for param in model.parameters():
-        n = getattr(param, "ds_numel", param.numel())
+        n = quant.real_numel(param)
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
