@@ -21,7 +21,14 @@ def create_engine(module: nn.Module, ds_config: dict[str, Any]) -> DeepSpeedEngi
 
 
 def forward(engine: DeepSpeedEngine, batch: dict[str, Any], **flags: bool) -> tuple[torch.Tensor, ...]:
-    """The wrapped module's forward on `batch` (tensors moved to the engine's device) and `flags`."""
+    """The wrapped module's forward on `batch` (tensors moved to the engine's device) and `flags`.
+
+    The labelled positions are found here, on the host, so the device never reports their number.
+    """
+    from dstrain.supervised import labelled_positions
+
+    if "labels" in batch and "label_index" not in batch:
+        batch = {**batch, "label_index": labelled_positions(batch["labels"])}
     device = engine.device
     return engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **flags)
 

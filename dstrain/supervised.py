@@ -9,13 +9,12 @@ RAG data most positions are prompt and passages, which carry no loss.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dstrain.data.batches import IGNORE
 from dstrain.errors import ConfigError
+from dstrain.head import SupervisedHead
 
 # Config fields by which some causal LMs transform logits after the output head (Gemma-2/3 soft-capping,
 # Granite and Cohere scaling). Their loss through the bare head would train against the wrong logits.
@@ -35,33 +34,22 @@ def check_supported(base: nn.Module) -> None:
             )
 
 
-def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) [K] in fp32 from hidden states [K, hidden]: the head's logits exist only in here."""
-    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions (row x seq + t) of the hidden states that predict a label (label t + 1 is set).
 
-
-def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log p(target) [K] for K supervised positions, `chunk` positions at a time (0: all at once).
-
-    Each chunk's logits are freed once its log-probs exist and recomputed in backward (activation
-    checkpointing of the head alone), so peak logits memory is chunk x vocab instead of K x vocab. When
-    K fits in one chunk nothing is recomputed: the memory is the same and the recompute would be waste.
+    Computed where `labels` lives: dstrain.engine computes it on the host before the batch moves, so the
+    device never has to report how many labels there are (a host sync per micro batch).
     """
-    if chunk <= 0 or hidden.shape[0] <= chunk:
-        return _target_logps(head, hidden, targets)
-    parts = [
-        checkpoint(_target_logps, head, h, t, use_reentrant=False)
-        for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
-    ]
-    return torch.cat(parts)
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols
 
 
 class SupervisedLM(nn.Module):
     def __init__(self, peft_model: PeftModel, logits_chunk_tokens: int = 1024) -> None:
         super().__init__()
         self.peft_model = peft_model
-        self.chunk = logits_chunk_tokens
         check_supported(peft_model.get_base_model())
+        self.head = SupervisedHead(peft_model.get_base_model().get_output_embeddings(), logits_chunk_tokens)
 
     def forward(
         self,
@@ -70,6 +58,7 @@ class SupervisedLM(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         label_rows: torch.Tensor | None = None,
+        label_index: torch.Tensor | None = None,
         pairs: bool = False,
         policy: bool = True,
         reference: bool = True,
@@ -80,14 +69,15 @@ class SupervisedLM(nn.Module):
         `attention_mask` is [batch, seq] for padded rows, or a [batch, 1, seq, seq] block mask with
         `position_ids` for packed rows (data/packing.py) and shared-prompt pairs (data/pairs.py). For the
         latter, `label_rows` [batch, seq] names the answer row (chosen b, rejected B+b) of each label.
+        `label_index` is `labelled_positions(labels)`, when the caller has it already.
         The reference is the same model with its adapter disabled: no second model in memory, and under
         ZeRO-3 the same partitioned weights. `policy=False` or `reference=False` skips that pass (its slot
         is None): precomputed reference log-probs need only the policy, precomputing them only the reference.
         """
-        inputs = (input_ids, attention_mask, labels, position_ids, label_rows)
+        inputs = (input_ids, attention_mask, labels, position_ids, label_rows, label_index)
         if not pairs:
-            logps, keep = self._labelled_logps(*inputs)
-            return -logps.sum(), keep.sum()
+            logps, index = self._labelled_logps(*inputs)
+            return -logps.sum(), torch.full((), index.numel(), device=logps.device)
         policy_logps = tokens = reference_logps = None
         if policy:
             policy_logps, tokens = self._row_logps(*inputs)
@@ -103,29 +93,29 @@ class SupervisedLM(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None,
         label_rows: torch.Tensor | None = None,
+        label_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-prob of each labelled token [K] in fp32, the [batch, seq-1] label mask)."""
+        """(log-prob of each labelled token [K] in fp32, their predicting positions [K] as flat indices)."""
         base = self.peft_model.get_base_model()
-        decoder = base.get_decoder()
-        hidden = decoder(
+        hidden = base.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        head = base.get_output_embeddings()
-        return target_logps(head, hidden[:, :-1][keep], targets[keep], self.chunk), keep
+        index = labelled_positions(labels) if label_index is None else label_index
+        targets = labels.reshape(-1)[index + 1]
+        picked = hidden.reshape(-1, hidden.shape[-1])[index]
+        return self.head(picked, targets), index
 
     def _row_logps(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-prob of each answer row's labelled tokens [N] (fp32), and each row's count of them [N].
 
         Padded pairs have one answer per row; shared-prompt pairs two per row, placed by `label_rows`.
         """
-        token_logps, keep = self._labelled_logps(*inputs)
-        label_rows = inputs[4]
+        token_logps, index = self._labelled_logps(*inputs)
+        labels, label_rows = inputs[2], inputs[4]
         if label_rows is None:
-            rows, num_rows = keep.nonzero()[:, 0], keep.shape[0]
+            rows, num_rows = index // labels.shape[1], labels.shape[0]
         else:
-            rows, num_rows = label_rows[:, 1:][keep], 2 * keep.shape[0]
+            rows, num_rows = label_rows.reshape(-1)[index + 1], 2 * labels.shape[0]
         totals = torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device)
         counts = torch.zeros(num_rows, dtype=torch.long, device=token_logps.device)
         return totals.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.distributed
 
 # fp32 on CPU; ZeRO-3 gathers and reduces in another order than one rank (measured below 1e-6 relative).
 REL_TOL = 1e-5
+MARGIN_ABS_TOL = 1e-6
 
 
 def test_dpo_zero3_two_ranks_match_one_rank(tmp_path):
@@ -49,7 +50,10 @@ def test_dpo_zero3_two_ranks_match_one_rank(tmp_path):
         keys = ("loss", "reward_margin", "eval_loss", "eval_reward_margin", "eval_pref_acc")
         for key in (*keys, "eval_exact_match", "eval_token_f1"):
             if key in b:
-                assert a[key] == pytest.approx(b[key], rel=REL_TOL, abs=1e-7), (
+                # margins are beta x differences of log-probs near -50: another attention layout (shared
+                # prompt) moves them by fp32 rounding of those sums, ~1e-7 absolute (measured 1.1e-7)
+                tolerance = MARGIN_ABS_TOL if "margin" in key else 1e-7
+                assert a[key] == pytest.approx(b[key], rel=REL_TOL, abs=tolerance), (
                     a["step"],
                     key,
                     a[key],

@@ -11,9 +11,10 @@ import dstrain
 from dstrain.config import DataConfig, LoraConfig, ModelConfig
 from dstrain.data.batches import IGNORE, collate, tokenize_record
 from dstrain.data.records import load_records
+from dstrain.head import target_logps
 from dstrain.model import build_model
 from dstrain.objectives import sft_loss
-from dstrain.supervised import SupervisedLM, target_logps
+from dstrain.supervised import SupervisedLM
 
 DATA = Path(dstrain.__file__).parent / "assets" / "data" / "sft_rag_train.jsonl"
 
@@ -147,23 +148,41 @@ def test_sft_loss_is_the_mean_token_nll():
     assert sft_loss(-logps.sum(), torch.tensor(7)).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
-def test_chunked_head_gives_the_same_loss_and_gradients(chunk):
+@pytest.mark.parametrize("chunk", [1, 3, 7, 20, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_gives_the_same_log_probs_and_gradients(chunk, bias):
     generator = torch.Generator().manual_seed(1)
-    head = torch.nn.Linear(8, 50)  # trainable here, so the weight gradient through recompute is checked too
+    head = torch.nn.Linear(8, 50, bias=bias).requires_grad_(False)
     hidden = torch.randn(20, 8, generator=generator)
     targets = torch.randint(0, 50, (20,), generator=generator)
+    weights = torch.rand(20, generator=generator)  # an upstream gradient that differs per position
     results = []
-    for size in (0, chunk):
-        head.zero_grad()
+    for size in (0, chunk):  # 0: transformers-style cross-entropy on the whole logits
         leaf = hidden.clone().requires_grad_(True)
-        loss = -target_logps(head, leaf, targets, chunk=size).sum()
-        loss.backward()
-        results.append((loss.detach(), leaf.grad, head.weight.grad.clone()))
-    (full_loss, full_dh, full_dw), (loss, dh, dw) = results
-    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dh, full_dh, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(dw, full_dw, rtol=1e-5, atol=1e-7)
+        logps = target_logps(head, leaf, targets, chunk=size)
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), leaf.grad))
+    (full, full_grad), (chunked, chunked_grad) = results
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked_grad, full_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_trainable_head_is_called_as_a_module_and_gets_its_gradient():
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(12, 8, requires_grad=True)
+    target_logps(head, hidden, torch.randint(0, 50, (12,)), chunk=4).sum().backward()
+    assert head.weight.grad is not None and hidden.grad is not None
+
+
+def test_chunked_head_in_bf16_stays_close_to_fp32():
+    generator = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(40, 16, generator=generator)
+    targets = torch.randint(0, 300, (40,), generator=generator)
+    exact = target_logps(head, hidden, targets, chunk=0)
+    low = target_logps(head.to(torch.bfloat16), hidden.to(torch.bfloat16), targets, chunk=16)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, exact, rtol=0.02, atol=0.05)
 
 
 def _largest_saved_for_backward(fn) -> int:
