@@ -1,0 +1,639 @@
+"""Shared parts of the framework benchmarks (sft_bench, dpo_bench, loop_bench, gpu/run.sh).
+
+One place for: the generated RAG workloads, the random-init model directory every framework loads, the fully
+resolved ZeRO JSON every framework gets (so no framework fills an "auto" its own way), launching one 2-rank
+`deepspeed` job and reading back its throughput, the machine line and the tables.
+
+Every framework run measures the same thing: wall time from the end of warm-up step `warmup` to the end of the
+last step (rank 0's clock), and the non-padding tokens (attention-mask ones) / preference pairs of the batches
+trained in those steps, summed over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+TINY = REPO / "dstrain" / "assets" / "tiny"
+BUNDLED_DATA = REPO / "dstrain" / "assets" / "data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+PROMPT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"  # dstrain's default (SPEC s.2)
+
+
+# ------------------------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Workload:
+    """Everything the frameworks must agree on; serialised to JSON for the worker processes."""
+
+    data: str  # JSONL: sft-rag records, or preference records
+    model: str  # HF model dir (random init weights + the bundled tokenizer)
+    ds_config: str  # fully resolved ZeRO JSON (no "auto")
+    steps: int  # optimizer steps every framework trains
+    warmup: int  # steps left out of the timing
+    micro: int = 4
+    max_seq_len: int = 512
+    max_passage_tokens: int = 384
+    lr: float = 2e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    dtype: str = "fp32"  # fp32 | bf16
+    beta: float = 0.1
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> Workload:
+        return Workload(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def vocabulary() -> list[str]:
+    """Words of the bundled data files: text the bundled tokenizer was trained on (few tokens per word)."""
+    words: set[str] = set()
+    for path in sorted(BUNDLED_DATA.glob("*.jsonl")):
+        words.update(re.findall(r"[A-Za-z]+", path.read_text(encoding="utf-8")))
+    return sorted(words)
+
+
+def _sentence(rng: random.Random, words: list[str], lo: int, hi: int) -> str:
+    return " ".join(rng.choices(words, k=rng.randint(lo, hi)))
+
+
+def write_sft_records(path: Path, count: int, seed: int = 0) -> Path:
+    """sft-rag records shaped like SPEC section 6: ~181 tokens each, the answer ~15% of them.
+
+    1-3 passages of 10-34 words, a 6-14 word query, a 5-15 word answer (lengths picked by measuring the
+    bundled tokenizer: ~2.5 tokens per word of this vocabulary).
+    """
+    rng, words = random.Random(seed), vocabulary()
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(count):
+            record = {
+                "query": _sentence(rng, words, 6, 14) + "?",
+                "retrieval_result": [_sentence(rng, words, 10, 34) + "." for _ in range(rng.randint(1, 3))],
+                "answer": _sentence(rng, words, 5, 15) + ".",
+            }
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
+def write_long_sft_records(
+    path: Path, count: int, seed: int = 0, words_per_passage: tuple[int, int] = (150, 300)
+) -> Path:
+    """Long-context sft-rag records for GPU runs: 4-6 passages (cut to max_passage_tokens, e.g. 1,600) and a
+    30-100 word answer (~75-250 tokens), so rows of ~1,800 tokens fit max_seq_len 2048 uncut."""
+    rng, words = random.Random(seed), vocabulary()
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(count):
+            record = {
+                "query": _sentence(rng, words, 6, 14) + "?",
+                "retrieval_result": [
+                    _sentence(rng, words, *words_per_passage) + "." for _ in range(rng.randint(4, 6))
+                ],
+                "answer": _sentence(rng, words, 30, 100) + ".",
+            }
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
+def write_preference_records(
+    path: Path,
+    count: int,
+    seed: int = 0,
+    passage_words: tuple[int, int] = (40, 70),
+    answer_words: tuple[int, int] = (5, 15),
+) -> Path:
+    """Preference RAG records (SPEC s.2): a long shared prompt (3-5 passages), two short answers."""
+    rng, words = random.Random(seed), vocabulary()
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(count):
+            record = {
+                "query": _sentence(rng, words, 6, 14) + "?",
+                "retrieval_result": [
+                    _sentence(rng, words, *passage_words) + "." for _ in range(rng.randint(3, 5))
+                ],
+                "chosen": {"text": _sentence(rng, words, *answer_words) + "."},
+                "rejected": {"text": _sentence(rng, words, *answer_words) + "."},
+            }
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
+def token_stats(data: Path, fmt: str, max_seq_len: int, max_passage_tokens: int) -> dict[str, float]:
+    """Mean tokens per row and answer share, tokenised exactly as dstrain does (for the report)."""
+    from dstrain.config import DataConfig
+    from dstrain.data.batches import tokenize_rag
+    from dstrain.data.records import parse_text
+
+    tokenizer = load_tokenizer()
+    cfg = DataConfig(format=fmt, max_seq_len=max_seq_len, max_passage_tokens=max_passage_tokens)
+    total = answer = rows = 0
+    for line in data.read_text(encoding="utf-8").splitlines():
+        example = tokenize_rag(tokenizer, parse_text(line, fmt), cfg)
+        total += len(example.input_ids)
+        answer += sum(1 for label in example.labels if label != -100)
+        rows += 1
+    return {"rows": rows, "mean_tokens": total / rows, "answer_share": answer / max(total, 1)}
+
+
+def pair_stats(data: Path, max_seq_len: int, max_passage_tokens: int) -> dict[str, float]:
+    """Mean prompt / answer tokens of preference pairs, tokenised as dstrain does, and the shared-row saving."""
+    from dstrain.config import DataConfig
+    from dstrain.data.pairs import tokenize_pair
+    from dstrain.data.records import parse_text
+
+    tokenizer = load_tokenizer()
+    cfg = DataConfig(format="preference", max_seq_len=max_seq_len, max_passage_tokens=max_passage_tokens)
+    sums = {"prompt": 0, "chosen": 0, "rejected": 0}
+    pairs = 0
+    for line in data.read_text(encoding="utf-8").splitlines():
+        try:
+            pair = tokenize_pair(tokenizer, parse_text(line, "preference"), cfg)
+        except ValueError:  # over-long prompt: the frameworks report it themselves
+            continue
+        sums["prompt"] += len(pair.prompt_ids)
+        sums["chosen"] += len(pair.chosen_ids)
+        sums["rejected"] += len(pair.rejected_ids)
+        pairs += 1
+    mean = {key: value / max(pairs, 1) for key, value in sums.items()}
+    return {
+        "pairs": pairs,
+        **mean,
+        "shared": mean["prompt"] + mean["chosen"] + mean["rejected"],
+        "unshared": 2 * mean["prompt"] + mean["chosen"] + mean["rejected"],
+    }
+
+
+def load_tokenizer() -> Any:
+    """The bundled tokenizer, with dstrain's pad rule (pad = EOS when unset), as all frameworks use it."""
+    from dstrain.config import ModelConfig
+    from dstrain.model import load_tokenizer as dstrain_tokenizer
+
+    return dstrain_tokenizer(ModelConfig())
+
+
+def rendered_prompt(tokenizer: Any, record: dict[str, Any], max_passage_tokens: int) -> str:
+    """The RAG prompt text exactly as dstrain renders it (passages cut by tokens), for TRL's datasets."""
+    from dstrain.data.prompts import render_rag_prompt
+
+    return render_rag_prompt(
+        tokenizer, PROMPT_TEMPLATE, record["query"], record["retrieval_result"], max_passage_tokens
+    )
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def model_config(shape: str, vocab: int, hidden: int, layers: int, heads: int = 0, kv_heads: int = 0) -> Any:
+    """A Qwen2- or Llama-shaped config; heads default to head_dim 64 and 4x GQA (at least one KV head)."""
+    heads = heads or max(1, hidden // 64)
+    kv_heads = kv_heads or max(1, heads // 4)
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 11 // 4,  # TinyLlama's 5632 at hidden 2048
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5 if shape == "llama" else 1e-6,
+        "tie_word_embeddings": False,
+        "use_cache": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+    }
+    if shape == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**common)
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**common)
+
+
+def write_model(
+    out: Path,
+    shape: str,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    dtype: str = "fp32",
+    seed: int = 0,
+    heads: int = 0,
+    kv_heads: int = 0,
+) -> Path:
+    """Random-init weights (seeded) + the bundled tokenizer: one dir every framework loads with from_pretrained.
+
+    The model's vocab may exceed the tokenizer's 2,048 ids: ids stay below it, only the embedding and the
+    output head grow, which is what a realistic vocabulary costs per token.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / "bench_model.json"
+    spec = {
+        "shape": shape,
+        "vocab": vocab,
+        "hidden": hidden,
+        "layers": layers,
+        "dtype": dtype,
+        "seed": seed,
+        "heads": heads,
+        "kv_heads": kv_heads,
+    }
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return out  # built by an earlier run of the same spec
+    torch.manual_seed(seed)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    config = model_config(shape, vocab, hidden, layers, heads, kv_heads)
+    # built on the GPU when there is one: a 1B random init on CPU takes most of a minute
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (TINY / name).is_file():
+            shutil.copy(TINY / name, out / name)
+    stamp.write_text(json.dumps(spec), encoding="utf-8")
+    return out
+
+
+def count_params(model_dir: Path) -> int:
+    """All parameters of the base model in `model_dir` (from the config, without loading weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------- ZeRO JSON
+
+
+def resolved_ds_config(
+    micro: int,
+    world: int,
+    steps: int,
+    lr: float,
+    stage: int = 2,
+    bf16: bool = False,
+    accumulation: int = 1,
+    torch_adam: bool = False,
+) -> dict[str, Any]:
+    """dstrain's ds_configs/zero2.json (or zero3) with every "auto" filled the way dstrain fills it.
+
+    Handed unchanged to every framework: HF's integration checks each explicit value against its
+    TrainingArguments (and raises on a mismatch), so the workers set matching arguments.
+    """
+    name = "zero3.json" if stage == 3 else "zero2.json"
+    ds = json.loads((REPO / "dstrain" / "ds_configs" / name).read_text(encoding="utf-8"))
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["train_batch_size"] = micro * accumulation * world
+    ds["bf16"] = {"enabled": bf16}
+    ds["fp16"] = {"enabled": False}
+    ds["scheduler"]["params"].update(
+        warmup_max_lr=lr,
+        warmup_num_steps=warmup_steps(steps),
+        total_num_steps=steps,
+    )
+    ds["optimizer"]["params"]["lr"] = lr
+    if (
+        torch_adam
+    ):  # torch's AdamW instead of FusedAdam, whose CUDA op needs a JIT build (nvcc) on the GPU box
+        ds["optimizer"]["params"]["torch_adam"] = True
+    zero = ds["zero_optimization"]
+    for key, value in list(zero.items()):
+        if value == "auto":  # ZeRO-3 bucket sizes: dstrain derives them from hidden size; fixed here
+            zero[key] = {"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5}.get(
+                key, int(5e7)
+            )
+    return ds
+
+
+def warmup_steps(steps: int) -> int:
+    """dstrain's "auto" warmup: 5% of the steps, at least one."""
+    return max(1, math.ceil(0.05 * steps))
+
+
+# ------------------------------------------------------------------------------------------- launching
+
+
+def child_env(threads: int = 1, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a launched job: the venv's `deepspeed` on PATH, one intra-op thread per rank."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_DISABLED="true",
+        DISABLE_MLFLOW_INTEGRATION="TRUE",
+    )
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra or {})
+    return env
+
+
+def deepspeed_launch(args: list[str], nproc: int) -> list[str]:
+    """`deepspeed --num_gpus N --master_port FREE ARGS` through this Python (`-m deepspeed.launcher.runner`,
+    what the `deepspeed` script runs): works where DeepSpeed was pip-installed with --target, without a
+    `deepspeed` on PATH (the GPU image)."""
+    from dstrain.distributed import free_port
+
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*runner, "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
+
+
+def run_job(cmd: list[str], log: Path, timeout: int, threads: int = 1) -> None:
+    """Run one launch to its end, output to `log`; on timeout kill its whole process group (ranks too)."""
+    with log.open("w", encoding="utf-8") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=child_env(threads), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"timed out after {timeout} s; log: {log}") from None
+    if code:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"exit {code}; log: {log}\n{tail}")
+
+
+@dataclass
+class Throughput:
+    """One framework run: tokens / pairs trained after warm-up, over the wall time of those steps."""
+
+    name: str
+    seconds: float
+    tokens: int
+    pairs: int = 0
+    steps: int = 0
+    peak_mem_gb: float | None = None
+    loss: float | None = None
+    notes: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / self.seconds
+
+
+def dstrain_throughput(name: str, run_dir: Path, warmup: int) -> Throughput:
+    """From metrics.jsonl: steps after `warmup` (must be a logged step, see dstrain_overrides)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if "tokens_per_s" in row]
+    base = next(row for row in rows if row["step"] == warmup)
+    later = [row for row in rows if row["step"] > warmup]
+    seconds, previous = 0.0, warmup
+    for row in later:  # step_time_s is the mean over the steps since the previous log
+        seconds += row["step_time_s"] * (row["step"] - previous)
+        previous = row["step"]
+    last = later[-1]
+    pairs = last["samples"] - base["samples"]
+    return Throughput(
+        name=name,
+        seconds=seconds,
+        tokens=last["tokens"] - base["tokens"],
+        pairs=pairs,
+        steps=last["step"] - warmup,
+        peak_mem_gb=max((row.get("mem_gb") or 0.0) for row in rows) or None,
+        loss=last.get("loss"),
+    )
+
+
+def dstrain_config(work: Workload, run_dir: Path, objective: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A run YAML (as a dict) that makes dstrain train `work`; `options` ("section.key": value) on top.
+
+    Written in full rather than as `--set`s on the demo config: the demo's eval set would add an eval.
+    """
+    fmt = "preference" if objective != "sft" else "sft-rag"
+    # Log at the end of warm-up and every `log_every` after: logging costs one small all-reduce, so a
+    # sparse log keeps dstrain's measured time (sum of step_time_s) close to its wall time.
+    log_every = math.gcd(work.warmup, work.steps) if work.warmup else work.steps
+    raw: dict[str, Any] = {
+        "model": {
+            "path": work.model,
+            "dtype": work.dtype,
+            "gradient_checkpointing": work.gradient_checkpointing,
+            "load_in_4bit": work.load_in_4bit,
+        },
+        "lora": {
+            "r": work.lora_r,
+            "alpha": work.lora_alpha,
+            "dropout": work.lora_dropout,
+            "target_modules": "all-linear",
+        },
+        "data": {
+            "train": [work.data],
+            "format": fmt,
+            "max_seq_len": work.max_seq_len,
+            "max_passage_tokens": work.max_passage_tokens,
+        },
+        "objective": {"name": objective, "beta": work.beta},
+        "train": {
+            "max_steps": work.steps,
+            "log_every": log_every,
+            "eval_every": 0,
+            "save_every": 0,
+            "memory_check": "off",
+        },
+        "ds_config": work.ds_config,
+        "output_dir": str(run_dir),
+    }
+    if not work.load_in_4bit:
+        del raw["model"]["load_in_4bit"]  # the key exists only once QLoRA support is in
+    for key, value in options.items():
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+def run_dstrain(
+    name: str,
+    work: Workload,
+    work_dir: Path,
+    objective: str,
+    options: dict[str, Any],
+    nproc: int,
+    timeout: int,
+) -> Throughput:
+    """One `deepspeed --num_gpus N --module dstrain.train --config RUN.yaml` launch."""
+    import yaml
+
+    run_dir = work_dir / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = work_dir / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(dstrain_config(work, run_dir, objective, options)), encoding="utf-8")
+    cmd = deepspeed_launch(["--module", "dstrain.train", "--config", str(config)], nproc)
+    run_job(cmd, work_dir / f"{name}.log", timeout)
+    return dstrain_throughput(name, run_dir, work.warmup)
+
+
+def run_worker(
+    name: str, work: Workload, work_dir: Path, mode: str, options: dict[str, Any], nproc: int, timeout: int
+) -> Throughput:
+    """One `deepspeed --num_gpus N bench/hf_worker.py` launch (HF Trainer / TRL); reads its result JSON."""
+    spec = work_dir / f"{name}.workload.json"
+    work.save(spec)
+    result = work_dir / f"{name}.result.json"
+    result.unlink(missing_ok=True)
+    cmd = deepspeed_launch(
+        [
+            str(REPO / "bench" / "hf_worker.py"),
+            "--mode",
+            mode,
+            "--workload",
+            str(spec),
+            "--options",
+            json.dumps(options),
+            "--result",
+            str(result),
+            "--output-dir",
+            str(work_dir / name),
+        ],
+        nproc,
+    )
+    run_job(cmd, work_dir / f"{name}.log", timeout)
+    data = json.loads(result.read_text(encoding="utf-8"))
+    return Throughput(name=name, **data)
+
+
+def run_variant(
+    name: str,
+    runner: str,
+    work: Workload,
+    work_dir: Path,
+    options: dict[str, Any],
+    nproc: int,
+    timeout: int,
+    objective: str = "sft",
+) -> Throughput | None:
+    """One row of a benchmark; a failure is printed and gives None, so the other rows still run."""
+    started = time.perf_counter()
+    try:
+        if runner == "dstrain":
+            result = run_dstrain(name, work, work_dir, objective, options, nproc, timeout)
+        else:
+            result = run_worker(name, work, work_dir, runner, options, nproc, timeout)
+    except (RuntimeError, OSError, StopIteration, KeyError, ValueError) as exc:
+        print(f"[{name}] FAILED after {time.perf_counter() - started:.0f} s: {exc}", flush=True)
+        return None
+    pairs = f", {result.pairs_per_s:.2f} pairs/s" if objective != "sft" or runner.startswith("dpo") else ""
+    print(
+        f"[{name}] {result.tokens_per_s:,.0f} tokens/s{pairs} over {result.steps} "
+        f"steps ({result.seconds:.1f} s measured, {time.perf_counter() - started:.0f} s launch to exit)",
+        flush=True,
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense tensor-core peaks
+
+
+def mfu(tokens_per_s: float, params: int, world: int) -> float | None:
+    """Model FLOPs utilisation at 4N FLOPs per token (LoRA: forward 2N + backward to the activations 2N; the
+    frozen weights get no weight gradient; attention FLOPs not counted); None off a known GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return None if peak is None else 4 * params * tokens_per_s / (peak * 1e12 * world)
+
+
+def load_line() -> str:
+    """The 1/5/15-minute load averages: timing runs on a shared machine must say how busy it was."""
+    with contextlib.suppress(OSError):
+        one, five, fifteen = os.getloadavg()
+        return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+    return "load average unknown"
+
+
+def machine_line() -> str:
+    import deepspeed
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f", GPU {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs{gpu}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, "
+        f"deepspeed {deepspeed.__version__}; {load_line()}"
+    )
+
+
+def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    print(f"\n{title}\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+    sys.stdout.flush()
+
+
+def ratio(a: Throughput | None, b: Throughput | None, pairs: bool = False) -> str:
+    if a is None or b is None:
+        return "n/a"
+    if pairs:
+        return f"{a.pairs_per_s / b.pairs_per_s:.2f}x"
+    return f"{a.tokens_per_s / b.tokens_per_s:.2f}x"
+
+
+def save_results(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")

@@ -1,0 +1,209 @@
+"""DPO pairs/s: dstrain vs TRL DPOTrainer, same run, same model, data, ZeRO JSON, beta and lengths.
+
+    python bench/dpo_bench.py                 # full: 1,000 preference pairs, vocab 3,000 and 32,000 (CPU)
+    python bench/dpo_bench.py --quick         # toy sizes, a few minutes: checks every path works
+
+Generated preference RAG records (SPEC s.2: query, 3-5 long retrieved passages shared by both answers, a
+chosen and a rejected answer), a random-init Qwen2-shaped model (hidden 256, 4 layers) with the bundled
+tokenizer, micro batch 4 pairs x 2 ranks, ZeRO-2, LoRA r16 all-linear, beta 0.1, max length 512 for prompt +
+answer (both frameworks cut passages the same way: TRL gets the prompt text dstrain renders). Each row is its
+own `deepspeed --num_gpus N` launch:
+
+  dstrain           objective.name=dpo, data.format=preference, data.share_prompt=true (prompt, chosen and
+                    rejected in one row: the prompt is computed once), reference = the policy with its adapter
+                    disabled (dstrain's default)
+  dstrain-unshared  the same with data.share_prompt=false (2 rows per pair, as TRL)
+  trl               trl.DPOTrainer(ref_model=None) with a LoRA peft_config: the reference is the policy with
+                    the adapter disabled, 2 rows per pair
+
+Measured identically: wall time from the end of optimizer step `--warmup` to the end of the last step, and the
+pairs trained in those steps, summed over ranks. Printed: pairs/s and dstrain/trl (target >= 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_common as bc
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dstrain": ("dstrain", {"data.share_prompt": True}),
+    "dstrain-unshared": ("dstrain", {"data.share_prompt": False}),
+    "trl": ("dpo-trl", {}),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="toy sizes: 64 pairs, 6 steps, one vocab")
+    parser.add_argument("--pairs", type=int, default=1000, help="preference records generated")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps; 0: one epoch (pairs / global)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[3000, 32000])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--shape", choices=["qwen2", "llama"], default="qwen2")
+    parser.add_argument("--micro", type=int, default=4, help="pairs per rank per micro batch")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks (deepspeed --num_gpus)")
+    parser.add_argument("--max-seq-len", type=int, default=512, help="prompt + one answer")
+    parser.add_argument("--max-passage-tokens", type=int, default=384)
+    parser.add_argument(
+        "--passage-words",
+        type=int,
+        nargs=2,
+        default=[40, 70],
+        metavar=("MIN", "MAX"),
+        help="words per retrieved passage (3-5 passages per record)",
+    )
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base in every framework"
+    )
+    parser.add_argument(
+        "--torch-adam",
+        action="store_true",
+        help="torch's AdamW in the ZeRO JSON (GPU without nvcc: no FusedAdam JIT build)",
+    )
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="use this HF model dir instead of generating one (then --vocab is ignored)",
+    )
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per launch before it is killed")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep data, model, logs here")
+    parser.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pairs, args.warmup = min(args.pairs, 64), 2
+        args.steps = args.steps or 6
+        args.vocab = args.vocab[:1]
+        args.variants = [v for v in args.variants if v != "dstrain-unshared"]
+    return args
+
+
+def fmt_mfu(value: float | None) -> str:
+    return f"{value:.1%}" if value is not None else "n/a (CPU)"
+
+
+def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path) -> dict[str, Any]:
+    model = args.model_dir or bc.write_model(
+        work_dir / f"model-{args.shape}-v{vocab}", args.shape, vocab, args.hidden, args.layers, args.dtype
+    )
+    global_batch = args.micro * args.nproc
+    steps = args.steps or args.pairs // global_batch
+    ds = bc.resolved_ds_config(
+        args.micro, args.nproc, steps, lr=2e-4, bf16=args.dtype == "bf16", torch_adam=args.torch_adam
+    )
+    ds_path = work_dir / f"ds-v{vocab}.json"
+    bc.save_results(ds_path, ds)
+    work = bc.Workload(
+        data=str(data),
+        model=str(model),
+        ds_config=str(ds_path),
+        steps=steps,
+        warmup=args.warmup,
+        micro=args.micro,
+        max_seq_len=args.max_seq_len,
+        max_passage_tokens=args.max_passage_tokens,
+        dtype=args.dtype,
+        beta=args.beta,
+        gradient_checkpointing=args.gradient_checkpointing,
+        load_in_4bit=args.load_in_4bit,
+    )
+    print(
+        f"\n== vocab {vocab}: {steps} steps of {global_batch} pairs, timing after step {args.warmup}",
+        flush=True,
+    )
+    results: dict[str, bc.Throughput | None] = {}
+    for name in args.variants:
+        runner, options = VARIANTS[name]
+        results[name] = bc.run_variant(
+            f"dpo-{name}-v{vocab}", runner, work, work_dir, options, args.nproc, args.timeout, objective="dpo"
+        )
+    params = bc.count_params(Path(model))
+    rows = []
+    for name, res in results.items():
+        if res is None:
+            rows.append([name, "failed", "", "", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                name,
+                f"{res.pairs_per_s:.2f}",
+                f"{res.pairs:,}",
+                f"{res.tokens_per_s:,.0f}",
+                f"{res.seconds:.1f}",
+                f"{res.loss:.4f}" if res.loss is not None else "",
+                f"{res.peak_mem_gb:.2f}" if res.peak_mem_gb else "",
+                fmt_mfu(bc.mfu(res.tokens_per_s, params, args.nproc)),
+            ]
+        )
+    bc.print_table(
+        f"DPO, vocab {vocab}, {steps} steps (timed after {args.warmup}), {args.micro} pairs x {args.nproc} ranks",
+        [
+            "variant",
+            "pairs/s",
+            "pairs timed",
+            "tokens/s (rows as fed)",
+            "seconds",
+            "last loss",
+            "peak GB",
+            "MFU (4N FLOPs/token as fed)",
+        ],
+        rows,
+    )
+    ratios = {
+        f"{name}/trl": bc.ratio(results.get(name), results.get("trl"), pairs=True)
+        for name in ("dstrain", "dstrain-unshared")
+        if name in results
+    }
+    print("ratios (pairs/s): " + ", ".join(f"{k} {v}" for k, v in ratios.items()) + "  (target: >= 1.5x)")
+    return {
+        "vocab": vocab,
+        "steps": steps,
+        "params": params,
+        "results": {k: v and vars(v) for k, v in results.items()},
+        "ratios": ratios,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dstrain-dpo-bench-") as tmp:
+        work_dir = args.work_dir or Path(tmp)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        data = bc.write_preference_records(
+            work_dir / "pref.jsonl", args.pairs, seed=0, passage_words=tuple(args.passage_words)
+        )
+        stats = bc.pair_stats(data, args.max_seq_len, args.max_passage_tokens)
+        print(bc.machine_line())
+        print(
+            f"data: {stats['pairs']} preference pairs, mean prompt {stats['prompt']:.0f} tokens, answers "
+            f"{stats['chosen']:.0f} / {stats['rejected']:.0f} tokens (shared row {stats['shared']:.0f} vs two rows "
+            f"{stats['unshared']:.0f}: {stats['unshared'] / stats['shared']:.2f}x); work dir {work_dir}",
+            flush=True,
+        )
+        runs = [bench_vocab(vocab, args, work_dir, data) for vocab in ([0] if args.model_dir else args.vocab)]
+        print(f"\n{bc.load_line()}; total {time.perf_counter() - started:.0f} s")
+        if args.out:
+            bc.save_results(
+                args.out, {"machine": bc.machine_line(), "data": stats, "args": vars(args), "runs": runs}
+            )
+
+
+if __name__ == "__main__":
+    main()
