@@ -292,11 +292,6 @@ def check_values(cfg: RunConfig) -> list[str]:
     if cfg.objective.beta <= 0:
         p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
     flash = cfg.model.attn_implementation == "flash_attention_2"
-    if cfg.data.packing and flash:
-        p.append(
-            "data.packing: isolates packed samples with a 4D attention mask, which flash_attention_2 does not "
-            "take; use model.attn_implementation=sdpa (or eager), or set data.packing=false"
-        )
     if cfg.data.share_prompt and cfg.data.format == "preference" and flash:
         p.append(
             "data.share_prompt: keeps the two answers apart with a 4D attention mask, which flash_attention_2 "

@@ -30,7 +30,8 @@ def forward(engine: DeepSpeedEngine, batch: dict[str, Any], **flags: bool) -> tu
     if "labels" in batch and "label_index" not in batch:
         batch = {**batch, "label_index": labelled_positions(batch["labels"])}
     device = engine.device
-    return engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **flags)
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return engine(**moved, **flags)
 
 
 def backward(engine: DeepSpeedEngine, loss: torch.Tensor) -> None:

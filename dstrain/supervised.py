@@ -54,7 +54,7 @@ class SupervisedLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         label_rows: torch.Tensor | None = None,
@@ -62,6 +62,7 @@ class SupervisedLM(nn.Module):
         pairs: bool = False,
         policy: bool = True,
         reference: bool = True,
+        **varlen: torch.Tensor | int,
     ) -> tuple[torch.Tensor | None, ...]:
         """(summed NLL over supervised tokens, number of supervised tokens); with `pairs`, per answer row:
         (policy log-prob [N], reference log-prob [N], supervised tokens [N]).
@@ -69,12 +70,14 @@ class SupervisedLM(nn.Module):
         `attention_mask` is [batch, seq] for padded rows, or a [batch, 1, seq, seq] block mask with
         `position_ids` for packed rows (data/packing.py) and shared-prompt pairs (data/pairs.py). For the
         latter, `label_rows` [batch, seq] names the answer row (chosen b, rejected B+b) of each label.
-        `label_index` is `labelled_positions(labels)`, when the caller has it already.
+        `label_index` is `labelled_positions(labels)`, when the caller has it already. `varlen` holds
+        flash-attention's `cu_seq_lens_q/k` and `max_length_q/k` for a flat packed row (data/packing.py),
+        with `attention_mask` None.
         The reference is the same model with its adapter disabled: no second model in memory, and under
         ZeRO-3 the same partitioned weights. `policy=False` or `reference=False` skips that pass (its slot
         is None): precomputed reference log-probs need only the policy, precomputing them only the reference.
         """
-        inputs = (input_ids, attention_mask, labels, position_ids, label_rows, label_index)
+        inputs = (input_ids, attention_mask, labels, position_ids, label_rows, label_index, varlen)
         if not pairs:
             logps, index = self._labelled_logps(*inputs)
             return -logps.sum(), torch.full((), index.numel(), device=logps.device)
@@ -94,11 +97,12 @@ class SupervisedLM(nn.Module):
         position_ids: torch.Tensor | None,
         label_rows: torch.Tensor | None = None,
         label_index: torch.Tensor | None = None,
+        varlen: dict[str, torch.Tensor | int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-prob of each labelled token [K] in fp32, their predicting positions [K] as flat indices)."""
         base = self.peft_model.get_base_model()
         hidden = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **(varlen or {})
         ).last_hidden_state
         index = labelled_positions(labels) if label_index is None else label_index
         targets = labels.reshape(-1)[index + 1]

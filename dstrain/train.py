@@ -140,6 +140,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     state = new_state(env.world_size, prepared)
     if resume:
         state = restore(resume, ds_engine, peft_model, prepared, env.rank, env.world_size)
+    flash = cfg.model.attn_implementation == "flash_attention_2"
     loader = train_loader(
         prepared.train,
         prepared.plan,
@@ -149,7 +150,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         prepared.tokenizer.pad_token_id,
         cfg.data.num_workers,
         start_step=state.step,
-        pack_to=cfg.data.max_seq_len if cfg.data.packing else 0,
+        pack_to=cfg.data.max_seq_len if cfg.data.packing and not flash else 0,
+        flat=cfg.data.packing and flash,  # flash-attention packs without a mask: variable-length rows
         shuffle=(cfg.data.shuffle_block, cfg.data.shuffle_window),
         pairs=prepared.train.pairs,
         group=(prepared.train.sizes(), cfg.data.length_group_window) if cfg.data.group_by_length else None,

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from dstrain.config import DataConfig
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.grouping import LengthGroupedOrder
-from dstrain.data.packing import collate_packed
+from dstrain.data.packing import collate_flat, collate_packed
 from dstrain.data.pairs import PairExample, collate_pairs, collate_shared_pairs, tokenize_pair
 from dstrain.data.records import BadRecord
 from dstrain.data.stream import Corpus, EpochOrder, UnreadableRecordError
@@ -84,9 +84,11 @@ def collate_micro(
     pack_to: int = 0,
     pairs: bool = False,
     share_prompt: bool = False,
+    flat: bool = False,
 ) -> MicroBatch:
     """Drop bad items, then pad (or with `pack_to` > 0, pack into rows of at most that many tokens); with
-    `pairs`, chosen rows then rejected rows, or with `share_prompt` one row per pair (see data/pairs.py).
+    `pairs`, chosen rows then rejected rows, or with `share_prompt` one row per pair (see data/pairs.py);
+    with `flat`, one unpadded row for flash-attention's variable-length path (data/packing.py).
 
     A micro batch whose every item is bad still yields one row (a pad token without labels): every rank
     must run the same number of forwards, which are collectives under ZeRO-3. `tokens` counts the
@@ -105,7 +107,12 @@ def collate_micro(
         return MicroBatch(inputs, tokens, len(good_pairs), bad, [p.index for p in good_pairs])
     good = [item for item in items if isinstance(item, Example)]
     rows = good or [Example([pad_id], [IGNORE])]
-    inputs = collate_packed(rows, pad_id, pack_to) if pack_to else collate(rows, pad_id)
+    if flat:  # packing under flash_attention_2: one row, variable-length attention
+        inputs = collate_flat(rows, pad_id)
+    elif pack_to:
+        inputs = collate_packed(rows, pad_id, pack_to)
+    else:
+        inputs = collate(rows, pad_id)
     return MicroBatch(inputs, sum(len(e.input_ids) for e in good), len(good), bad)
 
 
@@ -178,6 +185,7 @@ def train_loader(
     pairs: bool = False,
     group: tuple[np.ndarray, int] | None = None,
     share_prompt: bool = False,
+    flat: bool = False,
 ) -> DataLoader:
     """MicroBatches of `dataset` for this rank, from `start_step` on; `shuffle` is (block, window); `pairs`:
     the dataset yields PairExamples (preference objectives); `group`: (record sizes, micro batches per
@@ -190,7 +198,7 @@ def train_loader(
         generator=torch.Generator().manual_seed(seed),
         batch_sampler=sampler,
         collate_fn=partial(
-            collate_micro, pad_id=pad_id, pack_to=pack_to, pairs=pairs, share_prompt=share_prompt
+            collate_micro, pad_id=pad_id, pack_to=pack_to, pairs=pairs, share_prompt=share_prompt, flat=flat
         ),
         num_workers=num_workers,
         worker_init_fn=ignore_in_worker if num_workers else None,

@@ -1,5 +1,9 @@
 """Sequence packing: a micro batch's examples laid into as few rows as fit, isolated from each other.
 
+Two layouts: `collate_packed` (rows of at most `capacity` tokens with a 4D block-diagonal causal mask, for
+sdpa/eager) and `collate_flat` (flash-attention's variable-length path: the whole micro batch as one row
+without padding, sequence boundaries given as `cu_seq_lens`, attention cost per sample instead of per row).
+
 Packing here re-lays out the *same* micro batch (same samples, same loss) into fewer, fuller rows; it does not
 change what a step trains on, so the global data position, elastic resume and the loss stay exactly as
 without packing. Isolation needs a 4D block-diagonal causal mask: with sdpa attention, position ids that
@@ -77,4 +81,34 @@ def collate_packed(examples: Sequence[Example], pad_id: int, capacity: int) -> d
         "attention_mask": block_causal_mask(segments),
         "labels": labels,
         "position_ids": position_ids,
+    }
+
+
+def collate_flat(examples: Sequence[Example], pad_id: int) -> dict[str, object]:
+    """The micro batch as one row [1, total tokens], for flash-attention's variable-length kernels.
+
+    transformers passes `cu_seq_lens_q/k` and `max_length_q/k` from the model's keyword arguments to
+    flash_attention_2, which then attends within each sample only; computed here, on the host, so no layer
+    has to derive them from the position ids on the device (a sync per layer). There is no padding at all.
+    """
+    del pad_id  # nothing is padded: kept for the same signature as the other layouts
+    ids, labels, positions, bounds = [], [], [], [0]
+    for example in examples:
+        n = len(example.input_ids)
+        ids += example.input_ids
+        # label t is predicted from position t-1: a sample's first label would come from the previous one
+        labels += [IGNORE, *example.labels[1:]]
+        positions += range(n)
+        bounds.append(bounds[-1] + n)
+    cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
+    longest = int(np.diff(bounds).max())
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "attention_mask": None,
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
     }
