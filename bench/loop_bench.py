@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile one extra dstrain repetition on rank 0, print the top functions",
+    )
     parser.add_argument("--rank-job", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -70,13 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bare_loop(engine: Any, batches: list[Any]) -> None:
-    """The reference: what a hand-rolled DeepSpeed loop does, and nothing more."""
+    """The reference: what a hand-rolled DeepSpeed loop does, and nothing more.
+
+    The forward goes through `dstrain.engine.forward`, the thin wrapper that moves the batch to the device
+    and adds the host-side labelled-position index SupervisedLM takes: without it the module would find
+    the positions itself (a device sync), and the two variants would not do the same model work.
+    """
+    from dstrain import engine as eng
     from dstrain.objectives import sft_loss
 
-    device = engine.device
     for batch in batches:
-        out = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()})
-        loss = sft_loss(*out)
+        loss = sft_loss(*eng.forward(engine, batch.inputs))
         engine.backward(loss)
         engine.step()
 
@@ -119,6 +128,19 @@ def rank_job(spec_path: Path) -> None:
                 torch.cuda.synchronize()
             distributed.barrier()
             times[name].append(time.perf_counter() - started)
+    if spec.get("profile"):
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run_dstrain()
+        profiler.disable()
+        if session.rank == 0:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+            Path(spec["result"]).with_suffix(".profile.txt").write_text(text.getvalue(), encoding="utf-8")
     session.sink.close()
     session.stop.uninstall()
     if session.rank == 0:
@@ -145,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             work_dir / f"model-v{args.vocab}", "qwen2", args.vocab, args.hidden, args.layers, args.dtype
         )
         # the scheduler spans every step the engine will take, so the LR never runs off its end
-        total = args.warmup + 2 * args.repeats * args.steps
+        total = args.warmup + (2 * args.repeats + 1) * args.steps
         ds = bc.resolved_ds_config(args.micro, args.nproc, total, lr=2e-4, bf16=args.dtype == "bf16")
         bc.save_results(work_dir / "ds.json", ds)
         work = bc.Workload(
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "result": str(result),
+            "profile": args.profile,
         }
         spec_path = work_dir / "loop.spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -174,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         cmd = bc.deepspeed_launch([str(Path(__file__).resolve()), "--rank-job", str(spec_path)], args.nproc)
         bc.run_job(cmd, work_dir / "loop.log", args.timeout)
         times = json.loads(result.read_text(encoding="utf-8"))
+        profile = result.with_suffix(".profile.txt")
+        if profile.is_file():
+            print(profile.read_text(encoding="utf-8"))
     medians = {name: statistics.median(values) for name, values in times.items()}
     rows = [
         [
