@@ -140,6 +140,12 @@ def load_model(work: bc.Workload) -> Any:
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype,
         )
+        if (
+            torch.cuda.is_available()
+        ):  # quantise straight onto this rank's GPU, as single-GPU QLoRA recipes do
+            import os
+
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(work.model, **kwargs)
     model.config.use_cache = False
     return model
