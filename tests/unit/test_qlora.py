@@ -188,7 +188,7 @@ def test_merged_export_folds_the_adapter_into_the_unquantised_base(trained_check
     assert diff < 1e-4
 
 
-def test_generation_and_eval_mode_run_on_a_4bit_base(tokenizer, trained_checkpoint):
+def test_generation_and_eval_mode_run_on_a_4bit_base(tokenizer):
     """Greedy decoding (eval mode, no grad) on CPU, then training again: the 4-bit weights keep the
     training layout (bitsandbytes' CPU inference repacking is off) and backward still reaches LoRA."""
     model = build_model(qlora_cfg("fp32"), LORA, zero_stage=2)
