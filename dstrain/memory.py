@@ -255,10 +255,13 @@ def setup_from(cfg: Any, ds: dict[str, Any], micro: int, world: int) -> Setup:
 
 
 def local_ranks() -> int:
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    """Ranks on this host: torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        try:
+            return max(1, int(os.environ[key]))
+        except (KeyError, ValueError):
+            continue
+    return 1
 
 
 def capacities(shape: ModelShape, cuda: bool) -> dict[str, int]:
