@@ -419,6 +419,12 @@ class Throughput:
         return self.pairs / self.seconds
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def dstrain_throughput(name: str, run_dir: Path, warmup: int) -> Throughput:
     """From metrics.jsonl: steps after `warmup` (must be a logged step, see dstrain_overrides)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -437,7 +443,8 @@ def dstrain_throughput(name: str, run_dir: Path, warmup: int) -> Throughput:
         tokens=last["tokens"] - base["tokens"],
         pairs=pairs,
         steps=last["step"] - warmup,
-        peak_mem_gb=max((row.get("mem_gb") or 0.0) for row in rows) or None,
+        # on CPU dstrain's mem_gb is the process RSS, which the baselines do not report: left out
+        peak_mem_gb=(max((row.get("mem_gb") or 0.0) for row in rows) or None) if cuda_available() else None,
         loss=last.get("loss"),
     )
 

@@ -1,7 +1,8 @@
 """SFT effective tokens/s: dstrain vs transformers.Trainer vs TRL SFTTrainer, same run, same everything.
 
-    python bench/sft_bench.py                 # full: 2,000 records, vocab 3,000 and 32,000 (~15-25 min, CPU)
-    python bench/sft_bench.py --quick         # toy sizes, < 2 min: checks every path works
+    python bench/sft_bench.py                 # full: 2,000 records (one epoch), vocab 3,000 and 32,000:
+                                              # 10 launches, ~30 min on the idle 2-core box
+    python bench/sft_bench.py --quick         # 8 steps, 3 launches: checks every path works
 
 Same model dir (random-init Qwen2 shape, hidden 256, 4 layers; the bundled tokenizer), same data (generated
 sft-rag records: ~181 tokens, answers ~15%), same fully resolved ZeRO-2 JSON, micro batch 4 x 2 ranks, LoRA
@@ -163,7 +164,15 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         )
     bc.print_table(
         f"SFT, vocab {vocab}, {steps} steps (timed after {args.warmup}), micro {args.micro} x {args.nproc} ranks",
-        ["variant", "tokens/s", "tokens timed", "seconds", "last loss", "peak GB", "MFU (4N FLOPs/token)"],
+        [
+            "variant",
+            "tokens/s",
+            "tokens timed",
+            "seconds",
+            "last loss",
+            "peak CUDA GB",
+            "MFU (4N FLOPs/token)",
+        ],
         rows,
     )
     best = results.get("dstrain")
