@@ -296,8 +296,9 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
     trainable, total = count_parameters(peft_model)
     plan = prepared.plan
     skipped = f", {prepared.skipped} bad records skipped" if prepared.skipped else ""
+    base = f" ({'4-bit NF4' if cfg.model.load_in_4bit else cfg.model.dtype} base)"
     return (
-        f"dstrain: {cfg.model.path} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
+        f"dstrain: {cfg.model.path}{base} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
         f"ZeRO-{zero_stage(prepared.ds)}, world {plan.world}, global batch {plan.global_batch} = micro "
         f"{plan.micro} x accumulation {plan.accumulation} x world {plan.world}, {len(prepared.train)} train / "
         f"{len(prepared.eval)} eval samples, {prepared.total_steps} steps{skipped}"
