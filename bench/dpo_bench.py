@@ -123,8 +123,9 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         gradient_checkpointing=args.gradient_checkpointing,
         load_in_4bit=args.load_in_4bit,
     )
+    label = f"model {args.model_dir}" if args.model_dir else f"vocab {vocab}"
     print(
-        f"\n== vocab {vocab}: {steps} steps of {global_batch} pairs, timing after step {args.warmup}",
+        f"\n== {label}: {steps} steps of {global_batch} pairs, timing after step {args.warmup}",
         flush=True,
     )
     results: dict[str, bc.Throughput | None] = {}
@@ -152,7 +153,7 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
             ]
         )
     bc.print_table(
-        f"DPO, vocab {vocab}, {steps} steps (timed after {args.warmup}), {args.micro} pairs x {args.nproc} ranks",
+        f"DPO, {label}, {steps} steps (timed after {args.warmup}), {args.micro} pairs x {args.nproc} ranks",
         [
             "variant",
             "pairs/s",
@@ -160,7 +161,7 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
             "tokens/s (rows as fed)",
             "seconds",
             "last loss",
-            "peak GB",
+            "peak CUDA GB",
             "MFU (4N FLOPs/token as fed)",
         ],
         rows,

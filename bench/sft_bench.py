@@ -135,8 +135,9 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         gradient_checkpointing=args.gradient_checkpointing,
         load_in_4bit=args.load_in_4bit,
     )
+    label = f"model {args.model_dir}" if args.model_dir else f"vocab {vocab}"
     print(
-        f"\n== vocab {vocab}: {steps} steps of {global_batch} rows, timing after step {args.warmup}",
+        f"\n== {label}: {steps} steps of {global_batch} rows, timing after step {args.warmup}",
         flush=True,
     )
     results: dict[str, bc.Throughput | None] = {}
@@ -163,7 +164,7 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
             ]
         )
     bc.print_table(
-        f"SFT, vocab {vocab}, {steps} steps (timed after {args.warmup}), micro {args.micro} x {args.nproc} ranks",
+        f"SFT, {label}, {steps} steps (timed after {args.warmup}), micro {args.micro} x {args.nproc} ranks",
         [
             "variant",
             "tokens/s",
