@@ -312,7 +312,11 @@ def head_only(args: argparse.Namespace, peft_model: object, labels: object) -> N
     import torch.nn.functional as F
 
     from dstrain import memory
-    from dstrain.supervised import target_logps
+
+    try:  # where dstrain's chunked head lives (dstrain.head since d0e9a6f)
+        from dstrain.head import target_logps
+    except ImportError:
+        from dstrain.supervised import target_logps
 
     base = peft_model.get_base_model()
     head = base.get_output_embeddings()
