@@ -45,6 +45,7 @@ class ModelShape:
     heads: int
     kv_dim: int
     vocab: int
+    partitioned: bool = False  # built under zero.Init: no rank ever held the whole model
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ class Term:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of a tensor as stored; a bitsandbytes 4-bit weight adds its quantisation constants."""
-    size = tensor.numel() * tensor.element_size()
+    """Bytes of a tensor as stored, whole (a ZeRO-3 parameter built under zero.Init counts its full size);
+    a bitsandbytes 4-bit weight adds its quantisation constants."""
+    size = getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()
     state = getattr(tensor, "quant_state", None)
     if state is not None:
         for attr in ("absmax", "code", "offset"):
@@ -102,9 +104,12 @@ def model_shape(peft_model: nn.Module) -> ModelShape:
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     config = base.config
     frozen = trainable = elem = resident = 0
+    partitioned = False
     for tensor in [*peft_model.parameters(), *peft_model.buffers()]:
         size = tensor_bytes(tensor)
-        resident += size if tensor.device.type == "cpu" else 0
+        held = tensor.ds_tensor if hasattr(tensor, "ds_tensor") else tensor  # a partition under zero.Init
+        resident += held.numel() * held.element_size() if held.device.type == "cpu" else 0
+        partitioned = partitioned or hasattr(tensor, "ds_tensor")
         if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
             trainable, elem = trainable + tensor.numel(), tensor.element_size()
         else:
@@ -120,6 +125,7 @@ def model_shape(peft_model: nn.Module) -> ModelShape:
         trainable_elem=elem or 4,
         largest_module_bytes=max((module_bytes(b) for b in blocks if b is not None), default=0),
         host_resident_bytes=resident,
+        partitioned=partitioned,
         layers=config.num_hidden_layers,
         hidden=hidden,
         intermediate=getattr(config, "intermediate_size", 4 * hidden),
@@ -215,9 +221,12 @@ def bucket_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def build_peak_bytes(shape: ModelShape, setup: Setup) -> int:
-    """The model is built whole on every rank before ZeRO-3 partitions it (no zero.Init): that copy plus
+    """What building the model holds at its peak. Under zero.Init (ZeRO-3, not 4-bit) each rank only ever
+    holds its partition of the base; otherwise the model is built whole, and under ZeRO-3 that copy plus
     this rank's partition is resident for a moment, whatever the training estimate says."""
     full = shape.frozen_bytes + shape.trainable_numel * shape.trainable_elem
+    if shape.partitioned:
+        return shape.frozen_bytes // setup.world + shape.trainable_numel * shape.trainable_elem
     return full + (full // setup.world if setup.stage == 3 else 0)
 
 

@@ -172,7 +172,9 @@ def enable_gradient_checkpointing(model: PeftModel, reentrant: bool) -> None:
     model.enable_input_require_grads()
 
 
-def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, zero_stage: int) -> PeftModel:
+def build_model(
+    model_cfg: ModelConfig, lora_cfg: LoraConfig, zero_stage: int, ds_config: dict | None = None
+) -> PeftModel:
     """Base (4-bit with `load_in_4bit`) + LoRA, with gradient checkpointing when configured.
 
     A 4-bit base deliberately skips PEFT's `prepare_model_for_kbit_training`: it upcasts every non-4-bit
@@ -182,10 +184,26 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, zero_stage: int) -
     done here the same way as without 4-bit: get_peft_model freezes the base, and enable_gradient_checkpointing picks the
     reentrant variant ZeRO-3 needs and makes the checkpointed inputs require grad.
     """
+    zero_init = (
+        zero3_init(ds_config) if zero_stage == 3 and ds_config and not model_cfg.load_in_4bit else None
+    )
     model = add_lora(load_base_model(model_cfg), lora_cfg)
+    model.zero3_init = zero_init  # kept alive with the model: transformers and PEFT consult it later too
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, reentrant=zero_stage == 3)
     return model
+
+
+def zero3_init(ds_config: dict) -> object:
+    """Make transformers build the base under `deepspeed.zero.Init`: each parameter is partitioned as it
+    is created or loaded, so no rank ever holds the whole model (built whole, a ZeRO-3 rank peaked above a
+    ZeRO-2 one: the full copy plus its partition). transformers finds the config through a weak reference,
+    so the returned object must stay alive for the run. A 4-bit base is loaded whole (transformers does
+    not partition quantised weights while loading); at ~0.5 byte per weight that is the smaller cost.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

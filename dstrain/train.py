@@ -131,7 +131,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         write_run_files(output_dir, prepared.config_yaml, prepared.ds)
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
     seed_everything(cfg.train.seed)
-    peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds))
+    peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds), prepared.ds)
     with distributed.agreed("the memory check"):  # before the engine allocates: fail on every rank at once
         memory_table = memory.check(cfg, prepared.ds, prepared.plan.micro, env.world_size, peft_model)
     ds_engine = engine.create_engine(SupervisedLM(peft_model, cfg.model.logits_chunk_tokens), prepared.ds)
