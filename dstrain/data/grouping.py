@@ -1,9 +1,12 @@
-"""Length-grouped batching: similar lengths in a micro batch, so less of each batch is padding.
+"""Length-grouped batching: similar lengths in a batch, so less of each batch is padding.
 
-The epoch's shuffled order is cut into windows of `window` micro batches. Inside a window the records are
-sorted by size and dealt into micro batches, and the micro batches are shuffled. Everything depends only
-on (seed, epoch, window), never on the world size or the rank: a global batch is the same run of micro
-batches on 1 or 8 ranks, and a resume at any step computes its window directly (no replay).
+The epoch's shuffled order is cut into windows of about `window` micro batches (a whole number of global
+batches). Inside a window the records are sorted by size and cut into global batches, and the global
+batches are shuffled. A whole step, not only a micro batch, then holds records of similar length: every
+rank's micro batch costs about the same, so no rank waits for a longer one at the gradient all-reduce.
+Everything depends only on (seed, epoch, window, global batch), never on the world size or the rank: a
+global batch is the same run of records on 1 or 8 ranks, and a resume at any step computes its window
+directly (no replay).
 
 Size is the record's stored size (JSONL line bytes, Parquet text size): known from the index without
 tokenising anything, and close enough to the token count to sort by.
@@ -17,13 +20,15 @@ from dstrain.data.stream import EpochOrder
 
 
 class LengthGroupedOrder:
-    """`EpochOrder`'s records regrouped so each run of `micro` positions holds records of similar size."""
+    """`EpochOrder`'s records regrouped so each run of `batch` positions (a global batch) holds records of
+    similar size; windows span about `window` micro batches of `micro`."""
 
-    def __init__(self, order: EpochOrder, sizes: np.ndarray, micro: int, window: int) -> None:
+    def __init__(self, order: EpochOrder, sizes: np.ndarray, micro: int, window: int, batch: int) -> None:
         if len(sizes) != order.n:
             raise ValueError(f"{len(sizes)} record sizes for an epoch of {order.n} records")
-        self.order, self.sizes, self.micro = order, sizes, micro
-        self.span = micro * window  # positions per window, a multiple of micro: batches never straddle two
+        self.order, self.sizes, self.batch = order, sizes, batch
+        # positions per window, a multiple of the global batch: steps never straddle two windows
+        self.span = max(1, -(-micro * window // batch)) * batch
         self._cached: tuple[int, np.ndarray] | None = None
 
     @property
@@ -40,13 +45,13 @@ class LengthGroupedOrder:
             ids = np.asarray(self.order.ids(start, stop), dtype=np.int64)
             # stable: equal sizes keep their shuffled order, so ties are not broken by record number
             ids = ids[np.argsort(-self.sizes[ids], kind="stable")]
-            full = len(ids) // self.micro
-            batches = [ids[i * self.micro : (i + 1) * self.micro] for i in range(full)]
+            full = len(ids) // self.batch
+            batches = [ids[i * self.batch : (i + 1) * self.batch] for i in range(full)]
             rng = np.random.Generator(np.random.PCG64([self.order.seed, self.epoch, 2, w]))
             # Shuffled, not longest-first: sorted batches in order would make step time and the loss
             # scale drift within every window. A short remainder (the epoch's last window) stays last,
-            # so every other batch keeps its micro-aligned positions.
-            shuffled = [batches[i] for i in rng.permutation(full)] + [ids[full * self.micro :]]
+            # so every other batch keeps its step-aligned positions.
+            shuffled = [batches[i] for i in rng.permutation(full)] + [ids[full * self.batch :]]
             self._cached = (w, np.concatenate(shuffled))
         return self._cached[1]
 

@@ -156,7 +156,7 @@ class MicroBatchSampler(Sampler[list[int]]):
         if self.group is None:
             return order
         sizes, window = self.group
-        return LengthGroupedOrder(order, sizes, self.plan.micro, window)
+        return LengthGroupedOrder(order, sizes, self.plan.micro, window, self.plan.global_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
         order: EpochOrder | LengthGroupedOrder | None = None

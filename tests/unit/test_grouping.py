@@ -16,13 +16,26 @@ def sizes_for(n: int, seed: int = 0) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(seed)).integers(50, 2000, size=n)
 
 
-def grouped(n: int, micro: int, window: int, epoch: int = 0) -> LengthGroupedOrder:
-    return LengthGroupedOrder(EpochOrder(n, 7, epoch, block=16, window=4), sizes_for(n), micro, window)
+def grouped(n: int, micro: int, window: int, epoch: int = 0, batch: int = 0) -> LengthGroupedOrder:
+    order = EpochOrder(n, 7, epoch, block=16, window=4)
+    return LengthGroupedOrder(order, sizes_for(n), micro, window, batch or micro)
 
 
-@pytest.mark.parametrize(("n", "micro", "window"), [(1000, 4, 8), (1001, 4, 8), (37, 3, 100), (64, 1, 5)])
-def test_an_epoch_is_still_a_permutation(n: int, micro: int, window: int):
-    assert sorted(grouped(n, micro, window).ids(0, n)) == list(range(n))
+@pytest.mark.parametrize(
+    ("n", "micro", "window", "batch"), [(1000, 4, 8, 8), (1001, 4, 8, 16), (37, 3, 100, 3), (64, 1, 5, 4)]
+)
+def test_an_epoch_is_still_a_permutation(n: int, micro: int, window: int, batch: int):
+    assert sorted(grouped(n, micro, window, batch=batch).ids(0, n)) == list(range(n))
+
+
+def test_a_whole_step_holds_similar_sizes():
+    """Every rank's micro batch of a step costs about the same: none waits for a longer one."""
+    n, micro, batch = 4096, 4, 16
+    sizes = sizes_for(n)
+    steps = sizes[np.asarray(grouped(n, micro, 64, batch=batch).ids(0, n))].reshape(-1, batch)
+    plain = sizes[np.asarray(EpochOrder(n, 7, 0, block=16, window=4).ids(0, n))].reshape(-1, batch)
+    spread = (steps.max(axis=1) - steps.min(axis=1)).mean()
+    assert spread < 0.1 * (plain.max(axis=1) - plain.min(axis=1)).mean()
 
 
 def test_grouping_cuts_padding():
@@ -51,7 +64,7 @@ def test_epochs_group_differently_and_deterministically():
 
 def test_size_count_must_match_the_epoch():
     with pytest.raises(ValueError, match="3 record sizes"):
-        LengthGroupedOrder(EpochOrder(10, 0, 0), np.ones(3), 2, 4)
+        LengthGroupedOrder(EpochOrder(10, 0, 0), np.ones(3), 2, 4, 4)
 
 
 def per_step(plan: BatchPlan, n: int, total: int, start: int = 0) -> list[list[int]]:
@@ -71,8 +84,8 @@ def per_step(plan: BatchPlan, n: int, total: int, start: int = 0) -> list[list[i
 
 
 def test_the_same_global_batches_on_any_world_size():
-    """Grouping deals micro batches of `micro` records: any split of the global batch that keeps the micro
-    batch size trains the same samples in each step."""
+    """Grouping deals whole global batches: any split of the global batch trains the same samples in each
+    step (with the same micro batch, windows are identical too)."""
     n, total = 400, 30
     assert per_step(BatchPlan(4, 2, 1), n, total) == per_step(BatchPlan(4, 1, 2), n, total)
     assert per_step(BatchPlan(2, 4, 1), n, total) == per_step(BatchPlan(2, 2, 2), n, total)
