@@ -32,6 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc
+import bench_report as br
+import bench_workload as bw
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dstrain": ("dstrain", {"data.share_prompt": True}),
@@ -108,8 +110,8 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         args.micro, args.nproc, steps, lr=2e-4, bf16=args.dtype == "bf16", torch_adam=args.torch_adam
     )
     ds_path = work_dir / f"ds-v{vocab}.json"
-    bc.save_results(ds_path, ds)
-    work = bc.Workload(
+    br.save_results(ds_path, ds)
+    work = bw.Workload(
         data=str(data),
         model=str(model),
         ds_config=str(ds_path),
@@ -149,10 +151,10 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
                 f"{res.seconds:.1f}",
                 f"{res.loss:.4f}" if res.loss is not None else "",
                 f"{res.peak_mem_gb:.2f}" if res.peak_mem_gb else "",
-                fmt_mfu(bc.mfu(res.tokens_per_s, params, args.nproc)),
+                fmt_mfu(br.mfu(res.tokens_per_s, params, args.nproc)),
             ]
         )
-    bc.print_table(
+    br.print_table(
         f"DPO, {label}, {steps} steps (timed after {args.warmup}), {args.micro} pairs x {args.nproc} ranks",
         [
             "variant",
@@ -167,7 +169,7 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         rows,
     )
     ratios = {
-        f"{name}/trl": bc.ratio(results.get(name), results.get("trl"), pairs=True)
+        f"{name}/trl": br.ratio(results.get(name), results.get("trl"), pairs=True)
         for name in ("dstrain", "dstrain-unshared")
         if name in results
     }
@@ -187,11 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="dstrain-dpo-bench-") as tmp:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
-        data = bc.write_preference_records(
+        data = bw.write_preference_records(
             work_dir / "pref.jsonl", args.pairs, seed=0, passage_words=tuple(args.passage_words)
         )
-        stats = bc.pair_stats(data, args.max_seq_len, args.max_passage_tokens)
-        print(bc.machine_line())
+        stats = bw.pair_stats(data, args.max_seq_len, args.max_passage_tokens)
+        print(br.machine_line())
         print(
             f"data: {stats['pairs']} preference pairs, mean prompt {stats['prompt']:.0f} tokens, answers "
             f"{stats['chosen']:.0f} / {stats['rejected']:.0f} tokens (shared row {stats['shared']:.0f} vs two rows "
@@ -199,10 +201,10 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         runs = [bench_vocab(vocab, args, work_dir, data) for vocab in ([0] if args.model_dir else args.vocab)]
-        print(f"\n{bc.load_line()}; total {time.perf_counter() - started:.0f} s")
+        print(f"\n{br.load_line()}; total {time.perf_counter() - started:.0f} s")
         if args.out:
-            bc.save_results(
-                args.out, {"machine": bc.machine_line(), "data": stats, "args": vars(args), "runs": runs}
+            br.save_results(
+                args.out, {"machine": br.machine_line(), "data": stats, "args": vars(args), "runs": runs}
             )
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_common as bc
+import bench_workload as bw
 
 
 def synchronize() -> None:
@@ -88,7 +88,7 @@ def counting(trainer_cls: type, clock: Clock) -> type:
     return Counting
 
 
-def common_args(work: bc.Workload, out: str, ds: dict[str, Any]) -> dict[str, Any]:
+def common_args(work: bw.Workload, out: str, ds: dict[str, Any]) -> dict[str, Any]:
     """TrainingArguments fields that must equal the ZeRO JSON's explicit values (HF checks each)."""
     opt = ds["optimizer"]["params"]
     return {
@@ -124,7 +124,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def load_model(work: bc.Workload) -> Any:
+def load_model(work: bw.Workload) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -151,7 +151,7 @@ def load_model(work: bc.Workload) -> Any:
     return model
 
 
-def lora_config(work: bc.Workload) -> Any:
+def lora_config(work: bw.Workload) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -163,11 +163,11 @@ def lora_config(work: bc.Workload) -> Any:
     )
 
 
-def records(work: bc.Workload) -> list[dict[str, Any]]:
+def records(work: bw.Workload) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(work.data).read_text(encoding="utf-8").splitlines() if line]
 
 
-def sft_hf(work: bc.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
+def sft_hf(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
     """transformers.Trainer: the model's `labels=` loss over full logits, what HF users run."""
     import torch
     from datasets import Dataset
@@ -178,7 +178,7 @@ def sft_hf(work: bc.Workload, options: dict[str, Any], out: str, clock: Clock) -
     from dstrain.data.batches import tokenize_rag
     from dstrain.data.records import parse_record
 
-    tokenizer = bc.load_tokenizer()
+    tokenizer = bw.load_tokenizer()
     cfg = DataConfig(
         format="sft-rag", max_seq_len=work.max_seq_len, max_passage_tokens=work.max_passage_tokens
     )
@@ -220,14 +220,14 @@ def sft_hf(work: bc.Workload, options: dict[str, Any], out: str, clock: Clock) -
     )
 
 
-def sft_trl(work: bc.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
+def sft_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer = bc.load_tokenizer()
+    tokenizer = bw.load_tokenizer()
     rows = [
         {
-            "prompt": bc.rendered_prompt(tokenizer, r, work.max_passage_tokens),
+            "prompt": bw.rendered_prompt(tokenizer, r, work.max_passage_tokens),
             "completion": " " + r["answer"].strip(),  # TRL appends EOS, as dstrain does
         }
         for r in records(work)
@@ -252,18 +252,18 @@ def sft_trl(work: bc.Workload, options: dict[str, Any], out: str, clock: Clock) 
     )
 
 
-def dpo_trl(work: bc.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
+def dpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    tokenizer = bc.load_tokenizer()
+    tokenizer = bw.load_tokenizer()
 
     def answer(value: Any) -> str:
         return " " + (value["text"] if isinstance(value, dict) else value).strip()
 
     rows = [
         {
-            "prompt": bc.rendered_prompt(tokenizer, r, work.max_passage_tokens),
+            "prompt": bw.rendered_prompt(tokenizer, r, work.max_passage_tokens),
             "chosen": answer(r.get("chosen", r.get("answer"))),
             "rejected": answer(r["rejected"]),
         }
@@ -308,7 +308,7 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    work = bc.Workload.load(args.workload)
+    work = bw.Workload.load(args.workload)
     clock = Clock(work.warmup)
     trainer = MODES[args.mode](work, json.loads(args.options), args.output_dir, clock)
     trainer.train()  # peak memory since process start, as dstrain's mem_gb reports it

@@ -34,6 +34,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc
+import bench_report as br
+import bench_workload as bw
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,15 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="dstrain-loop-bench-") as tmp:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
-        data = bc.write_sft_records(work_dir / "sft.jsonl", args.records, seed=0)
+        data = bw.write_sft_records(work_dir / "sft.jsonl", args.records, seed=0)
         model = bc.write_model(
             work_dir / f"model-v{args.vocab}", "qwen2", args.vocab, args.hidden, args.layers, args.dtype
         )
         # the scheduler spans every step the engine will take, so the LR never runs off its end
         total = args.warmup + (2 * args.repeats + 1) * args.steps
         ds = bc.resolved_ds_config(args.micro, args.nproc, total, lr=2e-4, bf16=args.dtype == "bf16")
-        bc.save_results(work_dir / "ds.json", ds)
-        work = bc.Workload(
+        br.save_results(work_dir / "ds.json", ds)
+        work = bw.Workload(
             data=str(data),
             model=str(model),
             ds_config=str(work_dir / "ds.json"),
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         spec_path = work_dir / "loop.spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        print(bc.machine_line(), flush=True)
+        print(br.machine_line(), flush=True)
         cmd = bc.deepspeed_launch([str(Path(__file__).resolve()), "--rank-job", str(spec_path)], args.nproc)
         bc.run_job(cmd, work_dir / "loop.log", args.timeout)
         times = json.loads(result.read_text(encoding="utf-8"))
@@ -210,17 +212,17 @@ def main(argv: list[str] | None = None) -> None:
         ]
         for name, values in times.items()
     ]
-    bc.print_table(
+    br.print_table(
         f"Loop: {args.steps} steps per repetition, {args.repeats} repetitions each (alternating), "
         f"micro {args.micro} x {args.nproc} ranks, vocab {args.vocab}",
         ["variant", "seconds per repetition", "median s", "median ms/step"],
         rows,
     )
     print(f"dstrain/bare (median): {medians['dstrain'] / medians['bare']:.3f}  (target: <= 1.03)")
-    print(f"{bc.load_line()}; total {time.perf_counter() - started:.0f} s")
+    print(f"{br.load_line()}; total {time.perf_counter() - started:.0f} s")
     if args.out:
-        bc.save_results(
-            args.out, {"machine": bc.machine_line(), "args": vars(args), "times": times, "medians": medians}
+        br.save_results(
+            args.out, {"machine": br.machine_line(), "args": vars(args), "times": times, "medians": medians}
         )
 
 

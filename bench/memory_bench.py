@@ -117,6 +117,18 @@ def run_config(work: Path, model: Path, ds_name: str, args: argparse.Namespace) 
     return path
 
 
+def held_parameter_bytes(module: object) -> int:
+    """Parameter storage this rank holds after training: its ZeRO-3 partition, or the whole tensor.
+
+    Unlike peak RSS (dominated on CPU by loading: every rank maps and reads the whole checkpoint file),
+    this is what the rank keeps for the rest of the run."""
+    held = 0
+    for param in module.parameters():  # type: ignore[attr-defined]
+        tensor = param.ds_tensor if hasattr(param, "ds_tensor") else param
+        held += tensor.numel() * tensor.element_size()
+    return held
+
+
 def rank_main(args: argparse.Namespace) -> None:
     """Under the launcher: train `--steps` steps and print this rank's measured and estimated peak."""
     import torch
@@ -151,6 +163,7 @@ def rank_main(args: argparse.Namespace) -> None:
         "cuda_max_allocated": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "estimate_device": memory.totals(terms)["device"],
         "params": sum(getattr(p, "ds_numel", p.numel()) for p in session.peft_model.parameters()),
+        "param_bytes_held": held_parameter_bytes(session.peft_model),
     }
     print("RESULT " + json.dumps(report), flush=True)
     session.sink.close()
@@ -190,14 +203,19 @@ def bench_zero(args: argparse.Namespace, work: Path) -> None:
         f"\n## ZeRO configs: peak per rank (max of 2 ranks), {params / 1e6:.0f}M params fp32, micro "
         f"{args.micro} x seq {args.seq}, {args.steps} steps\n{machine()}\n"
     )
-    print("| config | measured RSS growth | estimate (peak: max(build, train)) | est/measured | vs zero2 |")
-    print("|---|---|---|---|---|")
+    print(
+        "| config | measured RSS growth | estimate (peak: max(build, train)) | est/measured | vs zero2 "
+        "| parameters held per rank | vs zero2 |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    held = results["zero2"]["param_bytes_held"]
     base = results["zero2"]["rss_growth"]
     for name, r in results.items():
         print(
             f"| {name} | {r['rss_growth'] / MiB:,.0f} MiB | {r['estimate_peak_host'] / MiB:,.0f} MiB "
             f"(build {r['estimate_build'] / MiB:,.0f}, train {r['estimate_train'] / MiB:,.0f}) | "
-            f"{r['estimate_peak_host'] / r['rss_growth']:.2f} | {r['rss_growth'] / base:.2f} |"
+            f"{r['estimate_peak_host'] / r['rss_growth']:.2f} | {r['rss_growth'] / base:.2f} "
+            f"| {r['param_bytes_held'] / MiB:,.0f} MiB | {r['param_bytes_held'] / held:.2f} |"
         )
     (work / "zero.json").write_text(json.dumps(results, indent=2))
 

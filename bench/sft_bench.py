@@ -33,6 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc
+import bench_report as br
+import bench_workload as bw
 
 # name -> (runner, options)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -107,8 +109,8 @@ def fmt_mfu(value: float | None) -> str:
 
 def make_data(path: Path, args: argparse.Namespace) -> Path:
     if args.records_kind == "long":
-        return bc.write_long_sft_records(path, args.records, seed=0)
-    return bc.write_sft_records(path, args.records, seed=0)
+        return bw.write_long_sft_records(path, args.records, seed=0)
+    return bw.write_sft_records(path, args.records, seed=0)
 
 
 def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path) -> dict[str, Any]:
@@ -121,8 +123,8 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         args.micro, args.nproc, steps, lr=2e-4, bf16=args.dtype == "bf16", torch_adam=args.torch_adam
     )
     ds_path = work_dir / f"ds-v{vocab}.json"
-    bc.save_results(ds_path, ds)
-    work = bc.Workload(
+    br.save_results(ds_path, ds)
+    work = bw.Workload(
         data=str(data),
         model=str(model),
         ds_config=str(ds_path),
@@ -160,10 +162,10 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
                 f"{res.seconds:.1f}",
                 f"{res.loss:.4f}" if res.loss is not None else "",
                 f"{res.peak_mem_gb:.2f}" if res.peak_mem_gb else "",
-                fmt_mfu(bc.mfu(res.tokens_per_s, params, args.nproc)),
+                fmt_mfu(br.mfu(res.tokens_per_s, params, args.nproc)),
             ]
         )
-    bc.print_table(
+    br.print_table(
         f"SFT, {label}, {steps} steps (timed after {args.warmup}), micro {args.micro} x {args.nproc} ranks",
         [
             "variant",
@@ -177,9 +179,9 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         rows,
     )
     best = results.get("dstrain")
-    ratios = {f"dstrain/{base}": bc.ratio(best, results.get(base)) for base in ("hf", "hf-grouped", "trl")}
+    ratios = {f"dstrain/{base}": br.ratio(best, results.get(base)) for base in ("hf", "hf-grouped", "trl")}
     if "dstrain-plain" in results:
-        ratios["dstrain-plain/hf"] = bc.ratio(results["dstrain-plain"], results.get("hf"))
+        ratios["dstrain-plain/hf"] = br.ratio(results["dstrain-plain"], results.get("hf"))
     print(
         "ratios: "
         + ", ".join(f"{k} {v}" for k, v in ratios.items())
@@ -201,18 +203,18 @@ def main(argv: list[str] | None = None) -> None:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         data = make_data(work_dir / "sft.jsonl", args)
-        stats = bc.token_stats(data, "sft-rag", args.max_seq_len, args.max_passage_tokens)
-        print(bc.machine_line())
+        stats = bw.token_stats(data, "sft-rag", args.max_seq_len, args.max_passage_tokens)
+        print(br.machine_line())
         print(
             f"data: {stats['rows']} sft-rag records, mean {stats['mean_tokens']:.0f} tokens, "
             f"answers {stats['answer_share']:.1%} of tokens; work dir {work_dir}",
             flush=True,
         )
         runs = [bench_vocab(vocab, args, work_dir, data) for vocab in ([0] if args.model_dir else args.vocab)]
-        print(f"\n{bc.load_line()}; total {time.perf_counter() - started:.0f} s")
+        print(f"\n{br.load_line()}; total {time.perf_counter() - started:.0f} s")
         if args.out:
-            bc.save_results(
-                args.out, {"machine": bc.machine_line(), "data": stats, "args": vars(args), "runs": runs}
+            br.save_results(
+                args.out, {"machine": br.machine_line(), "data": stats, "args": vars(args), "runs": runs}
             )
 
 
