@@ -401,3 +401,35 @@ def run_variant(
         flush=True,
     )
     return result
+
+
+def prepare_workload(
+    vocab: int, args: Any, work_dir: Path, data: Path, items: int, **extra: Any
+) -> tuple[Path, Workload, int]:
+    """(model dir, Workload, global batch) of one vocab size: the model (or `--model-dir`), the resolved ZeRO
+    JSON and the run shape from a bench's common arguments; `items` records or pairs make one epoch."""
+    model = args.model_dir or write_model(
+        work_dir / f"model-{args.shape}-v{vocab}", args.shape, vocab, args.hidden, args.layers, args.dtype
+    )
+    global_batch = args.micro * args.nproc
+    steps = args.steps or items // global_batch
+    ds = resolved_ds_config(
+        args.micro, args.nproc, steps, lr=2e-4, bf16=args.dtype == "bf16", torch_adam=args.torch_adam
+    )
+    ds_path = work_dir / f"ds-v{vocab}.json"
+    ds_path.write_text(json.dumps(ds, indent=2) + "\n")
+    work = Workload(
+        data=str(data),
+        model=str(model),
+        ds_config=str(ds_path),
+        steps=steps,
+        warmup=args.warmup,
+        micro=args.micro,
+        max_seq_len=args.max_seq_len,
+        max_passage_tokens=args.max_passage_tokens,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        load_in_4bit=args.load_in_4bit,
+        **extra,
+    )
+    return Path(model), work, global_batch

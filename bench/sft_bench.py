@@ -114,29 +114,8 @@ def make_data(path: Path, args: argparse.Namespace) -> Path:
 
 
 def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path) -> dict[str, Any]:
-    model = args.model_dir or bc.write_model(
-        work_dir / f"model-{args.shape}-v{vocab}", args.shape, vocab, args.hidden, args.layers, args.dtype
-    )
-    global_batch = args.micro * args.nproc
-    steps = args.steps or args.records // global_batch
-    ds = bc.resolved_ds_config(
-        args.micro, args.nproc, steps, lr=2e-4, bf16=args.dtype == "bf16", torch_adam=args.torch_adam
-    )
-    ds_path = work_dir / f"ds-v{vocab}.json"
-    br.save_results(ds_path, ds)
-    work = bw.Workload(
-        data=str(data),
-        model=str(model),
-        ds_config=str(ds_path),
-        steps=steps,
-        warmup=args.warmup,
-        micro=args.micro,
-        max_seq_len=args.max_seq_len,
-        max_passage_tokens=args.max_passage_tokens,
-        dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing,
-        load_in_4bit=args.load_in_4bit,
-    )
+    model, work, global_batch = bc.prepare_workload(vocab, args, work_dir, data, args.records)
+    steps = work.steps
     label = f"model {args.model_dir}" if args.model_dir else f"vocab {vocab}"
     print(
         f"\n== {label}: {steps} steps of {global_batch} rows, timing after step {args.warmup}",
