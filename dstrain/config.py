@@ -73,8 +73,8 @@ class DataConfig:
     # windows of `shuffle_window` blocks (block x window records). Bigger windows mix more, cost more per seek.
     shuffle_block: int = 128
     shuffle_window: int = 64
-    # Sort each window of `length_group_window` micro batches by record length (then shuffle the micro
-    # batches): less padding per batch, the same samples in each optimizer step on any world size.
+    # Sort each window of ~`length_group_window` micro batches by record size, cut it into global batches
+    # and shuffle those: less padding, even ranks, the same samples per optimizer step on any world size.
     group_by_length: bool = False
     length_group_window: int = 64
     # Preference pairs: prompt, chosen and rejected in one row, the answers masked from each other, so the
