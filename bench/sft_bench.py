@@ -74,26 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="short",
         help="short: SPEC s.6 shape (~181 tokens); long: GPU shape (4-5 long passages)",
     )
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument(
-        "--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base in every framework"
-    )
-    parser.add_argument(
-        "--torch-adam",
-        action="store_true",
-        help="torch's AdamW in the ZeRO JSON (GPU without nvcc: no FusedAdam JIT build)",
-    )
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=None,
-        help="use this HF model dir instead of generating one (then --vocab is ignored)",
-    )
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per launch before it is killed")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep data, model, logs here")
-    parser.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
+    bc.add_run_arguments(parser, list(VARIANTS))
     args = parser.parse_args(argv)
     if args.quick:
         args.records, args.warmup = min(args.records, 96), 2

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dstrain.data.stream import EpochOrder
+from dstrain.data.stream import EpochOrder, ids_in_windows
 
 
 class LengthGroupedOrder:
@@ -57,13 +57,8 @@ class LengthGroupedOrder:
 
     def ids(self, start: int, stop: int) -> list[int]:
         """The records at positions [start, stop) of this epoch."""
-        if not 0 <= start <= stop <= self.n:
-            raise IndexError(f"positions [{start}, {stop}) of an epoch of {self.n}")
-        out: list[int] = []
-        pos = start
-        while pos < stop:
-            w, offset = divmod(pos, self.span)
-            take = min(stop, (w + 1) * self.span)
-            out += self._window(w)[offset : offset + take - pos].tolist()
-            pos = take
-        return out
+        return ids_in_windows(start, stop, self.n, self._locate, self._window)
+
+    def _locate(self, pos: int) -> tuple[int, int, int]:
+        w = pos // self.span
+        return w, w * self.span, min((w + 1) * self.span, self.n)

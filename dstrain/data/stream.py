@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -148,14 +148,29 @@ class EpochOrder:
 
     def ids(self, start: int, stop: int) -> list[int]:
         """The records at positions [start, stop) of this epoch."""
-        if not 0 <= start <= stop <= self.n:
-            raise IndexError(f"positions [{start}, {stop}) of an epoch of {self.n}")
-        out: list[int] = []
-        pos = start
-        while pos < stop:
-            w = int(np.searchsorted(self.bounds, pos, side="right")) - 1
-            begin, end = int(self.bounds[w]), int(self.bounds[w + 1])
-            take = min(stop, end)
-            out += self._window(w)[pos - begin : take - begin].tolist()
-            pos = take
-        return out
+        return ids_in_windows(start, stop, self.n, self._locate, self._window)
+
+    def _locate(self, pos: int) -> tuple[int, int, int]:
+        w = int(np.searchsorted(self.bounds, pos, side="right")) - 1
+        return w, int(self.bounds[w]), int(self.bounds[w + 1])
+
+
+def ids_in_windows(
+    start: int,
+    stop: int,
+    n: int,
+    locate: Callable[[int], tuple[int, int, int]],
+    window: Callable[[int], np.ndarray],
+) -> list[int]:
+    """Records at positions [start, stop) of an epoch of `n` laid out in windows: `locate(pos)` gives
+    (window, its first position, its end), `window(w)` the records of window w in order."""
+    if not 0 <= start <= stop <= n:
+        raise IndexError(f"positions [{start}, {stop}) of an epoch of {n}")
+    out: list[int] = []
+    pos = start
+    while pos < stop:
+        w, begin, end = locate(pos)
+        take = min(stop, end)
+        out += window(w)[pos - begin : take - begin].tolist()
+        pos = take
+    return out
