@@ -131,7 +131,7 @@ def write_preference_records(
 
 def token_stats(data: Path, fmt: str, max_seq_len: int, max_passage_tokens: int) -> dict[str, float]:
     """Mean tokens per row and answer share, tokenised exactly as dstrain does (for the report)."""
-    from dstrain.config import DataConfig
+    from dstrain.config.run import DataConfig
     from dstrain.data.batches import tokenize_rag
     from dstrain.data.records import parse_text
 
@@ -148,7 +148,7 @@ def token_stats(data: Path, fmt: str, max_seq_len: int, max_passage_tokens: int)
 
 def pair_stats(data: Path, max_seq_len: int, max_passage_tokens: int) -> dict[str, float]:
     """Mean prompt / answer tokens of preference pairs, tokenised as dstrain does, and the shared-row saving."""
-    from dstrain.config import DataConfig
+    from dstrain.config.run import DataConfig
     from dstrain.data.pairs import tokenize_pair
     from dstrain.data.records import parse_text
 
@@ -176,8 +176,8 @@ def pair_stats(data: Path, max_seq_len: int, max_passage_tokens: int) -> dict[st
 
 def load_tokenizer() -> Any:
     """The bundled tokenizer, with dstrain's pad rule (pad = EOS when unset), as all frameworks use it."""
-    from dstrain.config import ModelConfig
-    from dstrain.model import load_tokenizer as dstrain_tokenizer
+    from dstrain.config.run import ModelConfig
+    from dstrain.model.build import load_tokenizer as dstrain_tokenizer
 
     return dstrain_tokenizer(ModelConfig())
 

@@ -43,7 +43,7 @@ def make_model_dir(path: Path, layers: int, hidden: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from dstrain.model import builtin_dir
+    from dstrain.model.build import builtin_dir
 
     if (path / "config.json").is_file():
         return path
@@ -68,7 +68,7 @@ def make_model_dir(path: Path, layers: int, hidden: int) -> Path:
 def bench_config(work: Path, model: str, ds_config: str, steps: int, save_every: int) -> Path:
     import yaml
 
-    from dstrain.demo import asset
+    from dstrain.config.demo import asset
 
     raw = {
         "model": {"path": model, "dtype": "fp32"},
@@ -99,11 +99,11 @@ def dir_bytes(path: Path) -> int:
 
 
 def bench_save(args: argparse.Namespace) -> None:
-    from dstrain import distributed
     from dstrain.checkpoint.save import gather_payload
-    from dstrain.config import load_config
-    from dstrain.loop import save, train
+    from dstrain.config.run import load_config
+    from dstrain.dist import collectives, group
     from dstrain.train import start
+    from dstrain.training.loop import save, train
 
     work = Path(args.work)
     model = str(work / "model")
@@ -124,7 +124,7 @@ def bench_save(args: argparse.Namespace) -> None:
     out = work / "ds"
     for i in range(args.repeats):
         for name in results:
-            distributed.barrier()
+            collectives.barrier()
             started = time.perf_counter()
             if name == "gather":  # the collective part of a dstrain save alone (no file written)
                 gather_payload(session.engine, session.peft_model)
@@ -136,12 +136,12 @@ def bench_save(args: argparse.Namespace) -> None:
                 tag = f"{name}-{i}"
                 session.engine.save_checkpoint(str(out), tag=tag, exclude_frozen_parameters=name == "ds-lora")
                 path = out / tag
-            distributed.barrier()
+            collectives.barrier()
             results[name].append(time.perf_counter() - started)
             if rank == 0 and path is not None:
                 sizes[name] = dir_bytes(path)
     if rank == 0:
-        from dstrain.model import count_parameters
+        from dstrain.model.build import count_parameters
 
         trainable, total = count_parameters(session.peft_model)
         report = {
@@ -154,7 +154,7 @@ def bench_save(args: argparse.Namespace) -> None:
         }
         print("RESULT " + json.dumps(report))
     session.sink.close()
-    distributed.shutdown()
+    group.shutdown()
 
 
 def first_new_row(cmd: list[str], run_dir: Path, after_step: int) -> float:
@@ -184,7 +184,7 @@ def first_new_row(cmd: list[str], run_dir: Path, after_step: int) -> float:
 
 
 def bench_resume(args: argparse.Namespace) -> None:
-    from dstrain.metrics import keep_rows_up_to
+    from dstrain.metrics.meter import keep_rows_up_to
 
     work = Path(args.work)
     model = str(make_model_dir(work / "model", args.layers, args.hidden))

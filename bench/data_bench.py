@@ -110,10 +110,10 @@ def run_dstrain(
     path: Path, tokenizer: Any, cfg: Any, micro: int, workers: int, seed: int
 ) -> dict[str, float]:
     """Cold index build (no cache) + one epoch of train_loader, summing the real tokens of each MicroBatch."""
+    from dstrain.config.zero import BatchPlan
     from dstrain.data.index import index_file
     from dstrain.data.loader import TokenizedCorpus, steps_per_epoch, train_loader
     from dstrain.data.stream import Corpus
-    from dstrain.ds_config import BatchPlan
 
     cpu, started = cpu_seconds(), time.perf_counter()
     index = index_file(path, FMT, use_cache=False)
@@ -202,8 +202,8 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def epoch_batches(examples: list[Any], micro: int, pad_id: int, pack_to: int, seed: int) -> Iterator[Any]:
     """One epoch of train_loader over pre-tokenised examples (the same samples for padded and packed)."""
+    from dstrain.config.zero import BatchPlan
     from dstrain.data.loader import ExampleDataset, steps_per_epoch, train_loader
-    from dstrain.ds_config import BatchPlan
 
     plan = BatchPlan(micro, 1, 1)
     dataset = ExampleDataset(examples)

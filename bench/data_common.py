@@ -80,8 +80,8 @@ def write_big_file(path: Path, target_bytes: int, distinct: int, seed: int) -> t
 
 def setup() -> tuple[Any, Any]:
     """The bundled tokenizer and the data config every part uses."""
-    from dstrain.config import DataConfig, ModelConfig
-    from dstrain.model import load_tokenizer
+    from dstrain.config.run import DataConfig, ModelConfig
+    from dstrain.model.build import load_tokenizer
 
     return load_tokenizer(ModelConfig()), DataConfig(format=FMT, max_seq_len=512, max_passage_tokens=384)
 

@@ -55,10 +55,10 @@ def first_batch_at(dataset: Any, plan: Any, step: int, total: int, pad_id: int, 
 
 
 def bench_resume(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from dstrain.config.zero import BatchPlan
     from dstrain.data.index import index_file
     from dstrain.data.loader import TokenizedCorpus, steps_per_epoch
     from dstrain.data.stream import Corpus
-    from dstrain.ds_config import BatchPlan
 
     tokenizer, cfg = setup()
     path = work / "big.jsonl"

@@ -174,7 +174,7 @@ def sft_hf(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from dstrain.config import DataConfig
+    from dstrain.config.run import DataConfig
     from dstrain.data.batches import tokenize_rag
     from dstrain.data.records import parse_record
 

@@ -1,6 +1,6 @@
 """Learning check: does a dstrain run make the bundled tiny model better at a retrieval-grounded task?
 
-The task is generated (dstrain/synthetic.py): each record asks for the code of an entity, one passage gives
+The task is generated (dstrain/data/synthetic.py): each record asks for the code of an entity, one passage gives
 it, the others are distractors; entity and code are drawn afresh per record, so the answer can only be read out
 of the passages. Three real `dstrain train` runs (one process, ZeRO-2, CPU, LoRA r=16) on it:
   sft  held-out exact match and token F1 of greedy answers (eval_generate over the whole eval split)
@@ -30,11 +30,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from dstrain.config import DataConfig, ModelConfig
+from dstrain.config.run import DataConfig, ModelConfig
 from dstrain.data.pairs import answer_logps, collate_pairs, split_pair, tokenize_pair
 from dstrain.data.records import parse_record
-from dstrain.model import builtin_dir, load_tokenizer
-from dstrain.synthetic import TaskSpec, run_config, write_task
+from dstrain.data.synthetic import TaskSpec, run_config, write_task
+from dstrain.model.build import builtin_dir, load_tokenizer
 
 
 def train(config: dict[str, Any], work: Path, name: str) -> tuple[list[dict], float]:

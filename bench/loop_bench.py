@@ -9,7 +9,7 @@ config on generated SFT RAG data and a random-init Qwen2-shaped model (hidden 25
 takes `--steps` optimizer steps' worth of micro batches from the session's loader once, and then times, on
 those same MicroBatches, alternately:
 
-  dstrain   dstrain.loop.train(session, state): meter, the per-step stop/NaN all-reduce, logging every
+  dstrain   dstrain.training.loop.train(session, state): meter, the per-step stop/NaN all-reduce, logging every
             `--log-every` steps (metrics.jsonl, TensorBoard, grad norm), LR lookups; the end-of-run
             checkpoint is switched off (save is the checkpoint benchmark's business, not loop overhead)
   bare      for batch: loss = sft_loss(*engine(**batch.inputs)); engine.backward(loss); engine.step()
@@ -84,7 +84,7 @@ def bare_loop(engine: Any, batches: list[Any]) -> None:
     the positions itself (a device sync), and the two variants would not do the same model work.
     """
     from dstrain import engine as eng
-    from dstrain.objectives import sft_loss
+    from dstrain.objectives.losses import sft_loss
 
     for batch in batches:
         loss = sft_loss(*eng.forward(engine, batch.inputs))
@@ -95,8 +95,9 @@ def bare_loop(engine: Any, batches: list[Any]) -> None:
 def rank_job(spec_path: Path) -> None:
     import torch
 
-    from dstrain import distributed, loop
+    from dstrain.dist import collectives, group
     from dstrain.train import resolve_config, start
+    from dstrain.training import loop
 
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     cfg = resolve_config(spec["config"], [], None)
@@ -121,14 +122,14 @@ def rank_job(spec_path: Path) -> None:
     for rep in range(spec["repeats"]):
         order = ["dstrain", "bare"] if rep % 2 == 0 else ["bare", "dstrain"]
         for name in order:
-            distributed.barrier()
+            collectives.barrier()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             started = time.perf_counter()
             (run_dstrain if name == "dstrain" else run_bare)()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            distributed.barrier()
+            collectives.barrier()
             times[name].append(time.perf_counter() - started)
     if spec.get("profile"):
         import cProfile
@@ -147,7 +148,7 @@ def rank_job(spec_path: Path) -> None:
     session.stop.uninstall()
     if session.rank == 0:
         Path(spec["result"]).write_text(json.dumps(times), encoding="utf-8")
-    distributed.shutdown()
+    group.shutdown()
 
 
 # ------------------------------------------------------------------------------------------- driver

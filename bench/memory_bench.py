@@ -1,6 +1,6 @@
 """Memory benchmark: peak memory per rank for each shipped ZeRO JSON, QLoRA vs bf16 base weights, and dstrain's
 chunked supervised-only logits vs transformers' full [batch, seq, vocab] logits; each next to dstrain's own
-estimate (dstrain/memory.py), which is what this bench validates.
+estimate (dstrain/model/memory.py), which is what this bench validates.
 
     python bench/memory_bench.py all            # the three parts below, one after the other
     python bench/memory_bench.py zero           # 2 ranks (deepspeed --num_gpus 2) per ZeRO JSON
@@ -39,7 +39,7 @@ def make_model_dir(path: Path, layers: int, hidden: int = 1024, vocab: int = 320
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from dstrain.model import builtin_dir
+    from dstrain.model.build import builtin_dir
 
     if (path / "config.json").is_file():
         return path
@@ -88,7 +88,7 @@ def run_config(work: Path, model: Path, ds_name: str, args: argparse.Namespace) 
     """A run YAML and a copy of the shipped ZeRO JSON with the bench's micro batch."""
     import yaml
 
-    from dstrain.ds_config import find_ds_config
+    from dstrain.config.zero import find_ds_config
 
     ds = json.loads(find_ds_config(f"{ds_name}.json").read_text())
     ds["train_micro_batch_size_per_gpu"] = args.micro
@@ -133,10 +133,12 @@ def rank_main(args: argparse.Namespace) -> None:
     """Under the launcher: train `--steps` steps and print this rank's measured and estimated peak."""
     import torch
 
-    from dstrain import distributed, memory, model
-    from dstrain.config import load_config
-    from dstrain.loop import train
+    from dstrain.config.run import load_config
+    from dstrain.dist import group
+    from dstrain.model import build as model
+    from dstrain.model import memory
     from dstrain.train import start
+    from dstrain.training.loop import train
 
     seen: dict = {}
     build = model.build_model
@@ -167,7 +169,7 @@ def rank_main(args: argparse.Namespace) -> None:
     }
     print("RESULT " + json.dumps(report), flush=True)
     session.sink.close()
-    distributed.shutdown()
+    group.shutdown()
 
 
 def launch(cmd: list[str], cwd: Path) -> list[dict]:
@@ -180,7 +182,7 @@ def launch(cmd: list[str], cwd: Path) -> list[dict]:
 
 
 def bench_zero(args: argparse.Namespace, work: Path) -> None:
-    from dstrain.distributed import free_port
+    from dstrain.dist.env import free_port
 
     model = make_model_dir(work / "model-12l", args.layers)
     launcher = str(Path(sys.executable).parent / "deepspeed")
@@ -222,9 +224,9 @@ def bench_zero(args: argparse.Namespace, work: Path) -> None:
 
 def qlora_main(args: argparse.Namespace) -> None:
     """One process: build the same base in bf16 and in 4-bit and print the frozen base bytes of each."""
-    from dstrain import memory
-    from dstrain.config import LoraConfig, ModelConfig
-    from dstrain.model import build_model
+    from dstrain.config.run import LoraConfig, ModelConfig
+    from dstrain.model import memory
+    from dstrain.model.build import build_model
 
     cfg = ModelConfig(path=args.model, dtype="bf16", load_in_4bit=args.four_bit)
     before = memory.rss_bytes()
@@ -279,10 +281,10 @@ def logits_main(args: argparse.Namespace) -> None:
     """One forward/backward of `--variant` on a fresh model; peak RSS growth over the step and the estimate."""
     import torch
 
-    from dstrain import memory
-    from dstrain.config import LoraConfig, ModelConfig
-    from dstrain.model import build_model
-    from dstrain.supervised import SupervisedLM
+    from dstrain.config.run import LoraConfig, ModelConfig
+    from dstrain.model import memory
+    from dstrain.model.build import build_model
+    from dstrain.model.supervised import SupervisedLM
 
     torch.manual_seed(0)
     peft_model = build_model(ModelConfig(path=args.model), LoraConfig(r=16, alpha=32, dropout=0.05), 2)
@@ -329,12 +331,12 @@ def head_only(args: argparse.Namespace, peft_model: object, labels: object) -> N
     import torch
     import torch.nn.functional as F
 
-    from dstrain import memory
+    from dstrain.model import memory
 
-    try:  # where dstrain's chunked head lives (dstrain.head since d0e9a6f)
-        from dstrain.head import target_logps
+    try:  # where dstrain's chunked head lives (dstrain.model.head since d0e9a6f)
+        from dstrain.model.head import target_logps
     except ImportError:
-        from dstrain.supervised import target_logps
+        from dstrain.model.supervised import target_logps
 
     base = peft_model.get_base_model()
     head = base.get_output_embeddings()

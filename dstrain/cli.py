@@ -51,7 +51,7 @@ def launcher_command(num_gpus: int | None, hostfile: Path | None, entry_args: li
     if num_gpus is not None:
         cmd += ["--num_gpus", str(num_gpus)]
     if hostfile is None:  # one node: any free port will do, and DeepSpeed's fixed 29500 clashes between jobs
-        from dstrain.distributed import free_port
+        from dstrain.dist.env import free_port
 
         cmd += ["--master_port", str(free_port())]
     return [*cmd, "--module", "dstrain.train", *entry_args]
@@ -173,7 +173,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Show a checkpoint's step, tokens, world size, config digest and files; verify every file."""
-    from dstrain.inspect import inspect_checkpoint
+    from dstrain.checkpoint.report import inspect_checkpoint
 
     try:
         code = inspect_checkpoint(ckpt, as_json)
@@ -193,7 +193,7 @@ def export(
     ] = False,
 ) -> None:
     """Write a PEFT adapter dir, or with --merge a full model that AutoModelForCausalLM loads."""
-    from dstrain.export import export_checkpoint
+    from dstrain.checkpoint.export import export_checkpoint
 
     try:
         used, notes = export_checkpoint(ckpt, out, merge)
@@ -238,7 +238,7 @@ def validate_data(
 @app.command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="a run's output_dir")]) -> None:
     """Write loss / eval / throughput curves of a run as RUN_DIR/loss.png."""
-    from dstrain.plot import plot_run
+    from dstrain.metrics.plot import plot_run
 
     try:
         typer.echo(str(plot_run(run_dir)))

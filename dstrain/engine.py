@@ -1,7 +1,13 @@
-"""The one module that talks to DeepSpeed's engine API."""
+"""The one module that talks to DeepSpeed's engine API.
+
+Everything else holds the engine as an opaque handle and calls these functions; only the checkpoint state
+code (`checkpoint.optim`) reaches further, into the optimizer internals it must gather and scatter.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,7 +31,7 @@ def forward(engine: DeepSpeedEngine, batch: dict[str, Any], **flags: bool) -> tu
 
     The labelled positions are found here, on the host, so the device never reports their number.
     """
-    from dstrain.supervised import labelled_positions
+    from dstrain.model.supervised import labelled_positions
 
     if "labels" in batch and "label_index" not in batch:
         batch = {**batch, "label_index": labelled_positions(batch["labels"])}
@@ -41,6 +47,25 @@ def backward(engine: DeepSpeedEngine, loss: torch.Tensor) -> None:
 def step(engine: DeepSpeedEngine) -> None:
     """Optimizer step at the accumulation boundary, gradient accumulation otherwise (DeepSpeed decides)."""
     engine.step()
+
+
+@contextmanager
+def evaluating(engine: DeepSpeedEngine) -> Iterator[None]:
+    """Eval mode (dropout off) for the block, back to train mode after it, also when the block raises."""
+    engine.eval()
+    try:
+        yield
+    finally:
+        engine.train()
+
+
+def train_mode(engine: DeepSpeedEngine) -> None:
+    engine.train()
+
+
+def step_applied(engine: DeepSpeedEngine) -> bool:
+    """Whether the last optimizer step changed the weights (DeepSpeed skips it on a non-finite grad norm)."""
+    return bool(engine.was_step_applied())
 
 
 def current_lr(engine: DeepSpeedEngine) -> float:

@@ -99,7 +99,7 @@ def train_args(config: str | None, overrides: list[str]) -> list[str]:
 
 def resume_sets(overrides: list[str]) -> list[str]:
     """On resume only non-structural keys may change; the others are fixed by the checkpoint anyway."""
-    from dstrain.resume import MUTABLE
+    from dstrain.checkpoint.resume import MUTABLE
 
     kept = [item for item in overrides if item.partition("=")[0].strip() in MUTABLE]
     return [arg for item in kept for arg in ("--set", item)]

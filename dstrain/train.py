@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dstrain.checkpoint.state import TrainerState
-from dstrain.config import RunConfig, load_config
-from dstrain.ds_config import zero_stage
+from dstrain.config.run import RunConfig, load_config
+from dstrain.config.zero import zero_stage
 from dstrain.errors import DstrainError
 
 if TYPE_CHECKING:  # heavy imports (torch, deepspeed) stay out of `--help` and argument errors
     import torch
 
-    from dstrain.generation import GenerationEval
-    from dstrain.loop import Session
-    from dstrain.prepare import Prepared
-    from dstrain.resume import ResumePoint
+    from dstrain.checkpoint.resume import ResumePoint
+    from dstrain.eval.generation import GenerationEval
+    from dstrain.training.loop import Session
+    from dstrain.training.prepare import Prepared
 
 # Versions recorded in every checkpoint: what produced the weights matters when they stop loading.
 TRACKED_PACKAGES = ("dstrain", "torch", "deepspeed", "transformers", "peft", "safetensors")
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_config(config: str | None, overrides: list[str], ds_config: str | None) -> RunConfig:
     """The run config from a YAML, or the bundled demo when no YAML is given."""
-    from dstrain.demo import demo_config
+    from dstrain.config.demo import demo_config
 
     extra = [f"ds_config={ds_config}"] if ds_config else []
     if config is None:
@@ -90,21 +90,23 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
 
     With `resume`, the engine, RNG and data position continue from the checkpoint instead.
     """
-    from dstrain import buildlocks, distributed, engine, heartbeat, memory, ranklog
+    from dstrain import engine
+    from dstrain.checkpoint.resume import check_same_data
+    from dstrain.checkpoint.rng import seed_everything
     from dstrain.checkpoint.save import RunFiles
-    from dstrain.config import config_to_dict
+    from dstrain.config.run import config_to_dict
     from dstrain.data.loader import train_loader
     from dstrain.data.prefetch import prefetched
-    from dstrain.loop import Session
-    from dstrain.metrics import MetricsSink
-    from dstrain.model import build_model, count_parameters
-    from dstrain.prepare import prepare
-    from dstrain.resume import check_same_data
-    from dstrain.rng import seed_everything
-    from dstrain.stop import StopRequest
-    from dstrain.supervised import SupervisedLM
+    from dstrain.dist import buildlocks, collectives, env, group, heartbeat, ranklog
+    from dstrain.dist.stop import StopRequest
+    from dstrain.metrics.meter import MetricsSink
+    from dstrain.model import memory
+    from dstrain.model.build import build_model, count_parameters
+    from dstrain.model.supervised import SupervisedLM
+    from dstrain.training.loop import Session
+    from dstrain.training.prepare import prepare
 
-    env = distributed.read_env()
+    env = env.read_env()
     output_dir = Path(cfg.output_dir)
     # An output_dir that cannot hold the rank logs is reported by prepare(), with every other config problem.
     with contextlib.suppress(OSError):
@@ -118,7 +120,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     if resume:
         check_same_data(resume.state, len(prepared.train))
     timeouts = cfg.distributed
-    env = distributed.init_process_group(env, timeouts.rendezvous_timeout_s, timeouts.collective_timeout_s)
+    env = group.init_process_group(env, timeouts.rendezvous_timeout_s, timeouts.collective_timeout_s)
     if env.is_distributed and timeouts.heartbeat_timeout_s:
         heartbeat.start(env, timeouts.heartbeat_timeout_s, output_dir)
     if resume:
@@ -126,13 +128,13 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         if env.is_main:
             for note in archive_newer_checkpoints(resume.ckpt, output_dir):
                 resume.notes.append(note)
-        distributed.barrier()
+        collectives.barrier()
     if env.is_main:
         write_run_files(output_dir, prepared.config_yaml, prepared.ds)
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
     seed_everything(cfg.train.seed)
     peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds), prepared.ds)
-    with distributed.agreed("the memory check"):  # before the engine allocates: fail on every rank at once
+    with collectives.agreed("the memory check"):  # before the engine allocates: fail on every rank at once
         memory_table = memory.check(cfg, prepared.ds, prepared.plan.micro, env.world_size, peft_model)
     ds_engine = engine.create_engine(SupervisedLM(peft_model, cfg.model.logits_chunk_tokens), prepared.ds)
     # Then one seed per rank: dropout masks should differ across data-parallel ranks.
@@ -196,7 +198,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
         generation=generation_eval(cfg, prepared, env.world_size),
     )
     if cfg.objective.precompute_reference:
-        from dstrain.reference import reference_table
+        from dstrain.eval.reference import reference_table
 
         session.reference_table, note = reference_table(
             cfg,
@@ -213,7 +215,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
 
 
 def generation_eval(cfg: RunConfig, prepared: Prepared, world: int) -> GenerationEval | None:
-    from dstrain.generation import GenerationEval, generation_items
+    from dstrain.eval.generation import GenerationEval, generation_items
 
     if not (cfg.train.eval_generate and prepared.eval):
         return None
@@ -224,10 +226,10 @@ def generation_eval(cfg: RunConfig, prepared: Prepared, world: int) -> Generatio
 
 def agree_on_checkpoint(resume: ResumePoint) -> None:
     """Every rank must continue from the same checkpoint (each resolved PATH on its own)."""
-    from dstrain import distributed
+    from dstrain.dist import collectives
     from dstrain.errors import DistributedError
 
-    chosen = {blob.decode() for blob in distributed.all_gather_bytes(str(resume.ckpt.resolve()).encode())}
+    chosen = {blob.decode() for blob in collectives.all_gather_bytes(str(resume.ckpt.resolve()).encode())}
     if len(chosen) > 1:
         raise DistributedError(
             f"ranks chose different checkpoints to resume from ({', '.join(sorted(chosen))}): pass one "
@@ -272,12 +274,12 @@ def restore(
     """Load optimizer, scheduler and RNG state into the new engine (a collective) and continue the state."""
     from dataclasses import replace
 
-    from dstrain import distributed
     from dstrain.checkpoint import load, optim
-    from dstrain.rng import restore_rng, seed_everything
+    from dstrain.checkpoint.rng import restore_rng, seed_everything
+    from dstrain.dist import collectives
 
     saved = resume.state
-    with distributed.agreed(f"reading {resume.ckpt}"):  # before any collective: no rank left waiting
+    with collectives.agreed(f"reading {resume.ckpt}"):  # before any collective: no rank left waiting
         tensors, sched = load.read_optimizer(resume.ckpt)
         rng = load.read_rng(resume.ckpt, rank) if world == saved.world_size else None
     optim.restore_optimizer_state(
@@ -291,7 +293,7 @@ def restore(
 
 
 def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
-    from dstrain.model import count_parameters
+    from dstrain.model.build import count_parameters
 
     trainable, total = count_parameters(peft_model)
     plan = prepared.plan
@@ -307,8 +309,8 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
 
 def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     """Train to the end (or a requested stop), then plot (rank 0) and leave the process group."""
-    from dstrain import distributed, failures
-    from dstrain.loop import train
+    from dstrain.dist import failures, group
+    from dstrain.training.loop import train
 
     try:
         session, state = start(cfg, resume)
@@ -324,27 +326,27 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
             raise
         raise known from exc
     if session.rank == 0:
-        from dstrain.plot import plot_run
+        from dstrain.metrics.plot import plot_run
 
         plot_run(session.output_dir)
         what = "done" if state.step >= session.total_steps else "stopped early"
         session.sink.print(
             f"{what}: {state.step} steps, {state.tokens:,} tokens; run dir {session.output_dir}"
         )
-    distributed.shutdown()
+    group.shutdown()
     return state
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dstrain import heartbeat, ranklog
-    from dstrain.failures import report_crash, report_error
+    from dstrain.dist import heartbeat, ranklog
+    from dstrain.dist.failures import report_crash, report_error
 
     args = parse_args(argv)
     # Library deprecation chatter (transformers, torch.distributed) says nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         if args.resume:
-            from dstrain.resume import resume_config
+            from dstrain.checkpoint.resume import resume_config
 
             if args.config or args.ds_config:
                 raise DstrainError("--resume takes the config from the checkpoint: drop --config/--ds-config")

@@ -60,7 +60,7 @@ WORLD_SIZES = ma.EVAL_WORLD_SIZES
 # (a clearly falling loss). "reading" documents (passages, then questions answered from them) and repeated
 # strings in every step (random tokens and corpus snippets) keep copying from context alive through the
 # corpus phase: without them the induction heads of the warm-up fade, and LoRA r=16 alone cannot build a copy
-# circuit (its rank is far below the ~170 distinct answers of the learning check, dstrain/synthetic.py).
+# circuit (its rank is far below the ~170 distinct answers of the learning check, dstrain/data/synthetic.py).
 DOC_MIX = (
     ("passages", 0.30),
     ("entity", 0.20),

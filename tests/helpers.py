@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from dstrain.demo import asset
-from dstrain.distributed import free_port
+from dstrain.config.demo import asset
+from dstrain.dist.env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

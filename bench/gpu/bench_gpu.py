@@ -55,8 +55,8 @@ def model_config(layers: int, vocab: int, hidden: int):
 def build(layers: int, vocab: int, hidden: int, checkpointing: bool):
     from transformers import AutoModelForCausalLM
 
-    from dstrain.config import LoraConfig
-    from dstrain.model import add_lora, enable_gradient_checkpointing
+    from dstrain.config.run import LoraConfig
+    from dstrain.model.build import add_lora, enable_gradient_checkpointing
 
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -114,8 +114,8 @@ class HFLoss(torch.nn.Module):
 def measure(variant: str, args) -> dict:
     import deepspeed
 
-    from dstrain.objectives import sft_loss
-    from dstrain.supervised import SupervisedLM
+    from dstrain.model.supervised import SupervisedLM
+    from dstrain.objectives.losses import sft_loss
 
     model = build(args.layers, args.vocab, args.hidden, args.checkpointing)
     module = SupervisedLM(model) if variant == "dstrain" else HFLoss(model)
@@ -185,7 +185,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
-    from dstrain.distributed import init_process_group, read_env
+    from dstrain.dist.env import read_env
+    from dstrain.dist.group import init_process_group
 
     init_process_group(read_env())
     results = {

@@ -58,7 +58,7 @@ for name in ("torch", "transformers", "peft", "accelerate", "deepspeed", "trl", 
     except Exception as exc:  # a broken install reads the same as a missing one: that part cannot run
         print(f"MISSING {name}: {type(exc).__name__}: {str(exc)[:120]}")
 try:
-    import dstrain.train, dstrain.loop  # noqa: F401,E401
+    import dstrain.train, dstrain.training.loop  # noqa: F401,E401
     print("ok      dstrain")
 except Exception as exc:
     print(f"MISSING dstrain: {type(exc).__name__}: {exc}")

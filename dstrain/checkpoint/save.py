@@ -22,9 +22,10 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from peft import PeftModel
 from safetensors.torch import save, save_file
 
-from dstrain import distributed, engine
+from dstrain import engine
 from dstrain.checkpoint import layout, optim
 from dstrain.checkpoint.atomic import atomic_dir
+from dstrain.checkpoint.rng import capture_rng
 from dstrain.checkpoint.state import (
     ADAPTER_WEIGHTS,
     CONFIG,
@@ -36,8 +37,8 @@ from dstrain.checkpoint.state import (
     TrainerState,
     rng_file,
 )
+from dstrain.dist import collectives
 from dstrain.errors import CheckpointError
-from dstrain.rng import capture_rng
 
 
 @dataclass
@@ -68,7 +69,7 @@ def gather_payload(ds_engine: DeepSpeedEngine, peft_model: PeftModel) -> Payload
         adapter=engine.adapter_state(peft_model, masters),
         optimizer=state,
         scheduler=optim.scheduler_state(ds_engine),
-        rng=distributed.all_gather_bytes(save(tensors, metadata=meta)),
+        rng=collectives.all_gather_bytes(save(tensors, metadata=meta)),
     )
 
 
@@ -113,7 +114,7 @@ def save_checkpoint(
     payload = gather_payload(ds_engine, peft_model)  # no I/O: nothing here fails on one rank alone
     if state.best_step == state.step:
         state.best_checkpoint = final.name
-    with distributed.agreed(f"saving checkpoint {final}"):
+    with collectives.agreed(f"saving checkpoint {final}"):
         if is_main:
             try:
                 _write(root, final, payload, peft_model, state, run, keep_last)

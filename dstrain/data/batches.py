@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dstrain.config import DataConfig
+from dstrain.config.run import DataConfig
 from dstrain.data.prompts import render_rag_prompt
 from dstrain.data.records import BadRecord, MessagesRecord, RagRecord, Record
 

@@ -18,16 +18,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from dstrain.config import DataConfig
+from dstrain.config.run import DataConfig
+from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.grouping import LengthGroupedOrder
 from dstrain.data.packing import collate_flat, collate_packed
 from dstrain.data.pairs import PairExample, collate_pairs, collate_shared_pairs, tokenize_pair
 from dstrain.data.records import BadRecord
 from dstrain.data.stream import Corpus, EpochOrder, UnreadableRecordError
-from dstrain.ds_config import BatchPlan
+from dstrain.dist.stop import ignore_in_worker
 from dstrain.errors import DataError
-from dstrain.stop import ignore_in_worker
 
 
 class ExampleDataset(Dataset):

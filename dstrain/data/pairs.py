@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from dstrain.config import DataConfig
+from dstrain.config.run import DataConfig
 from dstrain.data.batches import IGNORE, Example, answer_ids, answer_room, collate, rag_prompt_ids
 from dstrain.data.records import RagRecord
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dstrain import distributed
-from dstrain.loop import train
+from dstrain.dist import group
 from dstrain.train import parse_args, resolve_config, start
+from dstrain.training.loop import train
 
 
 def probe_batch() -> dict[str, torch.Tensor]:
@@ -60,7 +60,7 @@ def main() -> None:
             {"logits": logits.float().cpu().contiguous(), **batch},
             str(Path(cfg.output_dir) / "probe_logits.safetensors"),
         )
-    distributed.shutdown()
+    group.shutdown()
 
 
 if __name__ == "__main__":

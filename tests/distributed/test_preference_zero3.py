@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from dstrain.demo import asset
+from dstrain.config.demo import asset
 from tests.helpers import check, metrics, subset, train_deepspeed, train_single, write_config
 
 pytestmark = pytest.mark.distributed

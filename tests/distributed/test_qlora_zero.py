@@ -17,9 +17,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from dstrain.checkpoint.layout import read_latest, verify_checkpoint
-from dstrain.config import ModelConfig
-from dstrain.ds_config import find_ds_config
-from dstrain.model import DTYPES, load_base_model
+from dstrain.config.run import ModelConfig
+from dstrain.config.zero import find_ds_config
+from dstrain.model.build import DTYPES, load_base_model
 from tests.helpers import REPO, check, deepspeed_cmd, run, train_losses, write_config
 
 pytestmark = pytest.mark.distributed

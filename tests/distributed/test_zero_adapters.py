@@ -15,8 +15,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from dstrain.checkpoint.layout import read_latest, verify_checkpoint
-from dstrain.config import ModelConfig
-from dstrain.model import load_base_model
+from dstrain.config.run import ModelConfig
+from dstrain.model.build import load_base_model
 from tests.helpers import REPO, check, deepspeed_cmd, run, train_losses, write_config
 
 pytestmark = pytest.mark.distributed

@@ -10,10 +10,11 @@ import json
 import os
 import sys
 
-from dstrain import memory, model
-from dstrain.config import load_config
-from dstrain.loop import train
+from dstrain.config.run import load_config
+from dstrain.model import build as model
+from dstrain.model import memory
 from dstrain.train import start
+from dstrain.training.loop import train
 
 
 def main(config: str) -> None:
@@ -41,9 +42,9 @@ def main(config: str) -> None:
     }
     print("MEMORY " + json.dumps(report), flush=True)
     session.sink.close()
-    from dstrain import distributed
+    from dstrain.dist import group
 
-    distributed.shutdown()
+    group.shutdown()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-import dstrain.loop as loop
+import dstrain.training.loop as loop
 from dstrain.train import main
 
 

@@ -21,7 +21,7 @@ def test_every_config_problem_is_reported_at_once(tmp_path, small_data):
 
 
 def test_batch_arithmetic_that_does_not_add_up(tmp_path, small_data):
-    from dstrain.ds_config import find_ds_config
+    from dstrain.config.zero import find_ds_config
 
     ds = json.loads(find_ds_config("zero2.json").read_text())
     ds.update(train_batch_size=10, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1)
@@ -68,7 +68,7 @@ def test_debug_shows_the_traceback(tmp_path, small_data):
 
 @pytest.mark.parametrize("fmt", ["sft-rag", "preference"])
 def test_validate_data_exit_codes(tmp_path, fmt):
-    from dstrain.demo import asset
+    from dstrain.config.demo import asset
 
     clean = asset("data", "sft_rag_eval.jsonl" if fmt == "sft-rag" else "preference_eval.jsonl")
     ok = dstrain("validate-data", clean, "--format", fmt, cwd=tmp_path)

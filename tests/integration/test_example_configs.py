@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dstrain.config import load_config
-from dstrain.prepare import preflight
+from dstrain.config.run import load_config
+from dstrain.training.prepare import preflight
 from tests.helpers import REPO, check, metrics, train_single
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

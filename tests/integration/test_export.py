@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from dstrain.config import ModelConfig
-from dstrain.model import load_base_model
+from dstrain.config.run import ModelConfig
+from dstrain.model.build import load_base_model
 from tests.helpers import check, dstrain, train_single, write_config
 
 # fp32 throughout; merging W + B@A changes only the summation order of the same products, which moves

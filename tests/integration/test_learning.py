@@ -1,5 +1,5 @@
 """Training makes the model better, not only the loss lower: on the generated retrieval-grounded task
-(dstrain/synthetic.py, answers readable only from the passages), real `dstrain train` runs of the bundled tiny
+(dstrain/data/synthetic.py, answers readable only from the passages), real `dstrain train` runs of the bundled tiny
 model raise held-out greedy exact match from 0 (SFT) and held-out preference accuracy from chance (DPO with
 the chosen-answer NLL term). Fixed seeds; bench/learning_bench.py records the curves, plain DPO's included
 (BENCHMARKS.md: it gets there too, but after ~1,500 steps, too slow for the suite)."""
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dstrain.config import ModelConfig
-from dstrain.model import load_tokenizer
-from dstrain.synthetic import TaskSpec, run_config, write_task
+from dstrain.config.run import ModelConfig
+from dstrain.data.synthetic import TaskSpec, run_config, write_task
+from dstrain.model.build import load_tokenizer
 from tests.helpers import check, dstrain, metrics
 
 

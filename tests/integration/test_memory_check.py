@@ -34,7 +34,7 @@ def make_model(path: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from dstrain.model import builtin_dir
+    from dstrain.model.build import builtin_dir
 
     config = LlamaConfig(
         hidden_size=512,

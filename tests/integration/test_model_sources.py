@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dstrain.config import ModelConfig
-from dstrain.model import load_base_model, load_tokenizer
+from dstrain.config.run import ModelConfig
+from dstrain.model.build import load_base_model, load_tokenizer
 from tests.helpers import check, metrics, train_single, write_config
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dstrain.demo import asset
+from dstrain.config.demo import asset
 from tests.helpers import check, dstrain, metrics, subset, write_config
 
 

@@ -11,11 +11,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from dstrain.checkpoint.layout import read_latest, verify_checkpoint
-from dstrain.config import load_config
+from dstrain.config.run import load_config
 from dstrain.data.batches import collate
 from dstrain.data.loader import MicroBatchSampler
-from dstrain.model import load_base_model
-from dstrain.prepare import prepare
+from dstrain.model.build import load_base_model
+from dstrain.training.prepare import prepare
 from tests.helpers import check, metrics, train_single, write_config
 
 CONTRACT_FIELDS = {

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from dstrain.config import ModelConfig
+from dstrain.config.run import ModelConfig
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """The tokenizer of the bundled tiny model (loaded once: building it is the slow part)."""
-    from dstrain.model import load_tokenizer
+    from dstrain.model.build import load_tokenizer
 
     return load_tokenizer(ModelConfig())
 

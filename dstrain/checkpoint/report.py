@@ -1,0 +1,125 @@
+"""`dstrain inspect CKPT`: what a checkpoint holds, and whether every file matches its manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from dstrain.checkpoint import layout
+from dstrain.checkpoint.load import is_checkpoint_dir, read_json, verify
+from dstrain.config.run import HIGHER_IS_BETTER
+from dstrain.errors import CheckpointError
+
+
+def target_dir(path: Path) -> Path:
+    """A checkpoint dir as given; for a run dir its newest by step (the one `dstrain resume` tries first)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory; give a checkpoint dir or a run dir")
+    if is_checkpoint_dir(path):
+        return path
+    root = path if path.name == "checkpoints" else layout.checkpoints_dir(path)
+    found = layout.list_checkpoints(root)
+    if not found:
+        raise CheckpointError(f"{path}: neither a checkpoint dir nor a run dir with checkpoints")
+    return found[-1]
+
+
+def file_rows(ckpt: Path) -> list[dict[str, Any]]:
+    manifest_path = ckpt / layout.MANIFEST
+    listed: dict[str, Any] = {}
+    if manifest_path.is_file():
+        try:
+            listed = json.loads(manifest_path.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            listed = {}
+    names = sorted(set(listed) | {p.name for p in ckpt.iterdir() if p.is_file()} if ckpt.is_dir() else set())
+    rows = []
+    for name in names:
+        path = ckpt / name
+        size = path.stat().st_size if path.is_file() else None
+        rows.append({"name": name, "size": size, "in_manifest": name in listed or name == layout.MANIFEST})
+    return rows
+
+
+def best_metric_name(ckpt: Path) -> str:
+    """train.best_metric of the run (its config.yaml travels in every checkpoint)."""
+    try:
+        raw = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+        return str(raw["train"]["best_metric"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "eval_loss"
+
+
+def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
+    state_path = ckpt / "trainer_state.json"
+    state: dict[str, Any] = {}
+    if state_path.is_file():
+        try:
+            state = read_json(state_path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    name, best = best_metric_name(ckpt), state.get("best_metric")
+    if best is not None and name in HIGHER_IS_BETTER:
+        best = -best  # stored so that lower is better
+    keys = ("step", "epoch", "cursor", "samples", "tokens", "world_size", "global_batch", "config_digest")
+    return {
+        "path": str(ckpt),
+        **{key: state.get(key) for key in keys},
+        "best_metric_name": name,
+        "best_metric": best,
+        "best_checkpoint": state.get("best_checkpoint"),
+        "versions": state.get("versions"),
+        "files": file_rows(ckpt),
+        "valid": not problems,
+        "problems": problems,
+    }
+
+
+def render(info: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"checkpoint {info['path']}", show_header=False, box=None)
+    for key in (
+        "step",
+        "epoch",
+        "cursor",
+        "samples",
+        "tokens",
+        "world_size",
+        "global_batch",
+        "config_digest",
+    ):
+        value = info[key]
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    if info["best_metric"] is not None:
+        best = f"{info['best_metric']:.4f} ({info['best_checkpoint']})"
+        table.add_row(f"best {info['best_metric_name']}", best)
+    if info["versions"]:
+        table.add_row("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    console.print(table)
+    files = Table("file", "bytes", "manifest")
+    for row in info["files"]:
+        size = "missing" if row["size"] is None else f"{row['size']:,}"
+        files.add_row(row["name"], size, "yes" if row["in_manifest"] else "[red]not listed")
+    console.print(files)
+
+
+def inspect_checkpoint(path: Path, as_json: bool = False) -> int:
+    """Print the checkpoint's summary; return 1 (naming each bad file) if it does not match its manifest."""
+    ckpt = target_dir(Path(path))
+    problems = verify(ckpt)
+    info = summary(ckpt, problems)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        console = Console()
+        render(info, console)
+        for problem in problems:
+            console.print(f"[red]bad:[/] {problem}", soft_wrap=True)
+        console.print(
+            "manifest: [green]ok" if not problems else "manifest: [red]does not match", soft_wrap=True
+        )
+    return 0 if not problems else 1

@@ -1,0 +1,116 @@
+"""`dstrain resume`: the run config comes from the checkpoint's snapshot; only non-structural keys may change.
+
+Structural keys decide what the saved state means (model, adapter shape, data order, global batch, seeds,
+objective); changing one would make "exact resume" a lie, so it is refused with the list of what may change.
+The world size may change: the global batch is pinned to the saved one and accumulation is re-planned.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dstrain.checkpoint import load
+from dstrain.checkpoint.state import TrainerState
+from dstrain.config.run import RunConfig, apply_overrides, config_from_dict
+from dstrain.errors import ConfigError, DataError
+
+# Keys `--set` may change on resume (a section name allows every key under it).
+MUTABLE = (
+    "train.max_steps",
+    "train.epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.max_nonfinite_steps",
+    "train.wandb_project",
+    "train.eval_generate",
+    "train.eval_max_new_tokens",
+    "data.eval",
+    "data.num_workers",
+    "data.packing",  # packing re-lays out the same micro batches: same samples, same loss
+    "data.share_prompt",  # so does sharing a pair's prompt
+    "data.prefetch",
+    "model.logits_chunk_tokens",  # the same loss, computed in pieces
+    "train.memory_check",
+    "data.on_error",
+    "data.max_bad_fraction",
+    "data.max_eval_samples",
+    "output_dir",
+    "distributed.rendezvous_timeout_s",  # how long to wait for ranks is about the cluster, not the run
+    "distributed.collective_timeout_s",
+    "distributed.heartbeat_timeout_s",
+)
+
+
+@dataclass
+class ResumePoint:
+    ckpt: Path
+    state: TrainerState
+    ds_source: dict[str, Any]
+    notes: list[str]
+
+
+def check_overrides(overrides: list[str]) -> None:
+    bad = [item.partition("=")[0].strip() for item in overrides]
+    bad = [key for key in bad if key not in MUTABLE]
+    if bad:
+        raise ConfigError(
+            [
+                f"--set {key}: fixed by the checkpoint, cannot change on resume (keys that may change: "
+                f"{', '.join(MUTABLE)}); to change it, start a new run with `dstrain train`"
+                for key in bad
+            ],
+            source="resume overrides",
+        )
+
+
+def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePoint]:
+    """The run config to continue with and the verified checkpoint to continue from."""
+    check_overrides(overrides)
+    found = load.find_checkpoint(path)
+    ckpt = found.path
+    state = load.read_trainer_state(ckpt)
+    try:
+        raw = yaml.safe_load(load.read_config_yaml(ckpt)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{ckpt}/config.yaml: not valid YAML ({exc})"]) from None
+    # The run continues where its checkpoint lives, also when the run dir was moved or copied.
+    forked = any(item.partition("=")[0].strip() == "output_dir" for item in overrides)
+    if ckpt.parent.name != "checkpoints" and not forked:
+        raise ConfigError(
+            [
+                f"{ckpt} is not inside a run's checkpoints/ dir: pass --set output_dir=DIR for the continued run"
+            ],
+            source="resume",
+        )
+    raw["output_dir"] = str(ckpt.parent.parent)
+    apply_overrides(raw, overrides)
+    # Elastic resume keeps the global batch: pin it, so a new world size changes only the accumulation.
+    raw.setdefault("train", {})["global_batch_size"] = state.global_batch
+    cfg = config_from_dict(raw, source=f"{ckpt}/config.yaml")
+    source = elastic_ds_source(load.read_ds_source(ckpt), load.read_ds_resolved(ckpt))
+    return cfg, ResumePoint(ckpt, state, source, found.notes)
+
+
+def elastic_ds_source(ds_source: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """The ZeRO JSON as first given, with the micro batch the run used and accumulation left to the planner
+    (the global batch is pinned): a new world size changes only the accumulation."""
+    raw = copy.deepcopy(ds_source)
+    raw["train_micro_batch_size_per_gpu"] = resolved.get("train_micro_batch_size_per_gpu", "auto")
+    raw["gradient_accumulation_steps"] = "auto"
+    return raw
+
+
+def check_same_data(state: TrainerState, train_samples: int) -> None:
+    if state.train_samples and state.train_samples != train_samples:
+        raise DataError(
+            f"data.train now yields {train_samples} usable samples, but the checkpoint was trained on "
+            f"{state.train_samples}: the data changed, so the saved position would point at other samples. "
+            "Restore the original files, or start a new run with `dstrain train`."
+        )

@@ -1,0 +1,328 @@
+"""Typed, strict run config: YAML + `--set a.b=c` overrides, every problem reported at once.
+
+The run config says *what* is trained (model, data, LoRA, objective, schedule, output). How it is optimised
+(micro batch, accumulation, precision, optimizer, scheduler, offload) belongs to the ZeRO JSON: see
+`ds_config.py`, which validates the two together.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dstrain.config.parse import build
+from dstrain.errors import ConfigError
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+DataFormat = Literal["preference", "sft-rag", "messages"]
+ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll"]
+
+BestMetric = Literal["eval_loss", "eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1"]
+# Metrics where higher is better (the rest: lower is better).
+HIGHER_IS_BETTER = ("eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1")
+MIN_HEARTBEAT_TIMEOUT_S = 10
+DEFAULT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:tiny"
+    dtype: Dtype = "fp32"
+    # QLoRA: the frozen base in 4-bit NF4 with double quantisation (bitsandbytes), computed in `dtype`
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    init_seed: int = 0  # seeds random init of builtin models, so every rank builds identical weights
+    # The output head and loss run only at supervised positions, this many at a time and recomputed in
+    # backward, so no [tokens, vocab] logits tensor larger than one chunk ever exists. 0: one chunk.
+    logits_chunk_tokens: int = 1024
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    format: DataFormat = "sft-rag"
+    max_seq_len: int = 512
+    max_passage_tokens: int = 384
+    packing: bool = False
+    num_workers: int = 0
+    # without workers: micro batches read and collated ahead by a thread while the current one trains; 0: off
+    prefetch: int = 2
+    on_error: Literal["fail", "skip"] = "fail"
+    max_bad_fraction: float = 0.0
+    seed: int = 0
+    prompt_template: str = DEFAULT_TEMPLATE
+    chat_template: bool = False  # wrap the RAG prompt in the tokenizer's chat template
+    max_eval_samples: int = 0  # 0: the whole eval set
+    # Shuffle: blocks of this many consecutive records are permuted, then records are shuffled within
+    # windows of `shuffle_window` blocks (block x window records). Bigger windows mix more, cost more per seek.
+    shuffle_block: int = 128
+    shuffle_window: int = 64
+    # Sort each window of ~`length_group_window` micro batches by record size, cut it into global batches
+    # and shuffle those: less padding, even ranks, the same samples per optimizer step on any world size.
+    group_by_length: bool = False
+    length_group_window: int = 64
+    # Preference pairs: prompt, chosen and rejected in one row, the answers masked from each other, so the
+    # (long, retrieved) prompt runs once per pair instead of twice, for the policy and the reference alike.
+    share_prompt: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    name: ObjectiveName = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # dpo: conservative DPO's assumed rate of flipped preference labels
+    simpo_gamma: float = 0.5  # simpo: target reward margin (TRL's convention)
+    nll_weight: float = 1.0  # dpo_nll: weight of the chosen answer's NLL term
+    # dpo/ipo/dpo_nll: score every training pair under the reference once, before step 1 (cached, reused by
+    # later epochs, resumes and runs on the same data); each step then runs the policy forward only
+    precompute_reference: bool = False
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0  # 0: run `epochs` full epochs
+    epochs: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic eval (eval still runs at the end when eval data is given)
+    save_every: int = 0  # 0: save only at the end
+    keep_last: int = 3
+    seed: int = 42
+    global_batch_size: int = 0  # fills "auto" train_batch_size in the ZeRO JSON; 0: micro x world
+    max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row skipped for NaN/inf
+    # greedy-generate answers for this many eval samples and report eval_exact_match / eval_token_f1; 0: off
+    eval_generate: int = 0
+    eval_max_new_tokens: int = 32  # bound on each generated answer
+    best_metric: BestMetric = "eval_loss"  # the checkpoint kept as best
+    wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
+    # Before training, estimate memory per rank; over the device's capacity: error (stop), warn, or off.
+    memory_check: Literal["error", "warn", "off"] = "error"
+
+
+@dataclass
+class DistributedConfig:
+    # every rank must reach rank 0's rendezvous within this (nodes may start in any order, so not too short)
+    rendezvous_timeout_s: int = 300
+    # a collective waiting longer than this fails (the process group's timeout; ZeRO-3 saves gather in one)
+    collective_timeout_s: int = 600
+    # a rank whose heartbeat stops for this long is reported dead and the job is stopped; 0: no heartbeat
+    heartbeat_timeout_s: int = 90
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    ds_config: str = "ds_configs/zero2.json"
+    output_dir: str = "runs/default"
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a YAML run config (or start from `base`), apply `a.b=c` overrides, validate strictly."""
+    raw: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+    apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path) if path else "run config")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"{path}: file not found (pass an existing run YAML with --config)"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(raw).__name__}"])
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `section.key=value` overrides in place; values are parsed as YAML scalars/lists."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+            continue
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item!r}: {part} is not a section")
+                break
+        else:
+            try:
+                node[leaf] = parse_override_value(value)
+            except ValueError as exc:
+                problems.append(f"--set {item!r}: {exc}")
+    if problems:
+        raise ConfigError(problems, source="overrides")
+
+
+def parse_override_value(text: str) -> Any:
+    """A YAML scalar or list (`100`, `true`, `[a, b]`); anything else, e.g. a template with ': ', stays text."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        if text.lstrip()[:1] in ("[", "{"):  # meant as a list or mapping: a typo, not text
+            raise ValueError(f"not a valid YAML list/mapping ({getattr(exc, 'problem', exc)})") from None
+        return text
+    return text if isinstance(value, dict) else value
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConfig:
+    problems: list[str] = []
+    cfg = build(RunConfig, raw, "", problems)
+    if not problems:
+        problems.extend(check_values(cfg))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ semantics
+
+
+def check_values(cfg: RunConfig) -> list[str]:
+    """Range and cross-field checks that types alone cannot express."""
+    p: list[str] = []
+    positive = {
+        "lora.r": cfg.lora.r,
+        "data.shuffle_block": cfg.data.shuffle_block,
+        "data.shuffle_window": cfg.data.shuffle_window,
+        "data.length_group_window": cfg.data.length_group_window,
+        "lora.alpha": cfg.lora.alpha,
+        "data.max_seq_len": cfg.data.max_seq_len,
+        "train.log_every": cfg.train.log_every,
+        "train.keep_last": cfg.train.keep_last,
+        "train.eval_max_new_tokens": cfg.train.eval_max_new_tokens,
+        "distributed.rendezvous_timeout_s": cfg.distributed.rendezvous_timeout_s,
+        "distributed.collective_timeout_s": cfg.distributed.collective_timeout_s,
+    }
+    p += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
+    non_negative = {
+        "data.max_passage_tokens": cfg.data.max_passage_tokens,
+        "data.num_workers": cfg.data.num_workers,
+        "data.prefetch": cfg.data.prefetch,
+        "model.logits_chunk_tokens": cfg.model.logits_chunk_tokens,
+        "data.max_eval_samples": cfg.data.max_eval_samples,
+        "train.max_steps": cfg.train.max_steps,
+        "train.epochs": cfg.train.epochs,
+        "train.eval_every": cfg.train.eval_every,
+        "train.save_every": cfg.train.save_every,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+        "train.eval_generate": cfg.train.eval_generate,
+        "distributed.heartbeat_timeout_s": cfg.distributed.heartbeat_timeout_s,
+    }
+    p += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    if 0 < cfg.distributed.heartbeat_timeout_s < MIN_HEARTBEAT_TIMEOUT_S:
+        p.append(
+            f"distributed.heartbeat_timeout_s: must be 0 (off) or >= {MIN_HEARTBEAT_TIMEOUT_S}, got "
+            f"{cfg.distributed.heartbeat_timeout_s} (shorter would call a rank busy in a long step dead)"
+        )
+    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
+        p.append("train: set max_steps or epochs (both are 0, nothing would be trained)")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        p.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        p.append(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    if cfg.data.max_passage_tokens >= cfg.data.max_seq_len:
+        p.append(
+            f"data.max_passage_tokens ({cfg.data.max_passage_tokens}) must be below data.max_seq_len "
+            f"({cfg.data.max_seq_len}) to leave room for the query and the answer"
+        )
+    for name in ("{passages}", "{query}"):
+        if name not in cfg.data.prompt_template:
+            p.append(f"data.prompt_template: must contain {name}")
+    if not cfg.data.train:
+        p.append("data.train: no training files given (a list of JSONL/Parquet paths or globs)")
+    if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
+        p.append(
+            f"lora.target_modules: a list of module names or 'all-linear', got {cfg.lora.target_modules!r}"
+        )
+    if cfg.objective.name != "sft" and cfg.data.format != "preference":
+        p.append(
+            f"objective.name: '{cfg.objective.name}' needs preference data (chosen and rejected answers); "
+            f"data.format is '{cfg.data.format}': use objective.name=sft, or data.format=preference"
+        )
+    p += check_eval_metrics(cfg)
+    if cfg.objective.name != "sft" and cfg.data.packing:
+        p.append("data.packing: packs SFT rows only; set data.packing=false for preference objectives")
+    if not 0.0 <= cfg.objective.label_smoothing < 0.5:
+        p.append(f"objective.label_smoothing: must be in [0, 0.5), got {cfg.objective.label_smoothing}")
+    if cfg.objective.name == "ipo" and cfg.objective.label_smoothing:
+        p.append("objective.label_smoothing: IPO has no smoothed form; set it to 0 (conservative DPO is dpo)")
+    if cfg.objective.precompute_reference and cfg.objective.name not in ("dpo", "ipo", "dpo_nll"):
+        p.append(
+            f"objective.precompute_reference: '{cfg.objective.name}' uses no reference model; "
+            "it applies to dpo, ipo and dpo_nll"
+        )
+    if cfg.objective.beta <= 0:
+        p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
+    flash = cfg.model.attn_implementation == "flash_attention_2"
+    if cfg.data.share_prompt and cfg.data.format == "preference" and flash:
+        p.append(
+            "data.share_prompt: keeps the two answers apart with a 4D attention mask, which flash_attention_2 "
+            "does not take; use model.attn_implementation=sdpa (or eager), or set data.share_prompt=false"
+        )
+    if not cfg.output_dir.strip():
+        p.append("output_dir: must not be empty")
+    return p
+
+
+def check_eval_metrics(cfg: RunConfig) -> list[str]:
+    """The best metric must be one that the eval settings produce."""
+    p: list[str] = []
+    best, generate = cfg.train.best_metric, cfg.train.eval_generate
+    if generate and not cfg.data.eval:
+        p.append("train.eval_generate: generates answers for eval samples; give data.eval files")
+    if generate and cfg.data.format == "messages":
+        p.append(
+            "train.eval_generate: scores answers of sft-rag or preference eval data; messages data has no "
+            "single reference answer (set train.eval_generate=0)"
+        )
+    if best in ("eval_pref_acc", "eval_reward_margin") and cfg.data.format != "preference":
+        p.append(f"train.best_metric: {best} needs preference eval data; use eval_loss")
+    if best in ("eval_exact_match", "eval_token_f1") and not generate:
+        p.append(f"train.best_metric: {best} needs generated answers; set train.eval_generate (e.g. 64)")
+    return p
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)

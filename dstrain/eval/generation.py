@@ -1,0 +1,156 @@
+"""Generation-based eval: greedy answers to held-out RAG prompts, scored by exact match and token F1.
+
+Loss and preference accuracy say how the model scores given answers; only generating shows whether it now
+*produces* the answer from the passages. Greedy, bounded by `train.eval_max_new_tokens`, left-padded batches
+of the micro batch size. Under ZeRO-3 with several ranks every rank holds one shard of each weight, so all
+ranks must run the same number of forwards: each rank gets the same number of batches (short shards repeat
+an item that is not counted) and `generate` runs with `synced_gpus`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from dstrain.data.batches import IGNORE, Example
+from dstrain.data.pairs import PairExample
+from dstrain.dist.collectives import all_reduce_sum
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    prompt_ids: list[int]
+    gold: str  # the reference answer as text (EOS dropped)
+
+
+def generation_items(
+    examples: list[Example] | list[PairExample], tokenizer: PreTrainedTokenizerBase, limit: int
+) -> list[GenerationItem]:
+    """Prompt and reference answer of the first `limit` eval samples (for pairs: the chosen answer)."""
+    items = []
+    for example in examples[:limit]:
+        if isinstance(example, PairExample):
+            prompt, answer = example.prompt_ids, example.chosen_ids
+        else:
+            start = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+            prompt, answer = example.input_ids[:start], example.labels[start:]
+        gold = tokenizer.decode([t for t in answer if t != IGNORE], skip_special_tokens=True)
+        items.append(GenerationItem(prompt, gold.strip()))
+    return items
+
+
+def normalize(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch for ch in text if ch not in string.punctuation and ch not in "，。！？、；：")
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_tokens(text: str) -> list[str]:
+    """Words of the normalised answer; CJK characters count one each (Chinese has no spaces)."""
+    tokens: list[str] = []
+    for word in normalize(text).split():
+        tokens += list(word) if _CJK.search(word) else [word]
+    return tokens
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize(prediction) == normalize(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    pred, ref = answer_tokens(prediction), answer_tokens(gold)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so that every row's next token is generated at the same column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def rank_batches(
+    items: list[GenerationItem], batch: int, rank: int, world: int
+) -> list[tuple[list[GenerationItem], int]]:
+    """This rank's batches as (items, number that count); every rank gets the same number of batches."""
+    shard = items[rank::world]
+    per_rank = math.ceil(len(items) / world)
+    batches = []
+    for start in range(0, per_rank, batch):
+        real = shard[start : start + batch]
+        size = min(batch, per_rank - start)
+        filler = [items[0]] * (size - len(real))  # keeps ZeRO-3's ranks in step; not scored
+        batches.append((real + filler, len(real)))
+    return batches
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    synced: bool,
+) -> list[str]:
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced,
+    )
+    return tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class GenerationEval:
+    """What a generation eval needs besides the model; built once per run."""
+
+    tokenizer: PreTrainedTokenizerBase
+    items: list[GenerationItem]
+    max_new_tokens: int
+    synced: bool  # ZeRO-3 on several ranks: generate with synced_gpus
+
+
+def evaluate_generation(
+    model: PeftModel, gen: GenerationEval, batch: int, rank: int, world: int
+) -> dict[str, float]:
+    """eval_exact_match and eval_token_f1 over all items (a collective: every rank calls it)."""
+    totals = torch.zeros(3, dtype=torch.float64)  # [exact match, token F1, answers]
+    for chunk, real in rank_batches(gen.items, batch, rank, world):
+        prompts = [item.prompt_ids for item in chunk]
+        predictions = greedy_answers(model, gen.tokenizer, prompts, gen.max_new_tokens, gen.synced)
+        for item, prediction in zip(chunk[:real], predictions, strict=False):
+            totals += torch.tensor(
+                [exact_match(prediction, item.gold), token_f1(prediction, item.gold), 1.0],
+                dtype=torch.float64,
+            )
+    em, f1, count = all_reduce_sum(totals).tolist()
+    count = max(count, 1.0)
+    return {"eval_exact_match": em / count, "eval_token_f1": f1 / count}

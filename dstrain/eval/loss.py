@@ -1,0 +1,76 @@
+"""Eval loop: token-weighted mean loss over the held-out set, sharded across ranks; for preference data also
+the preference accuracy (share of pairs whose implicit reward margin is > 0) and the mean reward margin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+from dstrain import engine as eng
+from dstrain.config.run import ObjectiveConfig
+from dstrain.data.batches import Example, MicroBatch
+from dstrain.data.loader import eval_batches
+from dstrain.data.pairs import PairExample
+from dstrain.dist.collectives import all_reduce_sum
+from dstrain.objectives.preference import score_pairs
+
+
+@torch.no_grad()
+def evaluate(
+    engine: DeepSpeedEngine,
+    examples: list[Example] | list[PairExample],
+    micro: int,
+    rank: int,
+    world: int,
+    pad_id: int,
+    objective: ObjectiveConfig,
+    share_prompt: bool = False,
+) -> dict[str, float]:
+    """Eval metrics over all of `examples` (a collective: every rank calls it); `share_prompt`: pairs in
+    the shared-prompt layout (data/pairs.py)."""
+    batches = eval_batches(examples, micro, rank, world, pad_id, share_prompt)
+    with eng.evaluating(engine):
+        if isinstance(examples[0], PairExample):
+            return _evaluate_pairs(engine, batches, objective)
+        return {"eval_loss": _evaluate_tokens(engine, batches)}
+
+
+def _evaluate_tokens(engine: DeepSpeedEngine, batches: Iterator[MicroBatch]) -> float:
+    """Mean NLL per supervised token."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        nll_sum, num_tokens = eng.forward(engine, batch.inputs)
+        totals += torch.stack([nll_sum.double().cpu(), num_tokens.double().cpu()])
+    nll, tokens = all_reduce_sum(totals).tolist()
+    return nll / max(tokens, 1.0)
+
+
+def _evaluate_pairs(
+    engine: DeepSpeedEngine, batches: Iterator[MicroBatch], objective: ObjectiveConfig
+) -> dict[str, float]:
+    """eval_loss is the objective's mean loss per pair (for sft: NLL per chosen token), plus pair metrics."""
+    # [loss sum, chosen nll sum, chosen tokens, margin sum, correct, pairs]
+    totals = torch.zeros(6, dtype=torch.float64)
+    for batch in batches:
+        policy, reference, tokens = eng.forward(engine, batch.inputs, pairs=True)
+        scores = score_pairs(objective, policy, reference, tokens)
+        valid = scores.valid
+        chosen_tokens = tokens[: len(valid)] * valid
+        row = [
+            (scores.loss * valid).sum(),
+            (scores.chosen_nll * chosen_tokens).sum(),
+            chosen_tokens.sum(),
+            (scores.margin * valid).sum(),
+            ((scores.margin > 0).float() * valid).sum(),
+            valid.sum(),
+        ]
+        totals += torch.stack(row).double().cpu()
+    loss, nll, tokens, margin, correct, count = all_reduce_sum(totals).tolist()
+    count = max(count, 1.0)
+    return {
+        "eval_loss": nll / max(tokens, 1.0) if objective.name == "sft" else loss / count,
+        "eval_pref_acc": correct / count,
+        "eval_reward_margin": margin / count,
+    }

@@ -1,0 +1,217 @@
+"""Base causal LM (dtype, bundled tiny model), tokenizer, LoRA and gradient checkpointing. No distributed code.
+
+`builtin:tiny` is a Llama-shaped model shipped in the package (config, tokenizer and, when present, small
+pretrained weights); a builtin without weights is initialised from `model.init_seed`, so every rank (and
+every test) builds bit-identical weights without a download. With `model.load_in_4bit` the base is loaded
+in 4-bit NF4 (QLoRA, see quant.py), builtins included.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from dstrain.config.run import LoraConfig, ModelConfig
+from dstrain.errors import ConfigError, DstrainError
+from dstrain.model import quant
+
+BUILTIN_PREFIX = "builtin:"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def builtin_dir(name: str) -> Path:
+    root = resources.files("dstrain") / "assets" / name
+    if not root.is_dir():
+        raise ConfigError([f"model.path: unknown builtin model '{name}' (available: builtin:tiny)"])
+    return Path(str(root))
+
+
+def model_dir(cfg: ModelConfig) -> Path:
+    """The directory holding config and tokenizer: a local path or a bundled builtin."""
+    if cfg.path.startswith(BUILTIN_PREFIX):
+        return builtin_dir(cfg.path.removeprefix(BUILTIN_PREFIX))
+    return Path(cfg.path).expanduser()
+
+
+def check_model_path(cfg: ModelConfig) -> list[str]:
+    """Problems with model.path, found before any process group or weight load."""
+    if cfg.path.startswith(BUILTIN_PREFIX):
+        try:
+            builtin_dir(cfg.path.removeprefix(BUILTIN_PREFIX))
+        except ConfigError as exc:
+            return exc.problems
+        return []
+    path = Path(cfg.path).expanduser()
+    if not path.is_dir():
+        return [
+            f"model.path: {cfg.path}: no such directory (dstrain loads local HF model dirs, no downloads)"
+        ]
+    if not (path / "config.json").is_file():
+        return [f"model.path: {cfg.path}: no config.json inside; is this a Hugging Face model directory?"]
+    return []
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir(cfg)), trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"model.path: no usable tokenizer in {model_dir(cfg)} ({exc})"]) from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            [f"model.path: the tokenizer in {model_dir(cfg)} has no EOS token; set one in its config"]
+        )
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def hidden_size(cfg: ModelConfig) -> int | None:
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir(cfg)), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"model.path: unreadable model config in {model_dir(cfg)} ({exc})"]) from None
+    return getattr(config, "hidden_size", None)
+
+
+def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
+    """The frozen base model in the configured dtype; with `load_in_4bit` its linear layers in 4-bit NF4.
+
+    No device_map is passed: each rank loads the whole base onto its own device (the one set for its local
+    rank), which ZeRO-3 then partitions; a device_map spreading layers over devices would fight ZeRO.
+    """
+    dtype = DTYPES[cfg.dtype]
+    path = Path(model_dir(cfg))
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": cfg.trust_remote_code,
+        "attn_implementation": cfg.attn_implementation,
+    }
+    if cfg.path.startswith(BUILTIN_PREFIX) and not (path / "model.safetensors").is_file():
+        model = load_random_init(path, cfg, kwargs)
+    else:
+        model = load_pretrained(path, dtype, quantization(cfg), kwargs)
+    if cfg.load_in_4bit:
+        quant.keep_training_layout(model)
+    model.config.use_cache = False  # the KV cache only costs memory in training
+    return model
+
+
+def quantization(cfg: ModelConfig) -> dict[str, Any]:
+    """from_pretrained's quantization_config for a QLoRA run, nothing otherwise."""
+    return {"quantization_config": quant.bnb_config(DTYPES[cfg.dtype])} if cfg.load_in_4bit else {}
+
+
+def load_pretrained(
+    path: Path, dtype: torch.dtype, quantized: dict[str, Any], kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **quantized, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise DstrainError(f"model.path: could not load a causal LM from {path}: {exc}") from exc
+
+
+def load_random_init(path: Path, cfg: ModelConfig, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """A model from the config in `path`, initialised from `cfg.init_seed` (identical on every rank).
+
+    `from_config` cannot quantise (it takes no quantization_config, transformers #26901), so a 4-bit run
+    writes the random weights to a temporary directory once and loads them back quantised: the same
+    loading code as every pretrained QLoRA base, and the same weights as the unquantised random init.
+    """
+    dtype = DTYPES[cfg.dtype]
+    config = AutoConfig.from_pretrained(str(path), **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    if not cfg.load_in_4bit:
+        return model
+    with tempfile.TemporaryDirectory(prefix="dstrain-init-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        return load_pretrained(Path(tmp), dtype, quantization(cfg), kwargs)
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+    """Wrap `model` with fresh LoRA adapters; only they require gradients."""
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:  # e.g. target module names that the model does not have
+        raise ConfigError([f"lora.target_modules: {exc}"]) from None
+
+
+def enable_gradient_checkpointing(model: PeftModel, reentrant: bool) -> None:
+    """Recompute activations in backward. ZeRO-3 + PEFT needs the reentrant variant.
+
+    With reentrant checkpointing the inputs of each checkpointed block must require grad, or the frozen
+    embeddings would cut the graph and LoRA weights would get no gradient.
+    """
+    model.get_base_model().gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
+    model.enable_input_require_grads()
+
+
+def build_model(
+    model_cfg: ModelConfig, lora_cfg: LoraConfig, zero_stage: int, ds_config: dict | None = None
+) -> PeftModel:
+    """Base (4-bit with `load_in_4bit`) + LoRA, with gradient checkpointing when configured.
+
+    A 4-bit base deliberately skips PEFT's `prepare_model_for_kbit_training`: it upcasts every non-4-bit
+    weight (embeddings, norms, output head) to fp32, which under bf16/fp16 DeepSpeed casts straight back at
+    engine creation (and which would mix dtypes inside ZeRO-3's flat partitions, DeepSpeed #8072), and it
+    turns gradient checkpointing on by default, unaware of the ZeRO stage. What it does that QLoRA needs is
+    done here the same way as without 4-bit: get_peft_model freezes the base, and enable_gradient_checkpointing picks the
+    reentrant variant ZeRO-3 needs and makes the checkpointed inputs require grad.
+    """
+    zero_init = (
+        zero3_init(ds_config) if zero_stage == 3 and ds_config and not model_cfg.load_in_4bit else None
+    )
+    model = add_lora(load_base_model(model_cfg), lora_cfg)
+    model.zero3_init = zero_init  # kept alive with the model: transformers and PEFT consult it later too
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, reentrant=zero_stage == 3)
+    return model
+
+
+def zero3_init(ds_config: dict) -> object:
+    """Make transformers build the base under `deepspeed.zero.Init`: each parameter is partitioned as it
+    is created or loaded, so no rank ever holds the whole model (built whole, a ZeRO-3 rank peaked above a
+    ZeRO-2 one: the full copy plus its partition). transformers finds the config through a weak reference,
+    so the returned object must stay alive for the run. A 4-bit base is loaded whole (transformers does
+    not partition quantised weights while loading); at ~0.5 byte per weight that is the smaller cost.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) weights. Packed 4-bit weights count as the weights they hold, not their storage
+    elements; under ZeRO-3 partitioned params report their full size via ds_numel."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = quant.real_numel(param)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total

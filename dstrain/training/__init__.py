@@ -1,0 +1,2 @@
+"""A training run: everything checked before a process group exists (`prepare`), the parts built from it
+(`setup`: process group, model, engine, loader, sinks, restore), and the loop itself (`loop`)."""

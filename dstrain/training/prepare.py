@@ -1,0 +1,160 @@
+"""Everything checked and loaded before a process group exists: config, ZeRO JSON, model path, data.
+
+Nothing here touches torch.distributed, so a bad config or bad data fails on every rank the same way,
+at once, with one message, instead of leaving peers waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from dstrain.config.run import RunConfig, dump_yaml
+from dstrain.config.zero import BatchPlan, find_ds_config, load_ds_config, plan_batch, resolve_ds_config
+from dstrain.data.batches import Example
+from dstrain.data.index import index_file
+from dstrain.data.loader import TokenizedCorpus, steps_per_epoch
+from dstrain.data.pairs import PairExample
+from dstrain.data.records import BadRecord, check_bad, expand_paths
+from dstrain.data.stream import Corpus
+from dstrain.errors import ConfigError, DataError, DstrainError
+from dstrain.model.build import check_model_path, hidden_size, load_tokenizer
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    ds: dict[str, Any]
+    ds_source: dict[str, Any]  # the ZeRO JSON as given, "auto" entries included
+    plan: BatchPlan
+    tokenizer: PreTrainedTokenizerBase
+    train: TokenizedCorpus  # read and tokenised on demand
+    eval: list[Example] | list[PairExample]
+    skipped: int  # bad training records found by the index (more may surface at tokenisation)
+    steps_per_epoch: int
+    total_steps: int
+    config_yaml: str
+    config_digest: str
+
+
+def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    except DstrainError as exc:
+        problems.append(str(exc))
+    return None
+
+
+def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every file the run needs and the batch arithmetic; raise one ConfigError listing all problems.
+
+    `ds_source` replaces the ZeRO JSON file named by the config (a resumed run uses its checkpoint's copy).
+    """
+    problems = check_model_path(cfg.model)
+    raw = ds_source
+    if raw is None:
+        path = _collect(problems, find_ds_config, cfg.ds_config)
+        if path is not None:
+            raw = _collect(problems, load_ds_config, path)
+    _collect(problems, expand_paths, cfg.data.train, "data.train")
+    if cfg.data.eval:
+        _collect(problems, expand_paths, cfg.data.eval, "data.eval")
+    if raw is not None:
+        # A dry run of the resolution with a placeholder schedule: batch and precision problems surface now.
+        _collect(problems, lambda: resolve_ds_config(raw, cfg, world, 1, None, *device_precision()))
+    problems += check_output_dir(Path(cfg.output_dir))
+    if cfg.train.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            "train.wandb_project is set but wandb is not installed: `pip install wandb`, or set "
+            "train.wandb_project='' (TensorBoard and metrics.jsonl are always written)"
+        )
+    if problems:
+        raise ConfigError(problems, source="run")
+    return raw
+
+
+def check_output_dir(path: Path) -> list[str]:
+    """output_dir must be creatable and writable now, not discovered unwritable at the first save."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return [f"output_dir: cannot create {path} ({exc.strerror or exc}); choose a writable location"]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [f"output_dir: {path} is not writable by this user; choose a writable location"]
+    return []
+
+
+def device_precision() -> tuple[bool, bool]:
+    """(bf16 supported, fp16 supported) on this rank's accelerator."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return bool(acc.is_bf16_supported()), bool(acc.is_fp16_supported())
+
+
+def index_split(patterns: list[str], what: str, cfg: RunConfig) -> Corpus:
+    """Index (or find in the cache) every file of a split, and apply data.on_error to its bad records."""
+    corpus = Corpus([index_file(path, cfg.data.format) for path in expand_paths(patterns, what)])
+    bad = [record for index in corpus.files for record in index.bad]
+    check_bad(len(corpus), bad, corpus.num_bad, cfg.data.on_error, cfg.data.max_bad_fraction, what)
+    return corpus
+
+
+def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example] | list[PairExample]:
+    """The eval set, tokenised up front (it is read at every eval); over-long records are bad records too."""
+    # Preference data is always evaluated as pairs: preference accuracy is reported whatever the objective.
+    pairs = cfg.data.format == "preference"
+    dataset = TokenizedCorpus(index_split(cfg.data.eval, "data.eval", cfg), tokenizer, cfg.data, pairs)
+    limit = min(len(dataset), cfg.data.max_eval_samples or len(dataset))
+    items = [dataset[i] for i in range(limit)]
+    examples = [item for item in items if not isinstance(item, BadRecord)]
+    bad = [item for item in items if isinstance(item, BadRecord)]
+    check_bad(len(examples), bad, len(bad), cfg.data.on_error, cfg.data.max_bad_fraction, "data.eval")
+    if not examples:
+        raise DataError("data.eval: every record was skipped as bad; fix the eval file or drop data.eval")
+    return examples
+
+
+def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
+    payload = cfg_yaml + json.dumps(ds, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None) -> Prepared:
+    raw = preflight(cfg, world, ds_source)
+    tokenizer = load_tokenizer(cfg.model)
+    needs_template = cfg.data.format == "messages" or cfg.data.chat_template
+    if needs_template and not getattr(tokenizer, "chat_template", None):
+        why = "data.format=messages" if cfg.data.format == "messages" else "data.chat_template=true"
+        raise ConfigError([f"{why} needs a chat template, and the tokenizer of {cfg.model.path} has none"])
+    corpus = index_split(cfg.data.train, "data.train", cfg)
+    train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=cfg.objective.name != "sft")
+    eval_set = load_eval(tokenizer, cfg) if cfg.data.eval else []
+    # preflight validated the JSON: the batch plan alone gives the schedule length, then resolve once.
+    per_epoch = steps_per_epoch(len(train), plan_batch(raw, cfg, world, problems=[]))
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    ds, plan = resolve_ds_config(raw, cfg, world, total, hidden_size(cfg.model), *device_precision())
+    config_yaml = dump_yaml(cfg)
+    return Prepared(
+        cfg,
+        ds,
+        raw,
+        plan,
+        tokenizer,
+        train,
+        eval_set,
+        corpus.num_bad,
+        per_epoch,
+        total,
+        config_yaml,
+        digest(config_yaml, ds),
+    )

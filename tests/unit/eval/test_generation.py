@@ -1,0 +1,89 @@
+"""Generation eval: answer scoring, the rank split that keeps ZeRO-3's ranks in step, and left-padded batched
+greedy decoding that gives the same answers as one prompt at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dstrain.config.run import LoraConfig, ModelConfig, RunConfig, check_values
+from dstrain.data.batches import IGNORE, Example
+from dstrain.data.pairs import PairExample
+from dstrain.eval.generation import (
+    GenerationItem,
+    exact_match,
+    generation_items,
+    greedy_answers,
+    left_pad,
+    normalize,
+    rank_batches,
+    token_f1,
+)
+from dstrain.model.build import build_model, load_tokenizer
+
+
+def test_normalize_follows_squad():
+    assert normalize("  The Lake,  Thuthek! ") == "lake thuthek"
+    assert exact_match("lake thuthek.", "The Lake Thuthek") == 1.0
+    assert exact_match("Lake Thuthe", "Lake Thuthek") == 0.0
+
+
+def test_token_f1_partial_and_cjk():
+    assert token_f1("Lake Thuthek", "Lake Thuthek") == 1.0
+    assert token_f1("Lake Rorosk", "Lake Thuthek") == pytest.approx(0.5)
+    assert token_f1("", "Lake Thuthek") == 0.0
+    assert token_f1("", "") == 1.0
+    # Chinese has no spaces: characters are the tokens, so a near miss earns partial credit
+    assert token_f1("北京市", "北京") == pytest.approx(0.8)
+
+
+def test_items_from_sft_examples_and_pairs():
+    tok = load_tokenizer(ModelConfig())
+    answer = tok(" Lake Thuthek", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prompt = tok("Question: where?\nAnswer:")["input_ids"]
+    sft = Example(prompt + answer, [IGNORE] * len(prompt) + answer)
+    pair = PairExample(prompt, answer, tok(" no", add_special_tokens=False)["input_ids"])
+    items = generation_items([sft, sft], tok, limit=1) + generation_items([pair], tok, limit=5)
+    assert items == [GenerationItem(prompt, "Lake Thuthek")] * 2
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(7, 2, 3), (5, 3, 2), (1, 2, 4), (8, 2, 4)])
+def test_rank_batches_score_every_item_once_with_equal_batch_counts(n, world, batch):
+    items = [GenerationItem([i], str(i)) for i in range(n)]
+    per_rank = [rank_batches(items, batch, rank, world) for rank in range(world)]
+    # ZeRO-3 + synced_gpus: every rank must run as many generate calls, each on the same batch size
+    assert len({len(b) for b in per_rank}) == 1
+    assert len({tuple(len(chunk) for chunk, _ in b) for b in per_rank}) == 1
+    scored = [item.gold for b in per_rank for chunk, real in b for item in chunk[:real]]
+    assert sorted(scored, key=int) == [str(i) for i in range(n)]
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time():
+    torch.manual_seed(0)
+    tok = load_tokenizer(ModelConfig())
+    model = build_model(ModelConfig(), LoraConfig(r=4, alpha=8, dropout=0.0), zero_stage=2).eval()
+    texts = ["Background:\nThe river flows.\n\nQuestion: Where?\nAnswer:", "Question: Who?\nAnswer:", "Hi"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    batched = greedy_answers(model, tok, prompts, max_new_tokens=8, synced=False)
+    alone = [greedy_answers(model, tok, [p], max_new_tokens=8, synced=False)[0] for p in prompts]
+    assert batched == alone
+    assert any(answer.strip() for answer in alone)
+
+
+def test_config_checks_for_generation():
+    cfg = RunConfig()
+    cfg.data.train = ["t.jsonl"]
+    cfg.train.best_metric = "eval_exact_match"
+    assert any("needs generated answers" in p for p in check_values(cfg))
+    cfg.train.eval_generate = 16
+    assert any("give data.eval" in p for p in check_values(cfg))
+    cfg.data.eval = ["e.jsonl"]
+    assert not [p for p in check_values(cfg) if "eval_generate" in p or "best_metric" in p]
+    cfg.data.format = "messages"
+    assert any("no single reference answer" in p for p in check_values(cfg))
