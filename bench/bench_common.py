@@ -199,7 +199,7 @@ def deepspeed_launch(args: list[str], nproc: int) -> list[str]:
     """`deepspeed --num_gpus N --master_port FREE ARGS` through this Python (`-m deepspeed.launcher.runner`,
     what the `deepspeed` script runs): works where DeepSpeed was pip-installed with --target, without a
     `deepspeed` on PATH (the GPU image)."""
-    from dstrain.dist.env import free_port
+    from dstrain.distributed.env import free_port
 
     runner = [sys.executable, "-m", "deepspeed.launcher.runner"]
     return [*runner, "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]

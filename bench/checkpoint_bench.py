@@ -101,7 +101,7 @@ def dir_bytes(path: Path) -> int:
 def bench_save(args: argparse.Namespace) -> None:
     from dstrain.checkpoint.save import gather_payload
     from dstrain.config.run import load_config
-    from dstrain.dist import collectives, group
+    from dstrain.distributed import collectives, group
     from dstrain.train import start
     from dstrain.training.loop import save, train
 

@@ -95,7 +95,7 @@ def bare_loop(engine: Any, batches: list[Any]) -> None:
 def rank_job(spec_path: Path) -> None:
     import torch
 
-    from dstrain.dist import collectives, group
+    from dstrain.distributed import collectives, group
     from dstrain.train import resolve_config, start
     from dstrain.training import loop
 

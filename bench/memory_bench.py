@@ -134,7 +134,7 @@ def rank_main(args: argparse.Namespace) -> None:
     import torch
 
     from dstrain.config.run import load_config
-    from dstrain.dist import group
+    from dstrain.distributed import group
     from dstrain.model import build as model
     from dstrain.model import memory
     from dstrain.train import start
@@ -182,7 +182,7 @@ def launch(cmd: list[str], cwd: Path) -> list[dict]:
 
 
 def bench_zero(args: argparse.Namespace, work: Path) -> None:
-    from dstrain.dist.env import free_port
+    from dstrain.distributed.env import free_port
 
     model = make_model_dir(work / "model-12l", args.layers)
     launcher = str(Path(sys.executable).parent / "deepspeed")

@@ -51,7 +51,7 @@ def launcher_command(num_gpus: int | None, hostfile: Path | None, entry_args: li
     if num_gpus is not None:
         cmd += ["--num_gpus", str(num_gpus)]
     if hostfile is None:  # one node: any free port will do, and DeepSpeed's fixed 29500 clashes between jobs
-        from dstrain.dist.env import free_port
+        from dstrain.distributed.env import free_port
 
         cmd += ["--master_port", str(free_port())]
     return [*cmd, "--module", "dstrain.train", *entry_args]

@@ -97,8 +97,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Session, T
     from dstrain.config.run import config_to_dict
     from dstrain.data.loader import train_loader
     from dstrain.data.prefetch import prefetched
-    from dstrain.dist import buildlocks, collectives, env, group, heartbeat, ranklog
-    from dstrain.dist.stop import StopRequest
+    from dstrain.distributed import buildlocks, collectives, env, group, heartbeat, ranklog
+    from dstrain.distributed.stop import StopRequest
     from dstrain.metrics.meter import MetricsSink
     from dstrain.model import memory
     from dstrain.model.build import build_model, count_parameters
@@ -226,7 +226,7 @@ def generation_eval(cfg: RunConfig, prepared: Prepared, world: int) -> Generatio
 
 def agree_on_checkpoint(resume: ResumePoint) -> None:
     """Every rank must continue from the same checkpoint (each resolved PATH on its own)."""
-    from dstrain.dist import collectives
+    from dstrain.distributed import collectives
     from dstrain.errors import DistributedError
 
     chosen = {blob.decode() for blob in collectives.all_gather_bytes(str(resume.ckpt.resolve()).encode())}
@@ -276,7 +276,7 @@ def restore(
 
     from dstrain.checkpoint import load, optim
     from dstrain.checkpoint.rng import restore_rng, seed_everything
-    from dstrain.dist import collectives
+    from dstrain.distributed import collectives
 
     saved = resume.state
     with collectives.agreed(f"reading {resume.ckpt}"):  # before any collective: no rank left waiting
@@ -309,7 +309,7 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
 
 def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     """Train to the end (or a requested stop), then plot (rank 0) and leave the process group."""
-    from dstrain.dist import failures, group
+    from dstrain.distributed import failures, group
     from dstrain.training.loop import train
 
     try:
@@ -338,8 +338,8 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dstrain.dist import heartbeat, ranklog
-    from dstrain.dist.failures import report_crash, report_error
+    from dstrain.distributed import heartbeat, ranklog
+    from dstrain.distributed.failures import report_crash, report_error
 
     args = parse_args(argv)
     # Library deprecation chatter (transformers, torch.distributed) says nothing a user can act on.

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from dstrain.config.demo import asset
-from dstrain.dist.env import free_port
+from dstrain.distributed.env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -185,8 +185,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
-    from dstrain.dist.env import read_env
-    from dstrain.dist.group import init_process_group
+    from dstrain.distributed.env import read_env
+    from dstrain.distributed.group import init_process_group
 
     init_process_group(read_env())
     results = {

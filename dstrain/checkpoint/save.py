@@ -37,7 +37,7 @@ from dstrain.checkpoint.state import (
     TrainerState,
     rng_file,
 )
-from dstrain.dist import collectives
+from dstrain.distributed import collectives
 from dstrain.errors import CheckpointError
 
 

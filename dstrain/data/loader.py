@@ -26,7 +26,7 @@ from dstrain.data.packing import collate_flat, collate_packed
 from dstrain.data.pairs import PairExample, collate_pairs, collate_shared_pairs, tokenize_pair
 from dstrain.data.records import BadRecord
 from dstrain.data.stream import Corpus, EpochOrder, UnreadableRecordError
-from dstrain.dist.stop import ignore_in_worker
+from dstrain.distributed.stop import ignore_in_worker
 from dstrain.errors import DataError
 
 

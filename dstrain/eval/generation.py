@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dstrain.data.batches import IGNORE, Example
 from dstrain.data.pairs import PairExample
-from dstrain.dist.collectives import all_reduce_sum
+from dstrain.distributed.collectives import all_reduce_sum
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")

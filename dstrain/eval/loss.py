@@ -13,7 +13,7 @@ from dstrain.config.run import ObjectiveConfig
 from dstrain.data.batches import Example, MicroBatch
 from dstrain.data.loader import eval_batches
 from dstrain.data.pairs import PairExample
-from dstrain.dist.collectives import all_reduce_sum
+from dstrain.distributed.collectives import all_reduce_sum
 from dstrain.objectives.preference import score_pairs
 
 

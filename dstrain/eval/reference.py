@@ -32,7 +32,7 @@ from dstrain.config.run import RunConfig
 from dstrain.data.index import cache_root, fingerprint
 from dstrain.data.loader import TokenizedCorpus, collate_micro
 from dstrain.data.pairs import PairExample, split_pair
-from dstrain.dist.collectives import all_ranks_ok, all_reduce_sum
+from dstrain.distributed.collectives import all_ranks_ok, all_reduce_sum
 
 TABLE_VERSION = 1
 

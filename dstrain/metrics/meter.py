@@ -26,7 +26,7 @@ from rich.progress import (
 )
 
 from dstrain.checkpoint.atomic import write_text_atomic
-from dstrain.dist.collectives import all_reduce_sum, comm_device
+from dstrain.distributed.collectives import all_reduce_sum, comm_device
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for the MFU estimate; an unknown device gets no MFU, not a guess.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}

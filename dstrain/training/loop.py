@@ -21,8 +21,8 @@ from dstrain.data.batches import Example, MicroBatch
 from dstrain.data.pairs import PairExample
 from dstrain.data.prefetch import paused
 from dstrain.data.records import BadRecord
-from dstrain.dist import collectives
-from dstrain.dist.stop import StopRequest
+from dstrain.distributed import collectives
+from dstrain.distributed.stop import StopRequest
 from dstrain.errors import DataError, TrainingError
 from dstrain.eval.generation import GenerationEval, evaluate_generation
 from dstrain.eval.loss import evaluate
@@ -238,7 +238,7 @@ def on_nonfinite(session: Session, state: TrainerState) -> None:
 def train(session: Session, state: TrainerState) -> TrainerState:
     """Run steps state.step+1 .. total_steps, logging, evaluating and saving on schedule.
 
-    Stops early, with a checkpoint, when a rank was asked to stop (see `dstrain.dist.stop`).
+    Stops early, with a checkpoint, when a rank was asked to stop (see `dstrain.distributed.stop`).
     """
     cfg, total = session.cfg.train, session.total_steps
     meter, since_log = StepMeter(), 0

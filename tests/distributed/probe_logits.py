@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dstrain.dist import group
+from dstrain.distributed import group
 from dstrain.train import parse_args, resolve_config, start
 from dstrain.training.loop import train
 

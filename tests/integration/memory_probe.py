@@ -42,7 +42,7 @@ def main(config: str) -> None:
     }
     print("MEMORY " + json.dumps(report), flush=True)
     session.sink.close()
-    from dstrain.dist import group
+    from dstrain.distributed import group
 
     group.shutdown()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dstrain.dist.env import free_port
+from dstrain.distributed.env import free_port
 
 CLUSTER_NAME = "dstrain-test"
 PARTITION = "debug"

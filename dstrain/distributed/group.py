@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from dstrain.dist import heartbeat, rendezvous
-from dstrain.dist.collectives import barrier
-from dstrain.dist.env import DistEnv, free_port
+from dstrain.distributed import heartbeat, rendezvous
+from dstrain.distributed.collectives import barrier
+from dstrain.distributed.env import DistEnv, free_port
 
 DEFAULT_TIMEOUT_S = 600
 
@@ -24,7 +24,6 @@ def init_process_group(
     and hand it to DeepSpeed's comm layer."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-
 
     port = env.master_port or free_port()
     os.environ.update(

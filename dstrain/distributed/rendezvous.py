@@ -20,7 +20,7 @@ from dstrain.errors import DistributedError
 if TYPE_CHECKING:
     import torch.distributed
 
-    from dstrain.dist.env import DistEnv
+    from dstrain.distributed.env import DistEnv
 
 POLL_S = 0.25
 

@@ -8,7 +8,7 @@ import pytest
 
 from dstrain.config.run import LoraConfig, ModelConfig, config_from_dict
 from dstrain.data.loader import TokenizedCorpus
-from dstrain.dist.env import read_env
+from dstrain.distributed.env import read_env
 from dstrain.errors import ConfigError, DistributedError
 from dstrain.model.build import build_model, load_tokenizer
 from dstrain.model.supervised import SupervisedLM

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from dstrain.dist import ranklog
+    from dstrain.distributed import ranklog
 
     log = ranklog.start(Path(sys.argv[1]), int(sys.argv[2]), 2)
     print("progress line")

@@ -18,9 +18,9 @@ import psutil
 import pytest
 import torch.distributed
 
-from dstrain.dist import heartbeat
-from dstrain.dist.env import DistEnv, free_port
-from dstrain.dist.heartbeat import FAST_S, Heartbeat
+from dstrain.distributed import heartbeat
+from dstrain.distributed.env import DistEnv, free_port
+from dstrain.distributed.heartbeat import FAST_S, Heartbeat
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_zombie_counts_as_dead():
 
 def test_collective_timeout_with_every_rank_alive_names_the_knob(server, tmp_path, monkeypatch):
     from dstrain.config.run import DistributedConfig
-    from dstrain.dist import failures
+    from dstrain.distributed import failures
 
     _, port = server
     rank0, rank1 = ranks(port, tmp_path)

@@ -14,9 +14,8 @@ import signal
 import traceback
 from typing import TYPE_CHECKING
 
-from dstrain.dist import heartbeat
-from dstrain.dist import ranklog
-from dstrain.dist.env import env_rank
+from dstrain.distributed import heartbeat, ranklog
+from dstrain.distributed.env import env_rank
 from dstrain.errors import ConfigError, DataError, DistributedError
 
 if TYPE_CHECKING:

@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dstrain.dist import ranklog
+from dstrain.distributed import ranklog
+from dstrain.distributed.rendezvous import connect_store, key_prefix
 from dstrain.errors import DistributedError
-from dstrain.dist.rendezvous import connect_store, key_prefix
 
 if TYPE_CHECKING:
-    from dstrain.dist.env import DistEnv
+    from dstrain.distributed.env import DistEnv
 
 INTERVAL_S = 1.0
 FAST_S = 5.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from torch.utils.file_baton import FileBaton
 
-from dstrain.dist import buildlocks
+from dstrain.distributed import buildlocks
 from dstrain.errors import DistributedError
 
 
