@@ -99,9 +99,9 @@ def train_args(config: str | None, overrides: list[str]) -> list[str]:
 
 def resume_sets(overrides: list[str]) -> list[str]:
     """On resume only non-structural keys may change; the others are fixed by the checkpoint anyway."""
-    from dstrain.checkpoint.resume import MUTABLE
+    from dstrain.checkpoint.resume import mutable_on_resume
 
-    kept = [item for item in overrides if item.partition("=")[0].strip() in MUTABLE]
+    kept = [item for item in overrides if mutable_on_resume(item)]
     return [arg for item in kept for arg in ("--set", item)]
 
 

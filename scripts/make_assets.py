@@ -3,7 +3,7 @@
 
 Run from the repository root::
 
-    /work/venv/bin/python scripts/make_assets.py
+    .venv/bin/python scripts/make_assets.py
 
 Produces
 

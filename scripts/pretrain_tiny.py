@@ -3,7 +3,7 @@
 
 Run from the repository root (about 5 minutes on 2 otherwise idle CPU cores)::
 
-    /work/venv/bin/python scripts/pretrain_tiny.py
+    .venv/bin/python scripts/pretrain_tiny.py
 
 Training has two phases with one AdamW optimiser: a short induction warm-up on random token strings written
 twice (without it the 2-layer model sits on a long plateau where it cannot copy from its context, so it could

@@ -19,7 +19,8 @@ from dstrain.checkpoint.state import TrainerState
 from dstrain.config.run import RunConfig, apply_overrides, config_from_dict
 from dstrain.errors import ConfigError, DataError
 
-# Keys `--set` may change on resume (a section name allows every key under it).
+# Keys `--set` may change on resume, each a whole dotted key (a section name allows nothing). Every other key
+# is structural. tests/unit/config/test_config.py checks that each one names a field of RunConfig.
 MUTABLE = (
     "train.max_steps",
     "train.epochs",
@@ -56,9 +57,18 @@ class ResumePoint:
     notes: list[str]
 
 
+def override_key(item: str) -> str:
+    """The key of a `--set KEY=VALUE` item."""
+    return item.partition("=")[0].strip()
+
+
+def mutable_on_resume(item: str) -> bool:
+    """Whether the `--set KEY=VALUE` item may change on resume."""
+    return override_key(item) in MUTABLE
+
+
 def check_overrides(overrides: list[str]) -> None:
-    bad = [item.partition("=")[0].strip() for item in overrides]
-    bad = [key for key in bad if key not in MUTABLE]
+    bad = [override_key(item) for item in overrides if not mutable_on_resume(item)]
     if bad:
         raise ConfigError(
             [
@@ -81,7 +91,7 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
     except yaml.YAMLError as exc:
         raise ConfigError([f"{ckpt}/config.yaml: not valid YAML ({exc})"]) from None
     # The run continues where its checkpoint lives, also when the run dir was moved or copied.
-    forked = any(item.partition("=")[0].strip() == "output_dir" for item in overrides)
+    forked = any(override_key(item) == "output_dir" for item in overrides)
     if ckpt.parent.name != "checkpoints" and not forked:
         raise ConfigError(
             [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -80,6 +81,9 @@ class DataConfig:
     # Preference pairs: prompt, chosen and rejected in one row, the answers masked from each other, so the
     # (long, retrieved) prompt runs once per pair instead of twice, for the policy and the reference alike.
     share_prompt: bool = True
+    # Every text field as it is read: Unicode NFC, control characters other than newline and tab removed,
+    # trailing white space stripped (training, evaluation, generation and `dstrain convert` alike).
+    clean: bool = True
 
 
 @dataclass
@@ -213,40 +217,63 @@ def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConf
 
 # ------------------------------------------------------------------------------------------ semantics
 
+# Keys whose value must be >= 1, and >= 0 (check_values; tests check every one names a config key).
+AT_LEAST_ONE = (
+    "lora.r",
+    "data.shuffle_block",
+    "data.shuffle_window",
+    "data.length_group_window",
+    "lora.alpha",
+    "data.max_seq_len",
+    "train.log_every",
+    "train.keep_last",
+    "train.eval_max_new_tokens",
+    "distributed.rendezvous_timeout_s",
+    "distributed.collective_timeout_s",
+)
+AT_LEAST_ZERO = (
+    "data.max_passage_tokens",
+    "data.num_workers",
+    "data.prefetch",
+    "model.logits_chunk_tokens",
+    "data.max_eval_samples",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.save_every",
+    "train.global_batch_size",
+    "train.max_nonfinite_steps",
+    "train.eval_generate",
+    "distributed.heartbeat_timeout_s",
+)
+
+
+def config_paths(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every leaf key of the run config as a dotted path ("data.max_seq_len", "output_dir"), read from the
+    dataclasses, so lists of keys elsewhere can be checked against the fields that really exist."""
+    hints = typing.get_type_hints(cls)
+    paths: list[str] = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths += config_paths(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+def value_at(cfg: RunConfig, path: str) -> Any:
+    """The value of a dotted key ("data.max_seq_len") in `cfg`."""
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
 
 def check_values(cfg: RunConfig) -> list[str]:
     """Range and cross-field checks that types alone cannot express."""
     p: list[str] = []
-    positive = {
-        "lora.r": cfg.lora.r,
-        "data.shuffle_block": cfg.data.shuffle_block,
-        "data.shuffle_window": cfg.data.shuffle_window,
-        "data.length_group_window": cfg.data.length_group_window,
-        "lora.alpha": cfg.lora.alpha,
-        "data.max_seq_len": cfg.data.max_seq_len,
-        "train.log_every": cfg.train.log_every,
-        "train.keep_last": cfg.train.keep_last,
-        "train.eval_max_new_tokens": cfg.train.eval_max_new_tokens,
-        "distributed.rendezvous_timeout_s": cfg.distributed.rendezvous_timeout_s,
-        "distributed.collective_timeout_s": cfg.distributed.collective_timeout_s,
-    }
-    p += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
-    non_negative = {
-        "data.max_passage_tokens": cfg.data.max_passage_tokens,
-        "data.num_workers": cfg.data.num_workers,
-        "data.prefetch": cfg.data.prefetch,
-        "model.logits_chunk_tokens": cfg.model.logits_chunk_tokens,
-        "data.max_eval_samples": cfg.data.max_eval_samples,
-        "train.max_steps": cfg.train.max_steps,
-        "train.epochs": cfg.train.epochs,
-        "train.eval_every": cfg.train.eval_every,
-        "train.save_every": cfg.train.save_every,
-        "train.global_batch_size": cfg.train.global_batch_size,
-        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
-        "train.eval_generate": cfg.train.eval_generate,
-        "distributed.heartbeat_timeout_s": cfg.distributed.heartbeat_timeout_s,
-    }
-    p += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    for bound, paths in ((1, AT_LEAST_ONE), (0, AT_LEAST_ZERO)):
+        p += [f"{k}: must be >= {bound}, got {value_at(cfg, k)}" for k in paths if value_at(cfg, k) < bound]
     if 0 < cfg.distributed.heartbeat_timeout_s < MIN_HEARTBEAT_TIMEOUT_S:
         p.append(
             f"distributed.heartbeat_timeout_s: must be 0 (off) or >= {MIN_HEARTBEAT_TIMEOUT_S}, got "

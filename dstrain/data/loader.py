@@ -10,7 +10,7 @@ and thrown away.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -18,13 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from dstrain.config.run import DataConfig
+from dstrain.config.run import DataConfig, RunConfig
 from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.grouping import LengthGroupedOrder
 from dstrain.data.packing import collate_flat, collate_packed
 from dstrain.data.pairs import PairExample, collate_pairs, collate_shared_pairs, tokenize_pair
 from dstrain.data.records import BadRecord
+from dstrain.data.sharding import equal_rank_batches
 from dstrain.data.stream import Corpus, EpochOrder, UnreadableRecordError
 from dstrain.distributed.stop import ignore_in_worker
 from dstrain.errors import DataError
@@ -171,38 +172,88 @@ class MicroBatchSampler(Sampler[list[int]]):
                 yield order.ids(offset, offset + micro)
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How `train_loader` orders samples and lays out micro batches; `for_run` makes a run's choices."""
+
+    pad_id: int
+    # order: a private shuffle per epoch (data/stream.py), optionally grouped by length (data/grouping.py)
+    seed: int = 0
+    shuffle_block: int = 128
+    shuffle_window: int = 64
+    group_sizes: np.ndarray | None = None  # each record's size when grouping by length, else None
+    group_window: int = 64  # micro batches per length-sorted window
+    # layout (see collate_micro)
+    pack_to: int = 0
+    flat: bool = False
+    pairs: bool = False
+    share_prompt: bool = False
+    num_workers: int = 0
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, dataset: TokenizedCorpus, pad_id: int) -> LoaderOptions:
+        data = cfg.data
+        # flash-attention takes no 4D block mask: it packs into one unpadded row with sequence boundaries
+        flash = cfg.model.attn_implementation == "flash_attention_2"
+        return cls(
+            pad_id=pad_id,
+            seed=data.seed,
+            shuffle_block=data.shuffle_block,
+            shuffle_window=data.shuffle_window,
+            group_sizes=dataset.sizes() if data.group_by_length else None,
+            group_window=data.length_group_window,
+            pack_to=data.max_seq_len if data.packing and not flash else 0,
+            flat=data.packing and flash,
+            pairs=dataset.pairs,
+            share_prompt=data.share_prompt,
+            num_workers=data.num_workers,
+        )
+
+    @property
+    def group(self) -> tuple[np.ndarray, int] | None:
+        """MicroBatchSampler's (record sizes, micro batches per window); None without length grouping."""
+        return None if self.group_sizes is None else (self.group_sizes, self.group_window)
+
+
 def train_loader(
     dataset: Dataset,
     plan: BatchPlan,
+    options: LoaderOptions,
     rank: int,
-    seed: int,
     total_steps: int,
-    pad_id: int,
-    num_workers: int = 0,
     start_step: int = 0,
-    pack_to: int = 0,
-    shuffle: tuple[int, int] = (128, 64),
-    pairs: bool = False,
-    group: tuple[np.ndarray, int] | None = None,
-    share_prompt: bool = False,
-    flat: bool = False,
 ) -> DataLoader:
-    """MicroBatches of `dataset` for this rank, from `start_step` on; `shuffle` is (block, window); `pairs`:
-    the dataset yields PairExamples (preference objectives); `group`: (record sizes, micro batches per
-    window) to group by length (data/grouping.py)."""
-    sampler = MicroBatchSampler(len(dataset), plan, rank, seed, total_steps, start_step, *shuffle, group)
+    """MicroBatches of `dataset` for this rank, from `start_step` on, ordered and laid out per `options`."""
+    sampler = MicroBatchSampler(
+        len(dataset),
+        plan,
+        rank,
+        options.seed,
+        total_steps,
+        start_step,
+        options.shuffle_block,
+        options.shuffle_window,
+        options.group,
+    )
+    collate_fn = partial(
+        collate_micro,
+        pad_id=options.pad_id,
+        pack_to=options.pack_to,
+        pairs=options.pairs,
+        share_prompt=options.share_prompt,
+        flat=options.flat,
+    )
+    workers = options.num_workers
     # A private generator: creating the iterator draws a worker seed from it, and drawing from the global
     # one would shift dropout after a resume (the resumed run creates its iterator at another step).
     return DataLoader(
         dataset,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(options.seed),
         batch_sampler=sampler,
-        collate_fn=partial(
-            collate_micro, pad_id=pad_id, pack_to=pack_to, pairs=pairs, share_prompt=share_prompt, flat=flat
-        ),
-        num_workers=num_workers,
-        worker_init_fn=ignore_in_worker if num_workers else None,
-        prefetch_factor=4 if num_workers else None,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        worker_init_fn=ignore_in_worker if workers else None,
+        prefetch_factor=4 if workers else None,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU can be async
     )
@@ -216,19 +267,16 @@ def eval_batches(
     pad_id: int,
     share_prompt: bool = False,
 ) -> Iterator[MicroBatch]:
-    """This rank's share of the eval set, in the same number of batches on every rank.
+    """This rank's share of the eval set, in the same number of batches on every rank (data/sharding.py).
 
-    Equal counts matter: under ZeRO-3 every forward is a collective. Short shards are topped up with a
-    copy of an example whose labels are all ignored (a pair without answers), so it adds nothing.
+    Short shares are topped up with a copy of the first example whose labels are all ignored (a pair
+    without answers), so it adds nothing to the loss.
     """
     pairs = isinstance(examples[0], PairExample)
-    shard = list(examples[rank::world])
-    per_rank = -(-len(examples) // world)
     first = examples[0]
     if pairs:
         filler = PairExample(first.prompt_ids, [], [])
     else:
         filler = Example(first.input_ids, [IGNORE] * len(first.input_ids))
-    shard += [filler] * (per_rank - len(shard))
-    for start in range(0, per_rank, micro):
-        yield collate_micro(shard[start : start + micro], pad_id, pairs=pairs, share_prompt=share_prompt)
+    for batch, _ in equal_rank_batches(examples, micro, rank, world, filler):
+        yield collate_micro(batch, pad_id, pairs=pairs, share_prompt=share_prompt)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from transformers import DataCollatorWithFlattening
 
 from dstrain.data.batches import IGNORE, Example
 
@@ -84,31 +85,22 @@ def collate_packed(examples: Sequence[Example], pad_id: int, capacity: int) -> d
     }
 
 
+# The separator is the label at each sample's first position.
+_FLATTEN = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE)
+
+
 def collate_flat(examples: Sequence[Example], pad_id: int) -> dict[str, object]:
     """The micro batch as one row [1, total tokens], for flash-attention's variable-length kernels.
 
-    transformers passes `cu_seq_lens_q/k` and `max_length_q/k` from the model's keyword arguments to
-    flash_attention_2, which then attends within each sample only; computed here, on the host, so no layer
-    has to derive them from the position ids on the device (a sync per layer). There is no padding at all.
+    transformers' own DataCollatorWithFlattening lays it out (tested to give the same tensors as dstrain's
+    former hand-written version): position ids restart per sample, each sample's first label is IGNORE (it
+    would be predicted from the previous sample's last token), and `cu_seq_lens_q/k` (int32) and
+    `max_length_q/k` are computed here, on the host, so no layer has to derive them from the position ids
+    on the device (a sync per layer). transformers passes them from the model's keyword arguments to
+    flash_attention_2, which then attends within each sample only. There is no padding at all.
     """
     del pad_id  # nothing is padded: kept for the same signature as the other layouts
-    ids, labels, positions, bounds = [], [], [], [0]
-    for example in examples:
-        n = len(example.input_ids)
-        ids += example.input_ids
-        # label t is predicted from position t-1: a sample's first label would come from the previous one
-        labels += [IGNORE, *example.labels[1:]]
-        positions += range(n)
-        bounds.append(bounds[-1] + n)
-    cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
-    longest = int(np.diff(bounds).max())
-    return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "attention_mask": None,
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "cu_seq_lens_q": cu_seq_lens,
-        "cu_seq_lens_k": cu_seq_lens,
-        "max_length_q": longest,
-        "max_length_k": longest,
-    }
+    features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    batch = _FLATTEN(features)
+    # SupervisedLM.forward takes the mask positionally: None, as the variable-length path needs none
+    return {"input_ids": batch.pop("input_ids"), "attention_mask": None, **batch}

@@ -9,7 +9,6 @@ an item that is not counted) and `generate` runs with `synced_gpus`.
 
 from __future__ import annotations
 
-import math
 import re
 import string
 import unicodedata
@@ -22,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dstrain.data.batches import IGNORE, Example
 from dstrain.data.pairs import PairExample
+from dstrain.data.sharding import equal_rank_batches
 from dstrain.distributed.collectives import all_reduce_sum
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -80,30 +80,21 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding, so that every row's next token is generated at the same column."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
+def left_pad(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), left-padded with the pad token, so that every row's next token is
+    generated at the same column."""
+    batch = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def rank_batches(
     items: list[GenerationItem], batch: int, rank: int, world: int
 ) -> list[tuple[list[GenerationItem], int]]:
-    """This rank's batches as (items, number that count); every rank gets the same number of batches."""
-    shard = items[rank::world]
-    per_rank = math.ceil(len(items) / world)
-    batches = []
-    for start in range(0, per_rank, batch):
-        real = shard[start : start + batch]
-        size = min(batch, per_rank - start)
-        filler = [items[0]] * (size - len(real))  # keeps ZeRO-3's ranks in step; not scored
-        batches.append((real + filler, len(real)))
-    return batches
+    """This rank's batches as (items, number that count); every rank gets the same number of batches,
+    each of the same size (short shares repeat the first item, which is not scored)."""
+    return equal_rank_batches(items, batch, rank, world, filler=items[0] if items else None)
 
 
 @torch.no_grad()
@@ -114,7 +105,7 @@ def greedy_answers(
     max_new_tokens: int,
     synced: bool,
 ) -> list[str]:
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    ids, mask = left_pad(tokenizer, prompts)
     device = next(model.parameters()).device
     out = model.generate(
         input_ids=ids.to(device),

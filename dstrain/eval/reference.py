@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -28,10 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dstrain import engine as eng
+from dstrain.checkpoint.atomic import atomic_file
 from dstrain.config.run import RunConfig
 from dstrain.data.index import cache_root, fingerprint
 from dstrain.data.loader import TokenizedCorpus, collate_micro
 from dstrain.data.pairs import PairExample, split_pair
+from dstrain.data.sharding import equal_rank_batches
 from dstrain.distributed.collectives import all_ranks_ok, all_reduce_sum
 
 TABLE_VERSION = 1
@@ -70,12 +70,11 @@ def load_table(path: Path, num_records: int) -> torch.Tensor | None:
 
 
 def store_table(path: Path, table: torch.Tensor) -> None:
-    """Temp file, then rename: a reader sees the whole table or none. An unwritable cache costs a rerun."""
+    """Written atomically: a reader sees the whole table or none. An unwritable cache costs a rerun."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"logps": table.contiguous()}, str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file({"logps": table.contiguous()}, str(tmp))
     except OSError as exc:
         print(
             f"warning: cannot cache reference log-probs at {path} ({exc}); the next run recomputes them",
@@ -89,12 +88,10 @@ def compute_table(
 ) -> torch.Tensor:
     """[len(dataset), 2] summed log-probs of (chosen, rejected) under the adapter-disabled model."""
     table = torch.zeros(len(dataset), 2, dtype=torch.float32)
-    mine = list(range(rank, len(dataset), world))
-    per_rank = math.ceil(len(dataset) / world)
     with eng.evaluating(engine):
-        for start in range(0, per_rank, micro):
-            items = [dataset[i] for i in mine[start : start + micro]]
-            # Bad records (and an empty tail on short shards) leave a filler pair: the forward still runs.
+        for indices, _ in equal_rank_batches(range(len(dataset)), micro, rank, world):
+            items = [dataset[i] for i in indices]
+            # Bad records (and an empty batch on a short share) leave a filler pair: the forward still runs.
             good = [i for i in items if isinstance(i, PairExample)]
             batch = collate_micro(good, pad_id, pairs=True, share_prompt=dataset.cfg.share_prompt)
             _, reference, _ = eng.forward(engine, batch.inputs, pairs=True, policy=False)

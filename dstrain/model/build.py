@@ -1,9 +1,13 @@
-"""Base causal LM (dtype, bundled tiny model), tokenizer, LoRA and gradient checkpointing. No distributed code.
+"""The model a run trains: base causal LM (dtype, tiny builtin), tokenizer, LoRA, gradient checkpointing.
 
 `builtin:tiny` is a Llama-shaped model shipped in the package (config, tokenizer and, when present, small
 pretrained weights); a builtin without weights is initialised from `model.init_seed`, so every rank (and
 every test) builds bit-identical weights without a download. With `model.load_in_4bit` the base is loaded
 in 4-bit NF4 (QLoRA, see quant.py), builtins included.
+
+One step involves the other ranks: under ZeRO-3 (without 4-bit) `zero3_init` has transformers build the
+base inside deepspeed.zero.Init, already partitioned, which needs the process group. Everything else is
+the same on one process as on many.
 """
 
 from __future__ import annotations
@@ -208,7 +212,13 @@ def zero3_init(ds_config: dict) -> object:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) weights. Packed 4-bit weights count as the weights they hold, not their storage
-    elements; under ZeRO-3 partitioned params report their full size via ds_numel."""
+    elements; under ZeRO-3 partitioned params report their full size via ds_numel.
+
+    Not PEFT's `get_nb_trainable_parameters`: it gives the same numbers whenever a 4-bit weight fills its
+    packed storage exactly (the tiny model, usual LLM shapes), but it infers the count from the storage
+    (elements x bytes x 2), so a weight whose packing is padded counts the padding too: 7 weights stored
+    in one fp32 element report 8 (tests/unit/model/test_memory.py). The quant state knows the real shape.
+    """
     trainable = total = 0
     for param in model.parameters():
         n = quant.real_numel(param)

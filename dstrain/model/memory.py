@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dstrain.errors import DstrainError
+from dstrain.model.quant import tensor_bytes, weight_bytes
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = 512 * 1024**2  # CUDA context + allocator slack, outside what PyTorch can allocate
@@ -76,29 +77,6 @@ class Term:
     where: str  # "device" or "host"
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of a tensor as stored, whole (a ZeRO-3 parameter built under zero.Init counts its full size);
-    a bitsandbytes 4-bit weight adds its quantisation constants."""
-    size = getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()
-    state = getattr(tensor, "quant_state", None)
-    if state is not None:
-        for attr in ("absmax", "code", "offset"):
-            part = getattr(state, attr, None)
-            size += part.numel() * part.element_size() if isinstance(part, torch.Tensor) else 0
-        nested = getattr(state, "state2", None)
-        if nested is not None:
-            size += sum(
-                p.numel() * p.element_size()
-                for p in (getattr(nested, "absmax", None), getattr(nested, "code", None))
-                if isinstance(p, torch.Tensor)
-            )
-    return size
-
-
-def module_bytes(module: nn.Module) -> int:
-    return sum(tensor_bytes(p) for p in module.parameters())
-
-
 def model_shape(peft_model: nn.Module) -> ModelShape:
     """Read the built (not yet partitioned) model: its tensors' bytes and its decoder config."""
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
@@ -123,7 +101,7 @@ def model_shape(peft_model: nn.Module) -> ModelShape:
         frozen_bytes=frozen,
         trainable_numel=trainable,
         trainable_elem=elem or 4,
-        largest_module_bytes=max((module_bytes(b) for b in blocks if b is not None), default=0),
+        largest_module_bytes=max((weight_bytes(b) for b in blocks if b is not None), default=0),
         host_resident_bytes=resident,
         partitioned=partitioned,
         layers=config.num_hidden_layers,

@@ -87,23 +87,26 @@ def real_numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of a tensor as stored, whole (a ZeRO-3 parameter built under zero.Init counts its full size
+    `ds_numel`); a packed 4-bit weight adds its quantisation constants."""
+    size = int(getattr(tensor, "ds_numel", tensor.numel())) * tensor.element_size()
+    state = quant_state(tensor)
+    return size + (quant_state_bytes(state) if state is not None else 0)
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's parameters occupy, 4-bit quantisation constants included (unpartitioned sizes)."""
-    total = 0
-    for param in model.parameters():
-        total += int(getattr(param, "ds_numel", param.numel())) * param.element_size()
-        state = quant_state(param)
-        if state is not None:
-            total += quant_state_bytes(state)
-    return total
+    return sum(tensor_bytes(param) for param in model.parameters())
 
 
 def quant_state_bytes(state: Any) -> int:
-    """absmax (and with double quantisation its own absmax and code) of one 4-bit weight."""
-    tensors = [state.absmax, state.code]
+    """absmax and code of one 4-bit weight; with double quantisation also the offset subtracted from the
+    absmax and the absmax's own absmax and code (`state2`)."""
+    tensors = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
     nested = getattr(state, "state2", None)
     if nested is not None:
-        tensors += [nested.absmax, nested.code]
+        tensors += [getattr(nested, "absmax", None), getattr(nested, "code", None)]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from dstrain.distributed import group
-from dstrain.train import parse_args, resolve_config, start
+from dstrain.train import parse_args, resolve_config
 from dstrain.training.loop import train
+from dstrain.training.setup import start
 
 
 def probe_batch() -> dict[str, torch.Tensor]:
@@ -47,12 +48,12 @@ def check_gather_matches_deepspeed(session) -> None:
 def main() -> None:
     args = parse_args(sys.argv[1:])
     cfg = resolve_config(args.config, args.overrides, args.ds_config)
-    session, state = start(cfg)
-    train(session, state)
+    session, tally, state = start(cfg)
+    train(session, tally, state)
     session.sink.close()
     check_gather_matches_deepspeed(session)
     batch = probe_batch()
-    session.engine.eval()
+    session.peft_model.eval()  # the module itself: this probe reads logits outside the engine
     with torch.no_grad():
         logits = session.peft_model(**{k: v.to(session.engine.device) for k, v in batch.items()}).logits
     if session.rank == 0:

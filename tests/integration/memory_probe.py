@@ -13,8 +13,8 @@ import sys
 from dstrain.config.run import load_config
 from dstrain.model import build as model
 from dstrain.model import memory
-from dstrain.train import start
 from dstrain.training.loop import train
+from dstrain.training.setup import start
 
 
 def main(config: str) -> None:
@@ -30,8 +30,8 @@ def main(config: str) -> None:
 
     model.build_model = measured_build
     cfg = load_config(config)
-    session, state = start(cfg)
-    train(session, state)
+    session, tally, state = start(cfg)
+    train(session, tally, state)
     peak = memory.rss_bytes("VmHWM")
     setup = memory.setup_from(cfg, session.ds, session.plan.micro, session.plan.world)
     report = {

@@ -17,7 +17,7 @@ from dstrain.checkpoint.resume import check_overrides, elastic_ds_source
 from dstrain.checkpoint.rng import capture_rng, restore_rng, seed_everything
 from dstrain.checkpoint.state import REQUIRED, rng_file
 from dstrain.errors import CheckpointError, ConfigError
-from dstrain.metrics.meter import keep_rows_up_to
+from dstrain.metrics.sinks import keep_rows_up_to
 from tests.unit.checkpoint.test_checkpoint_layout import make_checkpoint
 
 # Stand-ins for every file a resumable checkpoint must hold (their content does not matter here).

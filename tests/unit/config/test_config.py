@@ -334,3 +334,16 @@ def test_distributed_timeouts_are_checked_together():
     assert any("distributed.heartbeat_timeout_s: must be 0 (off) or >= 10, got 3" in p for p in problems)
     cfg = load_config(None, ["distributed.heartbeat_timeout_s=0"], base=_valid())
     assert cfg.distributed.heartbeat_timeout_s == 0 and cfg.distributed.rendezvous_timeout_s == 300
+
+
+def test_listed_keys_name_real_config_fields():
+    """Key lists spelled as strings (range checks, keys that may change on resume) against the dataclasses:
+    a renamed or misspelled field fails here instead of silently never matching."""
+    from dstrain.checkpoint.resume import MUTABLE
+    from dstrain.config.run import AT_LEAST_ONE, AT_LEAST_ZERO, config_paths
+
+    paths = config_paths()
+    assert "data.max_seq_len" in paths and "output_dir" in paths and "data" not in paths
+    for listed in (AT_LEAST_ONE, AT_LEAST_ZERO, MUTABLE):
+        assert sorted(set(listed) - set(paths)) == []
+        assert len(set(listed)) == len(listed)

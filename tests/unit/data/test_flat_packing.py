@@ -80,3 +80,22 @@ def test_flat_row_loss_equals_separate_forwards(varlen_model):
     torch.testing.assert_close(nll, sum(value for value, _ in alone), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(leaky, nll, atol=1e-3)
     assert flat.tokens == 17 and flat.samples == 3
+
+
+def test_flat_row_tensors_exactly():
+    """transformers' DataCollatorWithFlattening, as collate_flat uses it, gives exactly the layout dstrain
+    wrote by hand: a labelled first token of a sample loses its label (it would be predicted from the
+    previous sample), int32 boundaries, int max lengths, and the mask slot None."""
+    examples = [Example([1, 2, 3], [1, 2, 3]), Example([4], [4]), Example([5, 6], [IGNORE, 6])]
+    batch = collate_flat(examples, pad_id=0)
+    assert list(batch) == [
+        "input_ids", "attention_mask", "labels", "position_ids",
+        "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    ]  # fmt: skip
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]] and batch["input_ids"].dtype == torch.long
+    assert batch["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, IGNORE, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]] and batch["labels"].dtype == torch.long
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert batch[key].tolist() == [0, 3, 4, 6] and batch[key].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 3 and type(batch["max_length_q"]) is int
+    assert batch["attention_mask"] is None

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from dstrain.config.run import DataConfig, ModelConfig, RunConfig
 from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import IGNORE, Example
 from dstrain.data.loader import (
     ExampleDataset,
+    LoaderOptions,
     MicroBatchSampler,
     eval_batches,
     steps_per_epoch,
     train_loader,
 )
+from dstrain.data.sharding import equal_rank_batches
 from dstrain.data.stream import EpochOrder
 from dstrain.errors import DataError
 
@@ -188,7 +194,8 @@ def test_steps_per_epoch_needs_one_global_batch():
 def test_loader_batches_follow_the_sampler():
     examples = make_examples(24)
     plan = BatchPlan(3, 2, 2)
-    loader = train_loader(ExampleDataset(examples), plan, rank=1, seed=5, total_steps=6, pad_id=PAD)
+    options = LoaderOptions(pad_id=PAD, seed=5)
+    loader = train_loader(ExampleDataset(examples), plan, options, rank=1, total_steps=6)
     sampler = MicroBatchSampler(24, plan, 1, 5, 6)
     batches = [b.inputs for b in loader]
     assert len(batches) == len(loader) == 12
@@ -205,10 +212,12 @@ def test_loader_batches_follow_the_sampler():
 def test_workers_do_not_change_the_batches():
     examples = make_examples(40)
     plan = BatchPlan(4, 1, 2)
-    kwargs = {"plan": plan, "rank": 0, "seed": 11, "total_steps": 9, "pad_id": PAD, "start_step": 2}
+    kwargs = {"plan": plan, "rank": 0, "total_steps": 9, "start_step": 2}
     dataset = ExampleDataset(examples)
-    serial = [b.inputs for b in train_loader(dataset, num_workers=0, **kwargs)]
-    parallel = [b.inputs for b in train_loader(dataset, num_workers=2, **kwargs)]
+    serial_options = LoaderOptions(pad_id=PAD, seed=11, num_workers=0)
+    serial = [b.inputs for b in train_loader(dataset, options=serial_options, **kwargs)]
+    parallel_options = LoaderOptions(pad_id=PAD, seed=11, num_workers=2)
+    parallel = [b.inputs for b in train_loader(dataset, options=parallel_options, **kwargs)]
     assert len(serial) == len(parallel) == 7
     for a, b in zip(serial, parallel, strict=True):
         assert a.keys() == b.keys()
@@ -246,3 +255,34 @@ def test_eval_filler_rows_carry_no_labels():
     assert batch["labels"][0].tolist()[: len(examples[1].labels)] == examples[1].labels
     assert (batch["labels"][1] == IGNORE).all()
     assert batch["attention_mask"][1].sum() > 0  # a real row, so every rank runs the same forward
+
+
+@pytest.mark.parametrize(("n", "world", "size"), [(10, 2, 3), (7, 3, 2), (1, 2, 4), (5, 5, 1)])
+def test_equal_rank_batches_without_filler_leave_short_batches(n: int, world: int, size: int):
+    """The reference-table pass: no filler item, a short share's last batches are shorter or empty."""
+    per_rank = [equal_rank_batches(range(n), size, rank, world) for rank in range(world)]
+    assert {len(batches) for batches in per_rank} == {math.ceil(math.ceil(n / world) / size)}
+    seen = [i for batches in per_rank for batch, real in batches for i in batch]
+    assert all(len(batch) == real for batches in per_rank for batch, real in batches)
+    assert sorted(seen) == list(range(n))
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize(
+    ("attention", "packing", "pack_to", "flat"),
+    [("sdpa", True, 96, False), ("flash_attention_2", True, 0, True), ("sdpa", False, 0, False)],
+)
+def test_options_for_run(attention: str, packing: bool, pack_to: int, flat: bool):
+    cfg = RunConfig(
+        model=ModelConfig(attn_implementation=attention),
+        data=DataConfig(max_seq_len=96, packing=packing, seed=4, shuffle_block=8, num_workers=2),
+    )
+    dataset = SimpleNamespace(pairs=False, sizes=lambda: np.arange(5))
+    options = LoaderOptions.for_run(cfg, dataset, pad_id=PAD)
+    assert (options.pack_to, options.flat, options.seed, options.shuffle_block) == (pack_to, flat, 4, 8)
+    assert (options.num_workers, options.share_prompt, options.group) == (2, True, None)
+    grouped = replace(cfg, data=replace(cfg.data, group_by_length=True, length_group_window=7))
+    sizes, window = LoaderOptions.for_run(grouped, dataset, pad_id=PAD).group
+    assert sizes.tolist() == [0, 1, 2, 3, 4] and window == 7

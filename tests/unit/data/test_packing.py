@@ -12,7 +12,7 @@ from dstrain.config.run import DataConfig, LoraConfig, ModelConfig
 from dstrain.data.batches import IGNORE, Example, tokenize_record
 from dstrain.data.loader import collate_micro
 from dstrain.data.packing import block_causal_mask, collate_packed, plan_rows
-from dstrain.data.records import load_records
+from dstrain.data.records import read_file
 from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
 
@@ -34,7 +34,7 @@ def model():
 @pytest.fixture(scope="module")
 def examples(tokenizer) -> list[Example]:
     cfg = DataConfig(max_seq_len=256, max_passage_tokens=96)
-    records = load_records([DATA], "sft-rag").records[:6]
+    records = [record for _, record in read_file(DATA, "sft-rag")][:6]
     out = [tokenize_record(tokenizer, record, cfg) for record in records]
     assert len({len(e.input_ids) for e in out}) > 2
     return out

@@ -11,7 +11,7 @@ import dstrain
 from dstrain.config.run import DataConfig, LoraConfig, ModelConfig
 from dstrain.data.batches import IGNORE, tokenize_rag
 from dstrain.data.pairs import PairExample, answer_logps, collate_pairs, split_pair, tokenize_pair
-from dstrain.data.records import RagRecord, load_records
+from dstrain.data.records import RagRecord, read_file
 from dstrain.model.build import build_model
 
 PASSAGES = (
@@ -103,7 +103,7 @@ def test_missing_rejected_is_an_error(tokenizer):
 
 
 def test_bundled_preference_records_tokenize(tokenizer):
-    records = load_records([DATA], "preference").records[:8]
+    records = [record for _, record in read_file(DATA, "preference")][:8]
     for record in records:
         pair = tokenize_pair(tokenizer, record, CFG)
         assert pair.chosen_ids != pair.rejected_ids

@@ -5,19 +5,20 @@ rest of the order."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from dstrain.config.run import DataConfig
 from dstrain.config.zero import BatchPlan
 from dstrain.data.index import index_file
-from dstrain.data.loader import TokenizedCorpus, train_loader
+from dstrain.data.loader import LoaderOptions, TokenizedCorpus, train_loader
 from dstrain.data.stream import Corpus
 
 GLOBAL = 6  # global batch: micro x accumulation x world
 PLANS = {1: BatchPlan(3, 2, 1), 2: BatchPlan(3, 1, 2)}
 N = 48  # 8 steps per epoch, nothing dropped
-SHUFFLE = (4, 3)  # small blocks and windows, so the order crosses several windows
+SHUFFLE = {"shuffle_block": 4, "shuffle_window": 3}  # small blocks and windows: the order crosses windows
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,8 @@ def global_batches(
     plan = PLANS[world]
     per_rank = []
     for rank in range(world):
-        loader = train_loader(
-            dataset, plan, rank, seed=7, total_steps=total, pad_id=0, num_workers=workers,
-            start_step=start, shuffle=SHUFFLE,
-        )  # fmt: skip
+        options = LoaderOptions(pad_id=0, seed=7, num_workers=workers, **SHUFFLE)
+        loader = train_loader(dataset, plan, options, rank, total_steps=total, start_step=start)
         rows = []
         for micro in loader:
             assert micro.samples == plan.micro and not micro.bad
@@ -98,9 +97,9 @@ def test_restart_at_any_step_yields_exactly_the_rest(
 
 def test_packing_changes_the_layout_not_the_records(dataset, ids_of):
     plan = PLANS[1]
-    common = {"plan": plan, "rank": 0, "seed": 7, "total_steps": 4, "pad_id": 0, "shuffle": SHUFFLE}
-    padded = list(train_loader(dataset, **common))
-    packed = list(train_loader(dataset, pack_to=64, **common))
+    options = LoaderOptions(pad_id=0, seed=7, **SHUFFLE)
+    padded = list(train_loader(dataset, plan, options, rank=0, total_steps=4))
+    packed = list(train_loader(dataset, plan, replace(options, pack_to=64), rank=0, total_steps=4))
     for a, b in zip(padded, packed, strict=True):
         assert (a.tokens, a.samples) == (b.tokens, b.samples)
         assert b.inputs["input_ids"].shape[0] < a.inputs["input_ids"].shape[0]

@@ -59,9 +59,13 @@ def test_rank_batches_score_every_item_once_with_equal_batch_counts(n, world, ba
 
 
 def test_left_pad():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    """The tokenizer's own left padding (its default side is right): what the hand-written version gave."""
+    tok = load_tokenizer(ModelConfig())
+    pad = tok.pad_token_id
+    ids, mask = left_pad(tok, [[5, 6, 7], [8]])
+    assert ids.tolist() == [[5, 6, 7], [pad, pad, 8]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]] and mask.dtype == torch.long
+    assert tok.padding_side == "right"  # padding_side per call: the training tokenizer is left alone
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time():

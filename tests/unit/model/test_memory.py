@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from peft import PeftModel
 
 from dstrain.config.run import LoraConfig, ModelConfig, RunConfig
-from dstrain.model import memory
+from dstrain.model import memory, quant
 from dstrain.model.build import build_model, count_parameters
 
 # A 7B-like shape (Llama-2-7B: 32 layers, h 4096, I 11008, vocab 32000), LoRA r16 on all linear layers.
@@ -144,3 +145,40 @@ def test_check_acts_on_memory_check(monkeypatch):
     assert memory.check(cfg, ds, 1, 1, model) is not None
     cfg.train.memory_check = "off"
     assert memory.check(cfg, ds, 1, 1, model) is None
+
+
+def packed_4bit(rows: int, cols: int, storage: torch.dtype = torch.float32) -> torch.nn.Parameter:
+    """A double-quantised NF4 weight packed into `storage`, as QLoRA builds them (quant.bnb_config)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    weight = bnb.nn.Params4bit(
+        torch.randn(rows, cols), requires_grad=False, quant_type="nf4", quant_storage=storage
+    )
+    return weight._quantize("cpu")
+
+
+def test_4bit_bytes_count_the_packed_storage_and_every_quantisation_constant():
+    weight = packed_4bit(64, 64)
+    state = weight.quant_state
+    constants = [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+    expected = 64 * 64 // 2 + sum(t.numel() * t.element_size() for t in constants)
+    holder = torch.nn.Module()
+    holder.weight = weight
+    # one function behind the memory estimate and quant.weight_bytes
+    assert memory.tensor_bytes(weight) == quant.weight_bytes(holder) == expected
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_parameter_count_equals_peft_s_on_whole_packings(load_in_4bit: bool):
+    if load_in_4bit:
+        pytest.importorskip("bitsandbytes")
+    model = build_model(ModelConfig(dtype="bf16", load_in_4bit=load_in_4bit), LoraConfig(r=8), zero_stage=2)
+    assert count_parameters(model) == model.get_nb_trainable_parameters()
+
+
+def test_parameter_count_is_the_real_one_where_peft_counts_4bit_padding():
+    """Why count_parameters is not PEFT's: 7 weights pack into 4 bytes, one fp32 storage element, and PEFT
+    infers 8 weights from the storage; the quant state knows the real shape."""
+    holder = torch.nn.Module()
+    holder.weight = packed_4bit(7, 1)
+    assert count_parameters(holder) == (0, 7)
+    assert PeftModel.get_nb_trainable_parameters(holder) == (0, 8)

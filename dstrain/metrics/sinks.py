@@ -1,0 +1,211 @@
+"""Where logged rows go (rank 0 only): metrics.jsonl, TensorBoard under tb/, W&B when asked, and the console.
+
+One small class per backend behind the `Sink` protocol; `MetricsSink` fans each row out to them. Adding a
+backend is one class here and one line in `build_sinks`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from dstrain.checkpoint.atomic import write_text_atomic
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+class Sink(Protocol):
+    def log(self, row: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop rows a killed run logged after the checkpoint being resumed: they are about to be redone."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+class JsonlSink:
+    """metrics.jsonl: one JSON object per row, flushed at once so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path, start_step: int = 0) -> None:
+        # A fresh run starts the file over; a run continuing from a checkpoint keeps the rows up to it.
+        if start_step:
+            keep_rows_up_to(path, start_step)
+        self.file = path.open("a" if start_step else "w", encoding="utf-8")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def tb_tag(key: str) -> str:
+    """`eval_loss` -> `eval/loss`; every other key under `train/`."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
+class TensorBoardSink:
+    """Each numeric value of a row as a scalar at the row's step."""
+
+    def __init__(self, log_dir: Path, start_step: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where a sink is built
+
+        # purge_step hides events a killed run logged after its last checkpoint, as JsonlSink drops its rows.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, row: dict[str, Any]) -> None:
+        step = int(row["step"])
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(tb_tag(key), value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """One W&B run per run dir (from its absolute path), so a resumed run continues the same one."""
+    return "".join(c if c.isalnum() else "-" for c in str(run_dir.resolve()))[-64:]
+
+
+class WandbSink:
+    """A W&B run; wandb is imported here only, so runs without a project never load it."""
+
+    def __init__(self, run_dir: Path, project: str, run_config: dict[str, Any] | None = None) -> None:
+        import wandb  # checked installed in preflight
+
+        self.run = wandb.init(
+            project=project,
+            name=run_dir.name,
+            id=wandb_run_id(run_dir),
+            resume="allow",
+            dir=str(run_dir),
+            config=run_config or {},
+        )
+
+    def log(self, row: dict[str, Any]) -> None:
+        values = {k: v for k, v in row.items() if k != "step" and v is not None}
+        self.run.log(values, step=int(row["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_console() -> Console:
+    # Into a log file (not a terminal) lines stay whole: a path cut at column 80 cannot be grepped.
+    return Console(stderr=False, soft_wrap=not sys.stdout.isatty())
+
+
+class ConsoleSink:
+    """A rich progress bar with ETA and the latest loss, plus a line per eval and whatever is printed."""
+
+    def __init__(self, console: Console, total_steps: int, start_step: int = 0) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+        self.progress.start()
+
+    def log(self, row: dict[str, Any]) -> None:
+        if row.get("loss") is not None:
+            info = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
+            self.progress.update(self.task, info=info)
+        if "eval_loss" in row:
+            self.console.print(f"step {int(row['step'])}: eval_loss {row['eval_loss']:.4f}")
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def print(self, message: RenderableType) -> None:
+        self.console.print(message)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def build_sinks(
+    run_dir: Path, total_steps: int, start_step: int, wandb_project: str, run_config: dict[str, Any] | None
+) -> tuple[list[Sink], ConsoleSink]:
+    """Every backend of a run dir, in the order rows reach them; the console also serves `print`."""
+    # W&B first: a failing init (login, network) stops the run before metrics.jsonl is touched.
+    wandb = WandbSink(run_dir, wandb_project, run_config) if wandb_project else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = JsonlSink(run_dir / METRICS_FILE, start_step)
+    tensorboard = TensorBoardSink(run_dir / TB_DIR, start_step)
+    console = ConsoleSink(make_console(), total_steps, start_step)
+    sinks: list[Sink] = [jsonl, *([wandb] if wandb else []), tensorboard, console]
+    return sinks, console
+
+
+class MetricsSink:
+    """metrics.jsonl + TensorBoard + W&B (with a project) + console; a no-op on ranks other than 0."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        enabled: bool,
+        start_step: int = 0,
+        wandb_project: str = "",
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.sinks: list[Sink] = []
+        self.console: ConsoleSink | None = None
+        if enabled:
+            self.sinks, self.console = build_sinks(
+                run_dir, total_steps, start_step, wandb_project, run_config
+            )
+
+    def log(self, row: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log(row)
+
+    def advance(self, step: int) -> None:
+        if self.console is not None:
+            self.console.advance(step)
+
+    def print(self, message: RenderableType) -> None:
+        if self.console is not None:
+            self.console.print(message)
+
+    def close(self) -> None:
+        # The progress bar stops first, so what W&B prints as it finishes is not drawn over by it. `print`
+        # still works afterwards: the run's last line ("done: ...") comes after the sinks are closed.
+        for sink in reversed(self.sinks):
+            sink.close()
+        self.sinks = []

@@ -1,0 +1,63 @@
+"""What the loop works with: `Run`, the parts built once (immutable), and `Tally`, the counts that change.
+
+The trainer state that a checkpoint carries (step, tokens, best metric, ...) is `checkpoint.state.TrainerState`;
+`Tally` holds what only this process needs to know while it trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from peft import PeftModel
+
+    from dstrain.checkpoint.save import RunFiles
+    from dstrain.config.run import DataConfig, ObjectiveConfig, TrainConfig
+    from dstrain.config.zero import BatchPlan
+    from dstrain.data.batches import Example, MicroBatch
+    from dstrain.data.pairs import PairExample
+    from dstrain.data.records import BadRecord
+    from dstrain.distributed.stop import StopRequest
+    from dstrain.eval.generation import GenerationEval
+    from dstrain.metrics.sinks import MetricsSink
+
+
+@dataclass(frozen=True)
+class Run:
+    """The wiring of one training run, built by `training.setup.start`."""
+
+    train: TrainConfig
+    data: DataConfig
+    objective: ObjectiveConfig
+    ds: dict[str, Any]  # the resolved ZeRO JSON
+    plan: BatchPlan
+    engine: DeepSpeedEngine  # an opaque handle: only dstrain.engine calls it
+    peft_model: PeftModel
+    batches: Iterator[MicroBatch]
+    eval_examples: list[Example] | list[PairExample]
+    steps_per_epoch: int
+    total_steps: int
+    output_dir: Path
+    run_files: RunFiles
+    pad_id: int
+    rank: int
+    sink: MetricsSink
+    stop: StopRequest
+    num_params: int  # all parameters (base + adapter), for the MFU estimate
+    generation: GenerationEval | None = None  # train.eval_generate > 0
+    reference_table: torch.Tensor | None = None  # objective.precompute_reference: [records, 2] log-probs
+
+
+@dataclass
+class Tally:
+    """Counts the loop updates as it goes (not in the checkpoint: the index recounts them on resume)."""
+
+    skipped_records: int = 0  # bad training records dropped under data.on_error=skip (index + tokenising)
+    records_seen: int = 0  # good + bad training records, the base of data.max_bad_fraction
+    failed_records: list[BadRecord] = field(default_factory=list)  # this step's, under data.on_error=fail
+    nonfinite_in_a_row: int = 0

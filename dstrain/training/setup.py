@@ -1,0 +1,248 @@
+"""Build a run from its config, in named parts: join the process group, build model and engine, restore or
+start the state, open the batches and the metrics sinks. `start` reads top to bottom as the run begins."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dstrain.checkpoint.state import TrainerState
+from dstrain.config.run import RunConfig
+from dstrain.config.zero import zero_stage
+from dstrain.distributed.env import DistEnv
+from dstrain.training.restore import agree_on_checkpoint, archive_newer_checkpoints, new_state, restore
+from dstrain.training.session import Run, Tally
+
+if TYPE_CHECKING:
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from peft import PeftModel
+
+    from dstrain.checkpoint.resume import ResumePoint
+    from dstrain.data.batches import MicroBatch
+    from dstrain.eval.generation import GenerationEval
+    from dstrain.metrics.sinks import MetricsSink
+    from dstrain.training.prepare import Prepared
+
+
+def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally, TrainerState]:
+    """Prepare on every rank, join the process group, build model, engine, loader and metrics sinks.
+
+    With `resume`, the engine, RNG and data position continue from the checkpoint instead.
+    """
+    from dstrain.checkpoint.resume import check_same_data
+    from dstrain.checkpoint.rng import seed_everything
+    from dstrain.training.prepare import prepare
+
+    env = open_process(cfg)
+    prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)
+    if resume:
+        check_same_data(resume.state, len(prepared.train))
+    env = join(cfg, env, resume, prepared)
+    # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
+    seed_everything(cfg.train.seed)
+    peft_model, ds_engine, memory_table = build(cfg, prepared, env)
+    # Then one seed per rank: dropout masks should differ across data-parallel ranks.
+    seed_everything(cfg.train.seed + 1 + env.rank)
+    state = new_state(env.world_size, prepared)
+    if resume:
+        state = restore(resume, ds_engine, peft_model, prepared, env.rank, env.world_size)
+    sink = open_sink(cfg, prepared, env, state.step)
+    announce(sink, cfg, prepared, peft_model, memory_table, resume, state)
+    run = wire(cfg, prepared, env, ds_engine, peft_model, sink, state.step)
+    tally = Tally(skipped_records=prepared.skipped, records_seen=len(prepared.train) + prepared.skipped)
+    return run, tally, state
+
+
+def open_process(cfg: RunConfig) -> DistEnv:
+    """This rank's launcher environment, its log file, and clean-ups that must precede any build."""
+    from dstrain.distributed import buildlocks, ranklog
+    from dstrain.distributed.env import read_env
+
+    env = read_env()
+    # An output_dir that cannot hold the rank logs is reported by prepare(), with every other config problem.
+    with contextlib.suppress(OSError):
+        ranklog.start(Path(cfg.output_dir), env.rank, env.world_size)
+    if env.local_rank == 0:  # the build cache is per node; the other local ranks build only after rendezvous
+        for verdict in buildlocks.clear_stale():
+            print(f"warning: {verdict.note}", file=sys.stderr)
+    if cfg.data.num_workers:  # the tokenizer is used here before DataLoader workers fork from this process
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def join(cfg: RunConfig, env: DistEnv, resume: ResumePoint | None, prepared: Prepared) -> DistEnv:
+    """Rendezvous and process group, the failure watch, one checkpoint for all ranks, the run files."""
+    from dstrain.distributed import heartbeat
+    from dstrain.distributed.collectives import barrier
+    from dstrain.distributed.group import init_process_group
+
+    timeouts, output_dir = cfg.distributed, Path(cfg.output_dir)
+    env = init_process_group(env, timeouts.rendezvous_timeout_s, timeouts.collective_timeout_s)
+    if env.is_distributed and timeouts.heartbeat_timeout_s:
+        heartbeat.start(env, timeouts.heartbeat_timeout_s, output_dir)
+    if resume:
+        agree_on_checkpoint(resume)
+        if env.is_main:
+            resume.notes.extend(archive_newer_checkpoints(resume.ckpt, output_dir))
+        barrier()
+    if env.is_main:
+        write_run_files(output_dir, prepared.config_yaml, prepared.ds)
+    return env
+
+
+def write_run_files(output_dir: Path, config_yaml: str, ds: dict[str, Any]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+
+
+def build(cfg: RunConfig, prepared: Prepared, env: DistEnv) -> tuple[PeftModel, DeepSpeedEngine, Any]:
+    """The PEFT model, the memory check (before the engine allocates), and the DeepSpeed engine over it."""
+    from dstrain import engine
+    from dstrain.distributed.collectives import agreed
+    from dstrain.model import memory
+    from dstrain.model.build import build_model
+    from dstrain.model.supervised import SupervisedLM
+
+    peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds), prepared.ds)
+    with agreed("the memory check"):  # fail on every rank at once
+        table = memory.check(cfg, prepared.ds, prepared.plan.micro, env.world_size, peft_model)
+    ds_engine = engine.create_engine(SupervisedLM(peft_model, cfg.model.logits_chunk_tokens), prepared.ds)
+    return peft_model, ds_engine, table
+
+
+def open_batches(cfg: RunConfig, prepared: Prepared, rank: int, start_step: int) -> Iterator[MicroBatch]:
+    """This rank's micro batches from `start_step` on, read ahead by workers or a prefetch thread."""
+    from dstrain.data.loader import LoaderOptions, train_loader
+    from dstrain.data.prefetch import prefetched
+
+    options = LoaderOptions.for_run(cfg, prepared.train, prepared.tokenizer.pad_token_id)
+    loader = train_loader(prepared.train, prepared.plan, options, rank, prepared.total_steps, start_step)
+    return prefetched(loader, cfg.data.num_workers, cfg.data.prefetch)
+
+
+def open_sink(cfg: RunConfig, prepared: Prepared, env: DistEnv, start_step: int) -> MetricsSink:
+    from dstrain.config.run import config_to_dict
+    from dstrain.metrics.sinks import MetricsSink
+
+    return MetricsSink(
+        Path(cfg.output_dir),
+        prepared.total_steps,
+        enabled=env.is_main,
+        start_step=start_step,
+        wandb_project=cfg.train.wandb_project,
+        run_config=config_to_dict(cfg),
+    )
+
+
+def announce(
+    sink: MetricsSink,
+    cfg: RunConfig,
+    prepared: Prepared,
+    peft_model: torch.nn.Module,
+    memory_table: Any,
+    resume: ResumePoint | None,
+    state: TrainerState,
+) -> None:
+    """Rank 0's start-up lines: warnings of the resume, what is trained, the memory estimate, where from."""
+    for note in resume.notes if resume else []:
+        sink.print(f"[yellow]warning:[/] {note}")
+    sink.print(describe(cfg, prepared, peft_model))
+    if memory_table is not None:
+        sink.print(memory_table)
+    if resume:
+        sink.print(
+            f"resuming from {resume.ckpt} at step {state.step} (epoch {state.epoch}, sample {state.cursor})"
+        )
+
+
+def wire(
+    cfg: RunConfig,
+    prepared: Prepared,
+    env: DistEnv,
+    ds_engine: DeepSpeedEngine,
+    peft_model: PeftModel,
+    sink: MetricsSink,
+    start_step: int,
+) -> Run:
+    """The Run the loop works with; the reference log-probs are computed here, before the first step."""
+    from dstrain.checkpoint.save import RunFiles
+    from dstrain.distributed.stop import StopRequest
+    from dstrain.model.build import count_parameters
+
+    batches = open_batches(cfg, prepared, env.rank, start_step)
+    reference = reference_table(cfg, prepared, env, ds_engine, sink)
+    return Run(
+        train=cfg.train,
+        data=cfg.data,
+        objective=cfg.objective,
+        ds=prepared.ds,
+        plan=prepared.plan,
+        engine=ds_engine,
+        peft_model=peft_model,
+        batches=batches,
+        eval_examples=prepared.eval,
+        steps_per_epoch=prepared.steps_per_epoch,
+        total_steps=prepared.total_steps,
+        output_dir=Path(cfg.output_dir),
+        run_files=RunFiles(prepared.config_yaml, prepared.ds, prepared.ds_source),
+        pad_id=prepared.tokenizer.pad_token_id,
+        rank=env.rank,
+        sink=sink,
+        stop=StopRequest().install(),
+        num_params=count_parameters(peft_model)[1],
+        generation=generation_eval(cfg, prepared, env.world_size),
+        reference_table=reference,
+    )
+
+
+def reference_table(
+    cfg: RunConfig, prepared: Prepared, env: DistEnv, ds_engine: DeepSpeedEngine, sink: MetricsSink
+) -> torch.Tensor | None:
+    if not cfg.objective.precompute_reference:
+        return None
+    from dstrain.eval.reference import reference_table as compute
+
+    table, note = compute(
+        cfg,
+        ds_engine,
+        prepared.train,
+        prepared.plan.micro,
+        env.rank,
+        env.world_size,
+        prepared.tokenizer.pad_token_id,
+        is_local_main=env.local_rank == 0,
+    )
+    sink.print(note)
+    return table
+
+
+def generation_eval(cfg: RunConfig, prepared: Prepared, world: int) -> GenerationEval | None:
+    from dstrain.eval.generation import GenerationEval, generation_items
+
+    if not (cfg.train.eval_generate and prepared.eval):
+        return None
+    items = generation_items(prepared.eval, prepared.tokenizer, cfg.train.eval_generate)
+    synced = zero_stage(prepared.ds) == 3 and world > 1
+    return GenerationEval(prepared.tokenizer, items, cfg.train.eval_max_new_tokens, synced)
+
+
+def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
+    from dstrain.model.build import count_parameters
+
+    trainable, total = count_parameters(peft_model)
+    plan = prepared.plan
+    skipped = f", {prepared.skipped} bad records skipped" if prepared.skipped else ""
+    base = f" ({'4-bit NF4' if cfg.model.load_in_4bit else cfg.model.dtype} base)"
+    return (
+        f"dstrain: {cfg.model.path}{base} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
+        f"ZeRO-{zero_stage(prepared.ds)}, world {plan.world}, global batch {plan.global_batch} = micro "
+        f"{plan.micro} x accumulation {plan.accumulation} x world {plan.world}, {len(prepared.train)} train / "
+        f"{len(prepared.eval)} eval samples, {prepared.total_steps} steps{skipped}"
+    )

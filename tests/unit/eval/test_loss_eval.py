@@ -1,0 +1,167 @@
+"""dstrain.eval.loss.evaluate on the bundled tiny model, against the model's own transformers forward.
+
+DeepSpeed's engine is replaced at its boundary by `_Engine`, which has what dstrain.engine.forward and
+dstrain.engine.evaluating use (`.device`, calling it, `.eval()`, `.train()`); no process group, so the
+cross-rank sums are the identity and a `rank`/`world` call scores exactly that rank's shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dstrain
+from dstrain.config.run import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig
+from dstrain.data.batches import IGNORE, Example, tokenize_record
+from dstrain.data.pairs import PairExample, tokenize_pair
+from dstrain.data.records import load_records
+from dstrain.eval.loss import evaluate
+from dstrain.model.build import build_model
+from dstrain.model.supervised import SupervisedLM
+
+DATA = Path(dstrain.__file__).parent / "assets" / "data"
+CFG = DataConfig(max_seq_len=256, max_passage_tokens=96)
+REL = 1e-5  # fp32 on both sides, summed in a different order
+
+
+class _Engine:
+    """The DeepSpeed engine's surface that evaluate reaches through dstrain.engine; records each call's mode."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, module: SupervisedLM) -> None:
+        self.module = module
+        self.modes: list[bool] = []  # module.training at each forward
+
+    def __call__(self, **inputs):
+        self.modes.append(self.module.training)
+        return self.module(**inputs)
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def train(self) -> None:
+        self.module.train()
+
+
+@pytest.fixture(scope="module")
+def peft_model():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), LoraConfig(dropout=0.0), zero_stage=2)
+    with torch.no_grad():  # non-zero LoRA B: policy and reference (adapter disabled) must differ
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+@pytest.fixture
+def engine(peft_model) -> _Engine:
+    module = SupervisedLM(peft_model, logits_chunk_tokens=16)
+    module.train()  # as the training loop leaves it
+    return _Engine(module)
+
+
+@pytest.fixture(scope="module")
+def sft_examples(tokenizer) -> list[Example]:
+    records = load_records([DATA / "sft_rag_eval.jsonl"], "sft-rag").records[:5]
+    return [tokenize_record(tokenizer, record, CFG) for record in records]
+
+
+@pytest.fixture(scope="module")
+def pair_examples(tokenizer) -> list[PairExample]:
+    records = load_records([DATA / "preference_eval.jsonl"], "preference").records[:6]
+    return [tokenize_pair(tokenizer, record, CFG) for record in records]
+
+
+@torch.no_grad()
+def _nll(peft_model, example: Example, adapter: bool = True) -> tuple[float, int]:
+    """(summed NLL, supervised tokens) of one unpadded row from the model's own logits, labels shifted."""
+    ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
+    peft_model.eval()
+    if adapter:
+        logits = peft_model(input_ids=ids).logits
+    else:
+        with peft_model.disable_adapter():
+            logits = peft_model(input_ids=ids).logits
+    targets = labels[0, 1:]
+    nll = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE, reduction="sum")
+    return nll.item(), int((targets != IGNORE).sum())
+
+
+def _margins(peft_model, pairs: list[PairExample], beta: float) -> list[float]:
+    """DPO's implicit reward margin of each pair: beta * ((pc - rc) - (pr - rr)), log-probs = -NLL."""
+    margins = []
+    for pair in pairs:
+        pc, rc = (-_nll(peft_model, pair.chosen(), adapter)[0] for adapter in (True, False))
+        pr, rr = (-_nll(peft_model, pair.rejected(), adapter)[0] for adapter in (True, False))
+        margins.append(beta * ((pc - rc) - (pr - rr)))
+    return margins
+
+
+def _run(engine: _Engine, examples, objective: ObjectiveConfig, **where) -> dict[str, float]:
+    kwargs = {"micro": 2, "rank": 0, "world": 1, **where}
+    return evaluate(engine, examples, pad_id=0, objective=objective, **kwargs)
+
+
+def test_eval_loss_is_the_token_weighted_mean_nll(engine, peft_model, sft_examples):
+    result = _run(engine, sft_examples, ObjectiveConfig())
+    sums = [_nll(peft_model, example) for example in sft_examples]
+    expected = sum(nll for nll, _ in sums) / sum(n for _, n in sums)
+    assert set(result) == {"eval_loss"}
+    assert result["eval_loss"] == pytest.approx(expected, rel=REL)
+    # 5 examples of different lengths in micro batches of 2: padding must not count
+    assert len({n for _, n in sums}) > 1 and len(engine.modes) == 3
+
+
+def test_a_short_shard_is_topped_up_with_filler_that_adds_nothing(engine, peft_model, sft_examples):
+    result = _run(engine, sft_examples, ObjectiveConfig(), rank=1, world=2)
+    sums = [_nll(peft_model, example) for example in sft_examples[1::2]]  # 2 examples + 1 filler
+    assert result["eval_loss"] == pytest.approx(sum(s for s, _ in sums) / sum(n for _, n in sums), rel=REL)
+
+
+def test_forward_runs_in_eval_mode_and_train_mode_comes_back(engine, sft_examples):
+    _run(engine, sft_examples, ObjectiveConfig())
+    assert engine.modes and not any(engine.modes)
+    assert engine.module.training and all(m.training for m in engine.module.modules())
+
+
+def test_train_mode_comes_back_when_forward_raises(engine, sft_examples, monkeypatch):
+    def fail(**_):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(engine.module, "forward", fail)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        _run(engine, sft_examples, ObjectiveConfig())
+    assert engine.module.training
+
+
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["padded", "shared-prompt"])
+def test_preference_metrics_match_a_direct_computation(engine, peft_model, pair_examples, share_prompt):
+    beta = 0.5
+    result = _run(
+        engine, pair_examples, ObjectiveConfig(name="dpo", beta=beta), micro=4, share_prompt=share_prompt
+    )
+    margins = _margins(peft_model, pair_examples, beta)
+    assert min(abs(m) for m in margins) > 1e-4, "a margin this close to 0 could flip sign on rounding"
+    accuracy = sum(m > 0 for m in margins) / len(margins)
+    assert 0 < accuracy < 1, "want pairs on both sides: an all-right or all-wrong count proves little"
+    assert 0.0 <= result["eval_pref_acc"] <= 1.0
+    assert result["eval_pref_acc"] == pytest.approx(accuracy)
+    assert result["eval_reward_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4, abs=1e-6)
+    dpo = sum(-F.logsigmoid(torch.tensor(m, dtype=torch.float64)).item() for m in margins) / len(margins)
+    assert result["eval_loss"] == pytest.approx(dpo, rel=1e-5)
+
+
+def test_sft_on_pairs_reports_the_chosen_answers_nll_per_token(engine, peft_model, pair_examples):
+    objective = ObjectiveConfig(name="sft")
+    result = _run(engine, pair_examples, objective, micro=4, rank=2, world=4)
+    (pair,) = pair_examples[2::4]  # 6 pairs over 4 ranks: this one and a filler pair without answers
+    nll, tokens = _nll(peft_model, pair.chosen())
+    assert result["eval_loss"] == pytest.approx(nll / tokens, rel=REL)
+    (margin,) = _margins(peft_model, [pair], objective.beta)
+    assert result["eval_pref_acc"] == float(margin > 0)  # the filler pair is not counted as a wrong one
+    assert result["eval_reward_margin"] == pytest.approx(margin, rel=1e-4, abs=1e-6)
