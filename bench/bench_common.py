@@ -1,8 +1,8 @@
 """Shared parts of the framework benchmarks (sft_bench, dpo_bench, loop_bench, gpu/run.sh).
 
-One place for (the generated RAG workloads are in bench_workload.py): the random-init model directory every framework loads, the fully
-resolved ZeRO JSON every framework gets (so no framework fills an "auto" its own way), launching one 2-rank
-`deepspeed` job and reading back its throughput, the machine line and the tables.
+One place for the fully resolved ZeRO JSON every framework gets (so no framework fills an "auto" its own way),
+launching one `deepspeed` job and reading back its throughput. The generated RAG workloads are in
+bench_workload.py, the random-init model dir in bench_model.py, the machine line and tables in bench_report.py.
 
 Every framework run measures the same thing: wall time from the end of warm-up step `warmup` to the end of the
 last step (rank 0's clock), and the non-padding tokens (attention-mask ones) / preference pairs of the batches
@@ -28,99 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench_workload import TINY, Workload  # noqa: E402  (after the path setup)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-# ------------------------------------------------------------------------------------------- model
-
-
-def model_config(shape: str, vocab: int, hidden: int, layers: int, heads: int = 0, kv_heads: int = 0) -> Any:
-    """A Qwen2- or Llama-shaped config; heads default to head_dim 64 and 4x GQA (at least one KV head)."""
-    heads = heads or max(1, hidden // 64)
-    kv_heads = kv_heads or max(1, heads // 4)
-    common = {
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 11 // 4,  # TinyLlama's 5632 at hidden 2048
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5 if shape == "llama" else 1e-6,
-        "tie_word_embeddings": False,
-        "use_cache": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 3,
-    }
-    if shape == "qwen2":
-        from transformers import Qwen2Config
-
-        return Qwen2Config(**common)
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**common)
-
-
-def write_model(
-    out: Path,
-    shape: str,
-    vocab: int,
-    hidden: int,
-    layers: int,
-    dtype: str = "fp32",
-    seed: int = 0,
-    heads: int = 0,
-    kv_heads: int = 0,
-) -> Path:
-    """Random-init weights (seeded) + the bundled tokenizer: one dir every framework loads with from_pretrained.
-
-    The model's vocab may exceed the tokenizer's 2,048 ids: ids stay below it, only the embedding and the
-    output head grow, which is what a realistic vocabulary costs per token.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = out / "bench_model.json"
-    spec = {
-        "shape": shape,
-        "vocab": vocab,
-        "hidden": hidden,
-        "layers": layers,
-        "dtype": dtype,
-        "seed": seed,
-        "heads": heads,
-        "kv_heads": kv_heads,
-    }
-    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
-        return out  # built by an earlier run of the same spec
-    torch.manual_seed(seed)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    config = model_config(shape, vocab, hidden, layers, heads, kv_heads)
-    # built on the GPU when there is one: a 1B random init on CPU takes most of a minute
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (TINY / name).is_file():
-            shutil.copy(TINY / name, out / name)
-    stamp.write_text(json.dumps(spec), encoding="utf-8")
-    return out
-
-
-def count_params(model_dir: Path) -> int:
-    """All parameters of the base model in `model_dir` (from the config, without loading weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
+from bench_deadline import kill_tree  # noqa: E402  (after the path setup)
+from bench_model import write_model  # noqa: E402
+from bench_workload import Workload, log_every  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- ZeRO JSON
 
@@ -195,29 +105,53 @@ def child_env(threads: int = 1, extra: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def deepspeed_launch(args: list[str], nproc: int) -> list[str]:
-    """`deepspeed --num_gpus N --master_port FREE ARGS` through this Python (`-m deepspeed.launcher.runner`,
-    what the `deepspeed` script runs): works where DeepSpeed was pip-installed with --target, without a
-    `deepspeed` on PATH (the GPU image)."""
+def deepspeed_launch(args: list[str], nproc: int) -> tuple[list[str], dict[str, str]]:
+    """(command, extra environment) of one launch of the script/module in `args`.
+
+    Several ranks: `deepspeed --num_gpus N --master_port FREE ARGS` through this Python (`-m
+    deepspeed.launcher.runner`, what the `deepspeed` script runs), which works where DeepSpeed was
+    pip-installed with --target, without a `deepspeed` on PATH (the GPU image). One rank: the rank itself, with
+    the variables the launcher would set: two fewer Python start-ups (runner, launch.py) per launch, which is
+    most of a part's minute on the GPU; the measured steps are the same.
+    """
     from dstrain.distributed.env import free_port
 
+    port = str(free_port())
+    if nproc == 1:
+        target = ["-m", args[1], *args[2:]] if args[0] == "--module" else args
+        env = {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        return [sys.executable, *target], env
     runner = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [*runner, "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
+    return [*runner, "--num_gpus", str(nproc), "--master_port", port, *args], {}
 
 
-def run_job(cmd: list[str], log: Path, timeout: int, threads: int = 1) -> None:
-    """Run one launch to its end, output to `log`; on timeout kill its whole process group (ranks too)."""
+def run_job(
+    cmd: list[str], log: Path, timeout: int, threads: int = 1, env: dict[str, str] | None = None
+) -> None:
+    """Run one launch to its end, output to `log`; on timeout kill its whole process tree (ranks too)."""
     with log.open("w", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=child_env(threads), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=REPO,
+            env=child_env(threads, env),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # ranks that left the group
             proc.wait()
             raise RuntimeError(f"timed out after {timeout} s; log: {log}") from None
     if code:
@@ -283,9 +217,6 @@ def dstrain_config(work: Workload, run_dir: Path, objective: str, options: dict[
     Written in full rather than as `--set`s on the demo config: the demo's eval set would add an eval.
     """
     fmt = "preference" if objective != "sft" else "sft-rag"
-    # Log at the end of warm-up and every `log_every` after: logging costs one small all-reduce, so a
-    # sparse log keeps dstrain's measured time (sum of step_time_s) close to its wall time.
-    log_every = math.gcd(work.warmup, work.steps) if work.warmup else work.steps
     raw: dict[str, Any] = {
         "model": {
             "path": work.model,
@@ -308,7 +239,7 @@ def dstrain_config(work: Workload, run_dir: Path, objective: str, options: dict[
         "objective": {"name": objective, "beta": work.beta},
         "train": {
             "max_steps": work.steps,
-            "log_every": log_every,
+            "log_every": log_every(work),
             "eval_every": 0,
             "save_every": 0,
             "memory_check": "off",
@@ -340,8 +271,8 @@ def run_dstrain(
     shutil.rmtree(run_dir, ignore_errors=True)
     config = work_dir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(dstrain_config(work, run_dir, objective, options)), encoding="utf-8")
-    cmd = deepspeed_launch(["--module", "dstrain.train", "--config", str(config)], nproc)
-    run_job(cmd, work_dir / f"{name}.log", timeout)
+    cmd, env = deepspeed_launch(["--module", "dstrain.train", "--config", str(config)], nproc)
+    run_job(cmd, work_dir / f"{name}.log", timeout, env=env)
     return dstrain_throughput(name, run_dir, work.warmup)
 
 
@@ -353,7 +284,7 @@ def run_worker(
     work.save(spec)
     result = work_dir / f"{name}.result.json"
     result.unlink(missing_ok=True)
-    cmd = deepspeed_launch(
+    cmd, env = deepspeed_launch(
         [
             str(REPO / "bench" / "hf_worker.py"),
             "--mode",
@@ -369,7 +300,7 @@ def run_worker(
         ],
         nproc,
     )
-    run_job(cmd, work_dir / f"{name}.log", timeout)
+    run_job(cmd, work_dir / f"{name}.log", timeout, env=env)
     data = json.loads(result.read_text(encoding="utf-8"))
     return Throughput(name=name, **data)
 
@@ -448,6 +379,12 @@ def add_run_arguments(parser: Any, variants: list[str]) -> None:
         help="torch's AdamW in the ZeRO JSON (GPU without nvcc: no FusedAdam JIT build)",
     )
     parser.add_argument("--variants", nargs="+", default=variants, choices=variants)
+    parser.add_argument(
+        "--order",
+        choices=["forward", "reverse"],
+        default="forward",
+        help="run the variants as listed, or last first (alternate between runs: no framework always first)",
+    )
     parser.add_argument(
         "--model-dir",
         type=Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import platform
@@ -12,10 +13,8 @@ from typing import Any
 
 from bench_common import Throughput
 
-# ------------------------------------------------------------------------------------------- report
-
-
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense tensor-core peaks
+# the frameworks the machine line names; a missing one is named missing (a run without TRL gives dstrain rows)
+FRAMEWORKS = ("torch", "transformers", "peft", "trl", "deepspeed", "liger_kernel")
 
 
 def mfu(tokens_per_s: float, params: int, world: int) -> float | None:
@@ -23,10 +22,11 @@ def mfu(tokens_per_s: float, params: int, world: int) -> float | None:
     frozen weights get no weight gradient; attention FLOPs not counted); None off a known GPU."""
     import torch
 
+    from dstrain.metrics.device import peak_tflops
+
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = peak_tflops(torch.cuda.get_device_name(0))
     return None if peak is None else 4 * params * tokens_per_s / (peak * 1e12 * world)
 
 
@@ -38,12 +38,18 @@ def load_line() -> str:
     return "load average unknown"
 
 
+def version(name: str) -> str:
+    """`name`'s version, or "missing" when it does not import (absent, blocked or broken)."""
+    try:
+        module = importlib.import_module(name)
+    except Exception:  # a broken install reads as missing: the rows that need it are not run
+        return "missing"
+    return str(getattr(module, "__version__", "?"))
+
+
 def machine_line() -> str:
-    import deepspeed
-    import peft
+    """CPU, GPU, Python and framework versions, load: the header of every result."""
     import torch
-    import transformers
-    import trl
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -54,11 +60,8 @@ def machine_line() -> str:
     gpu = ""
     if torch.cuda.is_available():
         gpu = f", GPU {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs{gpu}; python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, "
-        f"deepspeed {deepspeed.__version__}; {load_line()}"
-    )
+    versions = ", ".join(f"{name} {version(name)}" for name in FRAMEWORKS)
+    return f"{cpu}, {os.cpu_count()} CPUs{gpu}; python {platform.python_version()}, {versions}; {load_line()}"
 
 
 def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
@@ -79,5 +82,39 @@ def ratio(a: Throughput | None, b: Throughput | None, pairs: bool = False) -> st
 
 
 def save_results(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` as JSON, atomically: a run killed mid-write leaves the previous file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+    partial.replace(path)
+
+
+def fmt_mfu(value: float | None) -> str:
+    return f"{value:.1%}" if value is not None else "n/a (CPU)"
+
+
+def run_order(variants: list[str], order: str) -> list[str]:
+    """The variants in the order asked: "reverse" runs the last first, so no framework always runs first."""
+    return list(reversed(variants)) if order == "reverse" else list(variants)
+
+
+def as_dicts(results: dict[str, Throughput | None]) -> dict[str, dict[str, Any] | None]:
+    """A table's rows as JSON-ready dicts (None: the row failed)."""
+    return {name: (vars(res) if res is not None else None) for name, res in results.items()}
+
+
+def collect_runs(
+    out: Path | None, header: dict[str, Any], vocabs: list[int], bench: Any
+) -> list[dict[str, Any]]:
+    """Run `bench(vocab, progress)` per vocab; with `out`, rewrite the results JSON after every row, marked
+    "complete": false until the last table is done, so a run cut at its deadline keeps the rows it finished."""
+    runs: list[dict[str, Any]] = []
+
+    def save(current: dict[str, Any] | None, complete: bool = False) -> None:
+        if out:
+            save_results(out, {**header, "complete": complete, "runs": runs + ([current] if current else [])})
+
+    for vocab in vocabs:
+        runs.append(bench(vocab, save))
+    save(None, complete=True)
+    return runs

@@ -7,6 +7,7 @@ Split from bench_common.py (launching, throughput, tables), which builds on it.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import sys
@@ -57,6 +58,12 @@ class Workload:
         return Workload(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+def log_every(work: Workload) -> int:
+    """The logging interval of every framework: the end of warm-up, then every `log_every` steps. The same
+    steps everywhere (dstrain, HF Trainer, TRL), and few of them, so logging weighs alike in every clock."""
+    return math.gcd(work.warmup, work.steps) if work.warmup else work.steps
+
+
 def vocabulary() -> list[str]:
     """Words of the bundled data files: text the bundled tokenizer was trained on (few tokens per word)."""
     words: set[str] = set()
@@ -103,6 +110,19 @@ def write_long_sft_records(
                 "answer": _sentence(rng, words, 30, 100) + ".",
             }
             fh.write(json.dumps(record) + "\n")
+    return path
+
+
+def write_filler_records(path: Path, n: int) -> Path:
+    """sft-rag records whose passages fill max_passage_tokens, so every row reaches ~max_seq_len (memory_bench:
+    the estimate's worst case). Ten plain words, 2 passages of 400 each, a 40-word answer."""
+    rng = random.Random(0)
+    words = ["the", "of", "river", "city", "north", "bank", "paper", "model", "light", "water"]
+    with path.open("w", encoding="utf-8") as out:
+        for i in range(n):
+            passages = [" ".join(rng.choices(words, k=400)) for _ in range(2)]
+            answer = " ".join(rng.choices(words, k=40))
+            out.write(json.dumps({"query": f"q {i}?", "retrieval_result": passages, "answer": answer}) + "\n")
     return path
 
 

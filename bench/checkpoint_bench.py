@@ -39,30 +39,10 @@ sys.path.insert(0, str(REPO))
 
 
 def make_model_dir(path: Path, layers: int, hidden: int) -> Path:
-    """A random-init Llama-shaped HF dir that uses the bundled tiny tokenizer (vocab 2,048)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A random-init Llama-shaped HF dir (16/4 GQA heads) that uses the bundled tiny tokenizer (vocab 2,048)."""
+    from bench_model import write_model
 
-    from dstrain.model.build import builtin_dir
-
-    if (path / "config.json").is_file():
-        return path
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        vocab_size=2048,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    for item in builtin_dir("tiny").iterdir():
-        if "token" in item.name or item.name.endswith(".jinja"):
-            shutil.copy(item, path / item.name)
-    return path
+    return write_model(path, "llama", 2048, hidden, layers, heads=16, kv_heads=4, max_positions=1024)
 
 
 def bench_config(work: Path, model: str, ds_config: str, steps: int, save_every: int) -> Path:
@@ -102,8 +82,8 @@ def bench_save(args: argparse.Namespace) -> None:
     from dstrain.checkpoint.save import gather_payload
     from dstrain.config.run import load_config
     from dstrain.distributed import collectives, group
-    from dstrain.train import start
     from dstrain.training.loop import save, train
+    from dstrain.training.setup import start
 
     work = Path(args.work)
     model = str(work / "model")
@@ -116,8 +96,8 @@ def bench_save(args: argparse.Namespace) -> None:
             time.sleep(0.5)
         time.sleep(2)
     cfg = load_config(bench_config(work, model, args.ds_config, steps=2, save_every=0))
-    session, state = start(cfg)
-    state = train(session, state)  # two optimizer steps; saves step-2 once (warm-up of the save path)
+    session, tally, state = start(cfg)
+    state = train(session, tally, state)  # two optimizer steps; saves step-2 once (warm-up of the save path)
     rank = session.rank
     results: dict[str, list[float]] = {"dstrain": [], "gather": [], "ds": [], "ds-lora": []}
     sizes: dict[str, int] = {}
@@ -184,7 +164,7 @@ def first_new_row(cmd: list[str], run_dir: Path, after_step: int) -> float:
 
 
 def bench_resume(args: argparse.Namespace) -> None:
-    from dstrain.metrics.meter import keep_rows_up_to
+    from dstrain.metrics.sinks import keep_rows_up_to
 
     work = Path(args.work)
     model = str(make_model_dir(work / "model", args.layers, args.hidden))

@@ -112,7 +112,7 @@ def run_dstrain(
     """Cold index build (no cache) + one epoch of train_loader, summing the real tokens of each MicroBatch."""
     from dstrain.config.zero import BatchPlan
     from dstrain.data.index import index_file
-    from dstrain.data.loader import TokenizedCorpus, steps_per_epoch, train_loader
+    from dstrain.data.loader import LoaderOptions, TokenizedCorpus, steps_per_epoch, train_loader
     from dstrain.data.stream import Corpus
 
     cpu, started = cpu_seconds(), time.perf_counter()
@@ -120,9 +120,8 @@ def run_dstrain(
     indexed = time.perf_counter()
     dataset = TokenizedCorpus(Corpus([index]), tokenizer, cfg)
     plan = BatchPlan(micro, 1, 1)
-    loader = train_loader(
-        dataset, plan, 0, seed, steps_per_epoch(len(dataset), plan), tokenizer.pad_token_id, workers
-    )
+    options = LoaderOptions(pad_id=tokenizer.pad_token_id, seed=seed, num_workers=workers)
+    loader = train_loader(dataset, plan, options, 0, steps_per_epoch(len(dataset), plan))
     batches = iter(loader)
     batch = next(batches)
     tokens, bad = batch.tokens, len(batch.bad)
@@ -203,13 +202,12 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def epoch_batches(examples: list[Any], micro: int, pad_id: int, pack_to: int, seed: int) -> Iterator[Any]:
     """One epoch of train_loader over pre-tokenised examples (the same samples for padded and packed)."""
     from dstrain.config.zero import BatchPlan
-    from dstrain.data.loader import ExampleDataset, steps_per_epoch, train_loader
+    from dstrain.data.loader import ExampleDataset, LoaderOptions, steps_per_epoch, train_loader
 
     plan = BatchPlan(micro, 1, 1)
     dataset = ExampleDataset(examples)
-    yield from train_loader(
-        dataset, plan, 0, seed, steps_per_epoch(len(dataset), plan), pad_id, pack_to=pack_to
-    )
+    options = LoaderOptions(pad_id=pad_id, seed=seed, pack_to=pack_to)
+    yield from train_loader(dataset, plan, options, 0, steps_per_epoch(len(dataset), plan))
 
 
 def waste(examples: list[Any], micro: int, pad_id: int, pack_to: int, seed: int) -> dict[str, float]:

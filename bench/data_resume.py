@@ -46,10 +46,10 @@ def replay_rate(path: Path, tokenizer: Any, cfg: Any, count: int) -> float:
 
 def first_batch_at(dataset: Any, plan: Any, step: int, total: int, pad_id: int, seed: int) -> float:
     """Seconds from constructing train_loader(start_step=step) to its first MicroBatch (no workers)."""
-    from dstrain.data.loader import train_loader
+    from dstrain.data.loader import LoaderOptions, train_loader
 
     started = time.perf_counter()
-    loader = train_loader(dataset, plan, 0, seed, total, pad_id, 0, start_step=step)
+    loader = train_loader(dataset, plan, LoaderOptions(pad_id=pad_id, seed=seed), 0, total, start_step=step)
     next(iter(loader))
     return time.perf_counter() - started
 

@@ -16,6 +16,8 @@ own `deepspeed --num_gpus N` launch:
   trl               trl.DPOTrainer(ref_model=None) with a LoRA peft_config: the reference is the policy with
                     the adapter disabled, 2 rows per pair
 
+With --out, the JSON is rewritten after every row ("complete": false until the last).
+
 Measured identically: wall time from the end of optimizer step `--warmup` to the end of the last step, and the
 pairs trained in those steps, summed over ranks. Printed: pairs/s and dstrain/trl (target >= 1.5x).
 """
@@ -32,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc
+import bench_model as bm
 import bench_report as br
 import bench_workload as bw
 
@@ -77,12 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fmt_mfu(value: float | None) -> str:
-    return f"{value:.1%}" if value is not None else "n/a (CPU)"
-
-
-def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path) -> dict[str, Any]:
+def bench_vocab(
+    vocab: int, args: argparse.Namespace, work_dir: Path, data: Path, progress: Any = None
+) -> dict[str, Any]:
+    """One table; `progress(run)` gets the run's results so far after every row."""
     model, work, global_batch = bc.prepare_workload(vocab, args, work_dir, data, args.pairs, beta=args.beta)
+    params = bm.count_params(Path(model))
     steps = work.steps
     label = f"model {args.model_dir}" if args.model_dir else f"vocab {vocab}"
     print(
@@ -90,12 +93,13 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         flush=True,
     )
     results: dict[str, bc.Throughput | None] = {}
-    for name in args.variants:
+    for name in br.run_order(args.variants, args.order):
         runner, options = VARIANTS[name]
         results[name] = bc.run_variant(
             f"dpo-{name}-v{vocab}", runner, work, work_dir, options, args.nproc, args.timeout, objective="dpo"
         )
-    params = bc.count_params(Path(model))
+        if progress:
+            progress({"vocab": vocab, "steps": steps, "params": params, "results": br.as_dicts(results)})
     rows = []
     for name, res in results.items():
         if res is None:
@@ -110,7 +114,7 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
                 f"{res.seconds:.1f}",
                 f"{res.loss:.4f}" if res.loss is not None else "",
                 f"{res.peak_mem_gb:.2f}" if res.peak_mem_gb else "",
-                fmt_mfu(br.mfu(res.tokens_per_s, params, args.nproc)),
+                br.fmt_mfu(br.mfu(res.tokens_per_s, params, args.nproc)),
             ]
         )
     br.print_table(
@@ -137,7 +141,7 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         "vocab": vocab,
         "steps": steps,
         "params": params,
-        "results": {k: v and vars(v) for k, v in results.items()},
+        "results": br.as_dicts(results),
         "ratios": ratios,
     }
 
@@ -152,19 +156,22 @@ def main(argv: list[str] | None = None) -> None:
             work_dir / "pref.jsonl", args.pairs, seed=0, passage_words=tuple(args.passage_words)
         )
         stats = bw.pair_stats(data, args.max_seq_len, args.max_passage_tokens)
-        print(br.machine_line())
+        machine = br.machine_line()
+        print(machine)
         print(
             f"data: {stats['pairs']} preference pairs, mean prompt {stats['prompt']:.0f} tokens, answers "
             f"{stats['chosen']:.0f} / {stats['rejected']:.0f} tokens (shared row {stats['shared']:.0f} vs two rows "
             f"{stats['unshared']:.0f}: {stats['unshared'] / stats['shared']:.2f}x); work dir {work_dir}",
             flush=True,
         )
-        runs = [bench_vocab(vocab, args, work_dir, data) for vocab in ([0] if args.model_dir else args.vocab)]
-        print(f"\n{br.load_line()}; total {time.perf_counter() - started:.0f} s")
-        if args.out:
-            br.save_results(
-                args.out, {"machine": br.machine_line(), "data": stats, "args": vars(args), "runs": runs}
-            )
+        header = {"machine": machine, "data": stats, "args": vars(args)}
+        runs = br.collect_runs(
+            args.out,
+            header,
+            [0] if args.model_dir else args.vocab,
+            lambda v, p: bench_vocab(v, args, work_dir, data, p),
+        )
+        print(f"\n{br.load_line()}; total {time.perf_counter() - started:.0f} s, {len(runs)} table(s)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Launched by the benchmarks as `deepspeed --num_gpus N bench/hf_worker.py --mode 
 
   sft-hf    transformers.Trainer, LoRA via PEFT, rows tokenised by dstrain's own `tokenize_rag` (identical
             input_ids; labels -100 on the prompt, as HF users mask it), right-padded per batch; the model's
-            own `labels=` loss. Option {"group_by_length": true}: train_sampling_strategy="group_by_length".
+            own `labels=` loss. Option {"group_by_length": true}: train_sampling_strategy="group_by_length";
+            {"use_liger_kernel": true}: Liger's kernels and fused linear cross-entropy (CUDA only).
   sft-trl   trl.SFTTrainer on a prompt/completion dataset (prompt rendered by dstrain's template with the
             same passage cut), completion-only loss, LoRA peft_config, no packing.
   dpo-trl   trl.DPOTrainer on prompt/chosen/rejected, ref_model=None (the reference is the policy with its
@@ -14,7 +15,9 @@ All three take the workload's fully resolved ZeRO JSON as `TrainingArguments(dee
 set to the JSON's values (HF raises on any mismatch). Timing: a training_step hook counts each batch's
 attention-mask ones (tokens) and rows (pairs for DPO: rows / 2) once `warmup` optimizer steps are done; a
 callback starts the clock at the end of step `warmup` and stops it at the end of the last step (device
-synchronised). Rank 0 writes {seconds, tokens, pairs, steps, peak_mem_gb, loss} summed over ranks.
+synchronised). Every framework logs on the same steps (bench_workload.log_every), and the time of those logs
+is left out of the clock here, as dstrain's meter leaves out its own. Rank 0 writes {seconds, tokens, pairs,
+steps, peak_mem_gb, loss} summed over ranks.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Clock:
         self.rows = 0
         self.started: float | None = None
         self.ended: float | None = None
+        self.excluded = 0.0  # seconds spent logging inside the timed window
         self.last_loss: float | None = None
 
 
@@ -85,6 +89,18 @@ def counting(trainer_cls: type, clock: Clock) -> type:
                 clock.rows += int(inputs["input_ids"].shape[0])
             return super().training_step(model, inputs, *args, **kwargs)
 
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            # HF logs right after on_step_end; dstrain's clock leaves its logging out, so this one does too
+            timing = self.control.should_log and clock.started is not None and clock.ended is None
+            if not timing:
+                return super()._maybe_log_save_evaluate(*args, **kwargs)
+            synchronize()
+            began = time.perf_counter()
+            result = super()._maybe_log_save_evaluate(*args, **kwargs)
+            synchronize()
+            clock.excluded += time.perf_counter() - began
+            return result
+
     return Counting
 
 
@@ -106,7 +122,7 @@ def common_args(work: bw.Workload, out: str, ds: dict[str, Any]) -> dict[str, An
         "bf16": bool(ds.get("bf16", {}).get("enabled")),
         "fp16": False,
         "deepspeed": ds,
-        "logging_steps": max(1, work.steps // 10),
+        "logging_steps": bw.log_every(work),
         "save_strategy": "no",
         "eval_strategy": "no",
         "report_to": [],
@@ -204,9 +220,9 @@ def sft_hf(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     ds = json.loads(Path(work.ds_config).read_text())
-    extra = {}
+    extra: dict[str, Any] = {"use_liger_kernel": bool(options.get("use_liger_kernel", False))}
     if options.get("group_by_length"):
-        extra = {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
+        extra.update(train_sampling_strategy="group_by_length", length_column_name="length")
     args = TrainingArguments(**common_args(work, out, ds), remove_unused_columns=False, **extra)
     model = get_peft_model(load_model(work), lora_config(work))
     trainer_cls = counting(Trainer, clock)
@@ -333,7 +349,7 @@ def main() -> None:
         tokens, rows, peak = totals.tolist()
         pairs = int(rows) // 2 if args.mode.startswith("dpo") else 0
         result = {
-            "seconds": clock.ended - clock.started,
+            "seconds": clock.ended - clock.started - clock.excluded,
             "tokens": int(tokens),
             "pairs": pairs,
             "steps": work.steps - work.warmup,

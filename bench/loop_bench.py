@@ -4,12 +4,12 @@
     python bench/loop_bench.py --quick        # 10 steps x 2 repetitions, about a minute
 
 One `deepspeed --num_gpus N bench/loop_bench.py --rank-job ...` launch. On every rank it builds the normal
-session with `dstrain.train.start()` (the model, the ZeRO-2 engine over SupervisedLM, the loader) from a run
+session with `dstrain.training.setup.start()` (the model, the ZeRO-2 engine over SupervisedLM, the loader) from a run
 config on generated SFT RAG data and a random-init Qwen2-shaped model (hidden 256, 4 layers, vocab 3,000),
 takes `--steps` optimizer steps' worth of micro batches from the session's loader once, and then times, on
 those same MicroBatches, alternately:
 
-  dstrain   dstrain.training.loop.train(session, state): meter, the per-step stop/NaN all-reduce, logging every
+  dstrain   dstrain.training.loop.train(session, tally, state): meter, the per-step stop/NaN all-reduce, logging every
             `--log-every` steps (metrics.jsonl, TensorBoard, grad norm), LR lookups; the end-of-run
             checkpoint is switched off (save is the checkpoint benchmark's business, not loop overhead)
   bare      for batch: loss = sft_loss(*engine(**batch.inputs)); engine.backward(loss); engine.step()
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -34,6 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc
+import bench_model as bm
 import bench_report as br
 import bench_workload as bw
 
@@ -95,28 +97,29 @@ def bare_loop(engine: Any, batches: list[Any]) -> None:
 def rank_job(spec_path: Path) -> None:
     import torch
 
+    from dstrain import engine
     from dstrain.distributed import collectives, group
-    from dstrain.train import resolve_config, start
+    from dstrain.train import resolve_config
     from dstrain.training import loop
+    from dstrain.training.setup import start
 
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     cfg = resolve_config(spec["config"], [], None)
-    session, state0 = start(cfg)
+    session, tally, state0 = start(cfg)
     per_rep = spec["steps"] * session.plan.accumulation
     # The same DataLoader output for both variants: materialised once, replayed every repetition.
     batches = [next(session.batches) for _ in range(per_rep)]
-    loop.save = lambda session, state: None  # no end-of-run checkpoint inside the timed loop
-    session.total_steps = spec["steps"]
+    loop.save = lambda run, state: None  # no end-of-run checkpoint inside the timed loop
 
     def run_dstrain() -> None:
-        session.batches = iter(batches)
-        loop.train(session, copy.deepcopy(state0))
+        replayed = dataclasses.replace(session, batches=iter(batches), total_steps=spec["steps"])
+        loop.train(replayed, copy.deepcopy(tally), copy.deepcopy(state0))
 
     def run_bare() -> None:
-        session.engine.train()  # as loop.train() does: dropout on (from_pretrained leaves eval mode)
+        engine.train_mode(session.engine)  # as loop.train() does: dropout on (from_pretrained leaves eval)
         bare_loop(session.engine, batches)
 
-    session.engine.train()
+    engine.train_mode(session.engine)
     bare_loop(session.engine, batches[: spec["warmup"] * session.plan.accumulation])
     times: dict[str, list[float]] = {"dstrain": [], "bare": []}
     for rep in range(spec["repeats"]):
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         data = bw.write_sft_records(work_dir / "sft.jsonl", args.records, seed=0)
-        model = bc.write_model(
+        model = bm.write_model(
             work_dir / f"model-v{args.vocab}", "qwen2", args.vocab, args.hidden, args.layers, args.dtype
         )
         # the scheduler spans every step the engine will take, so the LR never runs off its end
@@ -197,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         spec_path = work_dir / "loop.spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         print(br.machine_line(), flush=True)
-        cmd = bc.deepspeed_launch([str(Path(__file__).resolve()), "--rank-job", str(spec_path)], args.nproc)
-        bc.run_job(cmd, work_dir / "loop.log", args.timeout)
+        cmd, env = bc.deepspeed_launch(
+            [str(Path(__file__).resolve()), "--rank-job", str(spec_path)], args.nproc
+        )
+        bc.run_job(cmd, work_dir / "loop.log", args.timeout, env=env)
         times = json.loads(result.read_text(encoding="utf-8"))
         profile = result.with_suffix(".profile.txt")
         if profile.is_file():

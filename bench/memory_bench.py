@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import platform
-import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,47 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_model import write_model  # noqa: E402  (bench/ is the script's dir)
+from bench_workload import write_filler_records  # noqa: E402
+
 ZERO_CONFIGS = ("zero2", "zero2_offload", "zero3", "zero3_offload")
+MODEL = {"shape": "llama", "vocab": 32000, "hidden": 1024, "heads": 16, "kv_heads": 4}  # see the docstring
 MiB = 1024**2
-
-
-def make_model_dir(path: Path, layers: int, hidden: int = 1024, vocab: int = 32000) -> Path:
-    """A random-init Llama-shaped HF dir with the bundled tiny tokenizer (its ids are < 2,048 < vocab)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from dstrain.model.build import builtin_dir
-
-    if (path / "config.json").is_file():
-        return path
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    for item in builtin_dir("tiny").iterdir():
-        if "token" in item.name or item.name.endswith(".jinja"):
-            shutil.copy(item, path / item.name)
-    return path
-
-
-def long_records(path: Path, n: int) -> Path:
-    """sft-rag records whose passages fill max_passage_tokens, so every row reaches ~max_seq_len."""
-    rng = random.Random(0)
-    words = ["the", "of", "river", "city", "north", "bank", "paper", "model", "light", "water"]
-    with path.open("w", encoding="utf-8") as out:
-        for i in range(n):
-            passages = [" ".join(rng.choices(words, k=400)) for _ in range(2)]
-            answer = " ".join(rng.choices(words, k=40))
-            out.write(json.dumps({"query": f"q {i}?", "retrieval_result": passages, "answer": answer}) + "\n")
-    return path
 
 
 def machine() -> str:
@@ -78,10 +41,8 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{psutil.virtual_memory().total / 1024**3:.0f} GiB RAM, {gpu}, torch {torch.__version__}"
-    )
+    ram = psutil.virtual_memory().total / 1024**3
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, {gpu}, torch {torch.__version__}"
 
 
 def run_config(work: Path, model: Path, ds_name: str, args: argparse.Namespace) -> Path:
@@ -98,7 +59,7 @@ def run_config(work: Path, model: Path, ds_name: str, args: argparse.Namespace) 
         "model": {"path": str(model), "dtype": "fp32"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         "data": {
-            "train": [str(long_records(work / "long.jsonl", 64))],
+            "train": [str(write_filler_records(work / "long.jsonl", 64))],
             "format": "sft-rag",
             "max_seq_len": args.seq,
             "max_passage_tokens": args.seq - 56,
@@ -137,8 +98,8 @@ def rank_main(args: argparse.Namespace) -> None:
     from dstrain.distributed import group
     from dstrain.model import build as model
     from dstrain.model import memory
-    from dstrain.train import start
     from dstrain.training.loop import train
+    from dstrain.training.setup import start
 
     seen: dict = {}
     build = model.build_model
@@ -152,8 +113,8 @@ def rank_main(args: argparse.Namespace) -> None:
 
     model.build_model = measured_build
     cfg = load_config(args.config)
-    session, state = start(cfg)
-    train(session, state)
+    session, tally, state = start(cfg)
+    train(session, tally, state)
     setup = memory.setup_from(cfg, session.ds, session.plan.micro, session.plan.world)
     terms = memory.estimate(seen["shape"], setup)
     report = {
@@ -184,7 +145,7 @@ def launch(cmd: list[str], cwd: Path) -> list[dict]:
 def bench_zero(args: argparse.Namespace, work: Path) -> None:
     from dstrain.distributed.env import free_port
 
-    model = make_model_dir(work / "model-12l", args.layers)
+    model = write_model(work / "model-12l", layers=args.layers, **MODEL)
     launcher = str(Path(sys.executable).parent / "deepspeed")
     results = {}
     for name in ZERO_CONFIGS:
@@ -245,7 +206,7 @@ def qlora_main(args: argparse.Namespace) -> None:
 def bench_qlora(args: argparse.Namespace, work: Path) -> None:
     import importlib.util
 
-    model = make_model_dir(work / "model-12l", args.layers)
+    model = write_model(work / "model-12l", layers=args.layers, **MODEL)
     if importlib.util.find_spec("bitsandbytes") is None:
         print("\n## QLoRA: skipped (bitsandbytes not installed)")
         return
@@ -358,7 +319,7 @@ def head_only(args: argparse.Namespace, peft_model: object, labels: object) -> N
 
 
 def bench_logits(args: argparse.Namespace, work: Path) -> None:
-    model = make_model_dir(work / "model-4l", 4)
+    model = write_model(work / "model-4l", layers=4, **MODEL)
     variants = ("hf", "dstrain", "dstrain-unchunked", "head-hf", "head-dstrain")
     print(
         f"\n## Logits: one forward/backward, micro {args.logits_micro} x seq {args.logits_seq}, vocab 32,000, "

@@ -13,12 +13,15 @@ r16 all-linear, fp32 (CPU) or bf16 (--dtype bf16 on GPU). Each row is its own `d
   dstrain-plain    the same without length grouping (what group_by_length alone buys)
   hf               transformers.Trainer(deepspeed=<same dict>), PEFT LoRA, labels -100 on the prompt
   hf-grouped       the same with train_sampling_strategy="group_by_length" (HF's length grouping)
+  hf-liger         the same with use_liger_kernel=True: Liger's Triton kernels, its fused linear
+                   cross-entropy (no [B, L, V] logits: the same idea as dstrain's chunked head); needs CUDA
   trl              trl.SFTTrainer, prompt/completion dataset, completion-only loss, LoRA peft_config
 
 Measured identically everywhere: wall time from the end of optimizer step `--warmup` to the end of the last
 step, and the non-padding tokens (attention-mask ones) of the rows trained in those steps, summed over ranks.
 Printed: one table per vocab size with tokens/s and the ratios dstrain/hf, dstrain/hf-grouped, dstrain/trl
-(targets: >= 1.25x HF Trainer, >= 2x TRL SFTTrainer). Logs of every launch stay in --work-dir.
+(targets: >= 1.25x HF Trainer, >= 2x TRL SFTTrainer). Logs of every launch stay in --work-dir. With --out,
+the JSON is rewritten after every row ("complete": false until the last), so a run cut short keeps its rows.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as bc
+import bench_model as bm
 import bench_report as br
 import bench_workload as bw
 
@@ -42,6 +46,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dstrain-plain": ("dstrain", {"data.group_by_length": False}),
     "hf": ("sft-hf", {}),
     "hf-grouped": ("sft-hf", {"group_by_length": True}),
+    "hf-liger": ("sft-hf", {"use_liger_kernel": True}),
     "trl": ("sft-trl", {}),
 }
 
@@ -70,32 +75,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-passage-tokens", type=int, default=384)
     parser.add_argument(
         "--records-kind",
-        choices=["short", "long"],
+        choices=["short", "long", "long8k"],
         default="short",
-        help="short: SPEC s.6 shape (~181 tokens); long: GPU shape (4-5 long passages)",
+        help="short: SPEC s.6 shape (~181 tokens); long: GPU shape (4-6 long passages, rows ~1,800 tokens); "
+        "long8k: 4-6 passages of 800-1,200 words (rows of ~7,800 tokens with --max-passage-tokens 7600)",
     )
     bc.add_run_arguments(parser, list(VARIANTS))
     args = parser.parse_args(argv)
     if args.quick:
         args.records, args.warmup = min(args.records, 96), 2
         args.steps = args.steps or 8
-        args.variants = [v for v in args.variants if v not in ("dstrain-plain", "hf-grouped")]
+        args.variants = [v for v in args.variants if v not in ("dstrain-plain", "hf-grouped", "hf-liger")]
         args.vocab = args.vocab[:1]
     return args
-
-
-def fmt_mfu(value: float | None) -> str:
-    return f"{value:.1%}" if value is not None else "n/a (CPU)"
 
 
 def make_data(path: Path, args: argparse.Namespace) -> Path:
     if args.records_kind == "long":
         return bw.write_long_sft_records(path, args.records, seed=0)
+    if args.records_kind == "long8k":
+        return bw.write_long_sft_records(path, args.records, seed=0, words_per_passage=(800, 1200))
     return bw.write_sft_records(path, args.records, seed=0)
 
 
-def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path) -> dict[str, Any]:
+def bench_vocab(
+    vocab: int, args: argparse.Namespace, work_dir: Path, data: Path, progress: Any = None
+) -> dict[str, Any]:
+    """One table; `progress(run)` gets the run's results so far after every row."""
     model, work, global_batch = bc.prepare_workload(vocab, args, work_dir, data, args.records)
+    params = bm.count_params(Path(model))
     steps = work.steps
     label = f"model {args.model_dir}" if args.model_dir else f"vocab {vocab}"
     print(
@@ -103,12 +111,13 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         flush=True,
     )
     results: dict[str, bc.Throughput | None] = {}
-    for name in args.variants:
+    for name in br.run_order(args.variants, args.order):
         runner, options = VARIANTS[name]
         results[name] = bc.run_variant(
             f"{name}-v{vocab}", runner, work, work_dir, options, args.nproc, args.timeout
         )
-    params = bc.count_params(Path(model))
+        if progress:
+            progress({"vocab": vocab, "steps": steps, "params": params, "results": br.as_dicts(results)})
     rows = []
     for name, res in results.items():
         if res is None:
@@ -122,7 +131,7 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
                 f"{res.seconds:.1f}",
                 f"{res.loss:.4f}" if res.loss is not None else "",
                 f"{res.peak_mem_gb:.2f}" if res.peak_mem_gb else "",
-                fmt_mfu(br.mfu(res.tokens_per_s, params, args.nproc)),
+                br.fmt_mfu(br.mfu(res.tokens_per_s, params, args.nproc)),
             ]
         )
     br.print_table(
@@ -139,7 +148,8 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         rows,
     )
     best = results.get("dstrain")
-    ratios = {f"dstrain/{base}": br.ratio(best, results.get(base)) for base in ("hf", "hf-grouped", "trl")}
+    bases = ("hf", "hf-grouped", "hf-liger", "trl")
+    ratios = {f"dstrain/{base}": br.ratio(best, results.get(base)) for base in bases if base in results}
     if "dstrain-plain" in results:
         ratios["dstrain-plain/hf"] = br.ratio(results["dstrain-plain"], results.get("hf"))
     print(
@@ -151,7 +161,7 @@ def bench_vocab(vocab: int, args: argparse.Namespace, work_dir: Path, data: Path
         "vocab": vocab,
         "steps": steps,
         "params": params,
-        "results": {k: v and vars(v) for k, v in results.items()},
+        "results": br.as_dicts(results),
         "ratios": ratios,
     }
 
@@ -164,18 +174,21 @@ def main(argv: list[str] | None = None) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         data = make_data(work_dir / "sft.jsonl", args)
         stats = bw.token_stats(data, "sft-rag", args.max_seq_len, args.max_passage_tokens)
-        print(br.machine_line())
+        machine = br.machine_line()
+        print(machine)
         print(
             f"data: {stats['rows']} sft-rag records, mean {stats['mean_tokens']:.0f} tokens, "
             f"answers {stats['answer_share']:.1%} of tokens; work dir {work_dir}",
             flush=True,
         )
-        runs = [bench_vocab(vocab, args, work_dir, data) for vocab in ([0] if args.model_dir else args.vocab)]
-        print(f"\n{br.load_line()}; total {time.perf_counter() - started:.0f} s")
-        if args.out:
-            br.save_results(
-                args.out, {"machine": br.machine_line(), "data": stats, "args": vars(args), "runs": runs}
-            )
+        header = {"machine": machine, "data": stats, "args": vars(args)}
+        runs = br.collect_runs(
+            args.out,
+            header,
+            [0] if args.model_dir else args.vocab,
+            lambda v, p: bench_vocab(v, args, work_dir, data, p),
+        )
+        print(f"\n{br.load_line()}; total {time.perf_counter() - started:.0f} s, {len(runs)} table(s)")
 
 
 if __name__ == "__main__":

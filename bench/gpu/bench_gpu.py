@@ -2,6 +2,7 @@
 
 On a GPU (bench/gpu/run.sh, device tool) it uses the defaults below; on CPU pass a small shape, e.g.
 `python bench/gpu/bench_gpu.py --layers 4 --hidden 256 --vocab 32000 --seq 512 --micro 4 --steps 6`.
+`--heads` sets the attention heads (default 32/4 GQA; the toy shapes of the CPU dry run need fewer).
 
 A random-init ~1.1B Llama-shaped model (TinyLlama shape: hidden 2048, 22 layers, GQA 32/4 heads, vocab
 32000) in bf16 with LoRA r=16 on all linear layers, inside a DeepSpeed ZeRO-2 engine on one GPU. Batches are
@@ -21,38 +22,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_model import model_config as bench_model_config
+
+from dstrain.metrics.device import peak_tflops
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
-def peak_tflops(name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+def model_config(layers: int, vocab: int, hidden: int, heads: tuple[int, int] = (32, 4)):
+    """The benchmarks' Llama shape, TinyLlama's 32/4 GQA heads by default (bench_model.py's one config)."""
+    return bench_model_config("llama", vocab, hidden, layers, heads=heads[0], kv_heads=heads[1])
 
 
-def model_config(layers: int, vocab: int, hidden: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-
-
-def build(layers: int, vocab: int, hidden: int, checkpointing: bool):
+def build(layers: int, vocab: int, hidden: int, checkpointing: bool, heads: tuple[int, int] = (32, 4)):
     from transformers import AutoModelForCausalLM
 
     from dstrain.config.run import LoraConfig
@@ -61,7 +52,7 @@ def build(layers: int, vocab: int, hidden: int, checkpointing: bool):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         base = AutoModelForCausalLM.from_config(
-            model_config(layers, vocab, hidden), dtype=DTYPE, attn_implementation="sdpa"
+            model_config(layers, vocab, hidden, heads), dtype=DTYPE, attn_implementation="sdpa"
         )
     model = add_lora(base, LoraConfig(r=16, alpha=32, dropout=0.0))
     if checkpointing:
@@ -117,7 +108,7 @@ def measure(variant: str, args) -> dict:
     from dstrain.model.supervised import SupervisedLM
     from dstrain.objectives.losses import sft_loss
 
-    model = build(args.layers, args.vocab, args.hidden, args.checkpointing)
+    model = build(args.layers, args.vocab, args.hidden, args.checkpointing, tuple(args.heads))
     module = SupervisedLM(model) if variant == "dstrain" else HFLoss(model)
     engine, *_ = deepspeed.initialize(
         model=module,
@@ -183,7 +174,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--heads", type=int, nargs=2, default=[32, 4], metavar=("HEADS", "KV_HEADS"))
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT", "."),
+        help="a dir (writes gpu_bench.json there) or a .json path",
+    )
     args = parser.parse_args()
     from dstrain.distributed.env import read_env
     from dstrain.distributed.group import init_process_group
@@ -201,7 +197,8 @@ def main() -> None:
         results["peak_mem_ratio"] = ds["peak_mem_gib"] / hf["peak_mem_gib"]
     text = json.dumps(results, indent=2)
     print(text)
-    (Path(args.out) / "gpu_bench.json").write_text(text + "\n")
+    out = Path(args.out)
+    (out if out.suffix == ".json" else out / "gpu_bench.json").write_text(text + "\n")
 
 
 if __name__ == "__main__":

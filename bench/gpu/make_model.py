@@ -3,8 +3,9 @@
     python bench/gpu/make_model.py --out /tmp/model --hidden 2048 --layers 22 --heads 32 --kv-heads 4 \
         --vocab 32000 --dtype bf16          # ~1.1B, TinyLlama's shape
 
-Built on the GPU when there is one (a 1B random init on CPU takes most of a minute), saved as safetensors;
-sft_bench.py / dpo_bench.py then load it in every framework with --model-dir.
+Built on the GPU when there is one (a 1B random init on CPU takes most of a minute), saved as safetensors
+under a temporary name and renamed into place when whole (bench_model.py); sft_bench.py / dpo_bench.py then
+load it in every framework with --model-dir.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench_common as bc
+import bench_model as bm
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,9 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--max-positions", type=int, default=4096, help="8192 for the 8k-token rows")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    bc.write_model(
+    bm.write_model(
         args.out,
         args.shape,
         args.vocab,
@@ -42,8 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         args.dtype,
         heads=args.heads,
         kv_heads=args.kv_heads,
+        max_positions=args.max_positions,
     )
-    params = bc.count_params(args.out)
+    params = bm.count_params(args.out)
     print(
         f"model {args.out}: {args.shape}, {params / 1e9:.3f}B parameters, {args.dtype}, "
         f"{time.perf_counter() - started:.0f} s"

@@ -1,120 +1,75 @@
 #!/usr/bin/env bash
-# One device-tool call (< 8 min on one H100/H200): dstrain vs TRL on a random-init ~1.1B Llama-shaped model
-# (TinyLlama shape: hidden 2048, 22 layers, 32/4 GQA heads, vocab 32000), bf16, LoRA r16 all-linear, ZeRO-2,
-# seq 2048: tokens/s, MFU at 4N FLOPs/token (LoRA: forward 2N + backward to the activations 2N; frozen
-# weights get no weight gradient; attention FLOPs not counted) and peak CUDA memory (max allocated).
-# It reuses bench/sft_bench.py and bench/dpo_bench.py with GPU arguments; each part is bounded by `timeout`,
-# so one failure cannot eat the budget, and every part's log and JSON land in $OUT.
+# One device-tool call: dstrain vs HF Trainer, HF Trainer + Liger and TRL on a random-init ~1.1B Llama-shaped
+# model (TinyLlama shape: hidden 2048, 22 layers, 32/4 GQA heads, vocab 32000), bf16, LoRA r16 all-linear,
+# ZeRO-2, one GPU: SFT at seq 2048 and 8k, DPO, QLoRA. tokens/s, pairs/s, MFU at 4N FLOPs/token, peak CUDA
+# memory. Parts and deadlines: bench/gpu/gpu_run.py and gpu_plan.py.
 #
-#   device run:  carry [".whl"], timeout_s 560, command: bash bench/gpu/run.sh
-#   CPU dry run of the same code paths at toy size:  SMOKE=1 bash bench/gpu/run.sh   (OUT=/tmp/gpu-smoke)
-#   a subset:    PARTS="sft dpo" bash bench/gpu/run.sh        (parts: sft qlora dpo step; default sft dpo qlora)
+#   here, first:  bash bench/gpu/make_wheels.sh          (fills .whl/, ~50 MiB, needs the package registry)
+#   device tool:  run  carry [".whl"]  timeout_s 600  command "bash bench/gpu/run.sh"
+#   CPU dry run of the same path at toy width (~6 min on 2 cores; wheels for this machine's Python):
+#                 PYVER=3.11 WHEELS=.whl-cpu bash bench/gpu/make_wheels.sh
+#                 SMOKE=1 WHEELS=.whl-cpu OUT=/tmp/gpu-smoke bash bench/gpu/run.sh
+#   a subset:     PARTS="sft dpo" bash bench/gpu/run.sh   (parts: sft long dpo qlora step)
 #
-# Parts, in this order (each bounded by `timeout`):
-#   model  write the random-init 1.1B model dir once (bf16 safetensors, built on the GPU)            <= 90
-#   sft    SFT tokens/s, dstrain (group_by_length, chunked supervised-only logits) vs TRL SFTTrainer
-#   dpo    DPO pairs/s, dstrain (share_prompt, adapter-disabled reference) vs TRL DPOTrainer
-#   qlora  the sft part with the base in 4-bit NF4 (model.load_in_4bit / BitsAndBytesConfig)
-#   step   bench/gpu/bench_gpu.py: in-process step cost, labels= loss vs dstrain's SupervisedLM       (opt-in)
-# Each launch is killed after LIMIT-10 s, each part after 2 x LIMIT + 20 s, and the whole call stays
-# within BUDGET (470 s): a part that would start with under 60 s left is skipped and says so.
-#
-# The GPU image (KINDS.md) has torch, transformers 5.17, peft, accelerate, pyarrow, tensorboard, but no
-# DeepSpeed, TRL, datasets or bitsandbytes: build .whl/ here first with bench/gpu/make_wheels.sh (< 64 MiB;
-# bitsandbytes slimmed to its CUDA 13 library). Preflight below prints what is missing and which parts
-# cannot run, instead of failing inside a part.
+# What comes back ($OUT, at most 6 files, flat): setup.txt (install, preflight, model, the summary table),
+# sft.json long.json dpo.json qlora.json (rewritten after every row: a part cut at its deadline keeps its
+# finished rows) and logs.tar.gz (every launch log). The whole call stays within BUDGET seconds (GPU 540,
+# counted from here, install included); each part is cut at its deadline with its whole process tree killed.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
+export BENCH_STARTED=$(date +%s)
 SMOKE=${SMOKE:-0}
 OUT=${OUT:-/tmp/out}
-PY=${PYTHON:-python3}
-PARTS=${PARTS:-"sft dpo qlora"}
-mkdir -p "$OUT"
+WHEELS=${WHEELS:-.whl}
 if [ "$SMOKE" = 1 ]; then
-  PY=${PYTHON:-/work/venv/bin/python}
+  [ -x .venv/bin/python ] && DEFAULT_PY=.venv/bin/python || DEFAULT_PY=python3  # the README's venv
   WORK=${WORK:-/tmp/gpu-smoke-work}
+  BUDGET=${BUDGET:-480}
 else
+  DEFAULT_PY=python3  # the GPU image's Python, the one that holds PyTorch
   WORK=${WORK:-/tmp/gpu-bench-work}
-  if compgen -G ".whl/*.whl" > /dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      || echo "warning: wheel install failed"
-    export PYTHONPATH=/tmp/site
+  BUDGET=${BUDGET:-540}
+fi
+PY=${PYTHON:-$DEFAULT_PY}
+export SMOKE OUT WORK BUDGET
+mkdir -p "$OUT" "$WORK"
+# a fresh start: keep only a finished model dir (its stamp says it is whole) of an earlier run on this machine
+find "$WORK" -mindepth 1 -maxdepth 1 ! -name model -exec rm -rf {} +
+mkdir -p "$WORK/logs"
+note() { echo "$1" | tee -a "$OUT/setup.txt"; }
+: > "$OUT/setup.txt"
+
+# 1. the carried wheels, into a fresh target dir, bounded: a hung install must not spend the call
+SITE=$WORK/site
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  count=$(ls "$WHEELS"/*.whl | wc -l)
+  timeout -k 5 150 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$WHEELS"/*.whl > "$WORK/logs/install.log" 2>&1
+  code=$?
+  if [ $code -eq 0 ]; then note "== install: $count wheels from $WHEELS ($(( $(date +%s) - BENCH_STARTED )) s)"
+  else note "== install: FAILED (exit $code; 124: timed out), see logs/install.log in logs.tar.gz; image packages only"
   fi
+  export PYTHONPATH=$SITE
+else
+  note "== install: no wheels in $WHEELS (build them with bench/gpu/make_wheels.sh): image packages only"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-mkdir -p "$WORK"
-started=$SECONDS
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+  | sed 's/^/== nvidia-smi: /' | tee -a "$OUT/setup.txt"
 
-echo "== preflight"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
-$PY - <<'EOF' 2>&1 | grep -v "^\[20" | tee "$OUT/preflight.txt"
-import importlib
-for name in ("torch", "transformers", "peft", "accelerate", "deepspeed", "trl", "datasets", "bitsandbytes",
-             "tensorboard", "pyarrow", "typer", "rich", "psutil", "yaml", "matplotlib"):
-    try:
-        module = importlib.import_module(name)
-        print(f"ok      {name} {getattr(module, '__version__', '')}")
-    except Exception as exc:  # a broken install reads the same as a missing one: that part cannot run
-        print(f"MISSING {name}: {type(exc).__name__}: {str(exc)[:120]}")
-try:
-    import dstrain.train, dstrain.training.loop  # noqa: F401,E401
-    print("ok      dstrain")
-except Exception as exc:
-    print(f"MISSING dstrain: {type(exc).__name__}: {exc}")
-import torch
-print("cuda", torch.cuda.is_available(), torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-EOF
-missing() { grep -q "^MISSING $1" "$OUT/preflight.txt"; }
-if missing deepspeed || missing dstrain; then echo "cannot run: DeepSpeed or dstrain does not import"; exit 1; fi
-TRL_ROWS="trl"
-if missing trl || missing datasets; then echo "note: no TRL/datasets: dstrain rows only"; TRL_ROWS=""; fi
-
-if [ "$SMOKE" = 1 ]; then
-  # toy size, same code paths: 2 layers, hidden 64, seq 256, fp32 on CPU
-  SHAPE=(--hidden 64 --layers 2 --heads 2 --kv-heads 1 --vocab 3000 --dtype fp32)
-  SFT_DATA=(--records-kind short --max-seq-len 512 --max-passage-tokens 384)
-  DPO_DATA=(--passage-words 40 70 --max-seq-len 512 --max-passage-tokens 384)
-  STEPS=(--steps 6 --warmup 2)
-  DT=fp32; NPROC=1; LIMIT=240
-else
-  SHAPE=(--hidden 2048 --layers 22 --heads 32 --kv-heads 4 --vocab 32000 --dtype bf16)
-  SFT_DATA=(--records-kind long --max-seq-len 2048 --max-passage-tokens 1600)  # rows ~1,800 tokens
-  DPO_DATA=(--passage-words 150 300 --max-seq-len 2048 --max-passage-tokens 1800)  # shared prompt ~1,830
-  STEPS=(--steps 24 --warmup 6)
-  DT=bf16; NPROC=1; LIMIT=150
+# 2. preflight, model and parts, each under its own deadline (gpu_run.py); this timeout is the last backstop
+left=$(( BUDGET - ($(date +%s) - BENCH_STARTED) ))
+timeout -k 10 $(( left > 30 ? left : 30 )) "$PY" bench/gpu/gpu_run.py
+code=$?
+if [ $code -ne 0 ]; then
+  echo "gpu_run.py exited $code (124: cut by the whole call's budget)" | tee -a "$OUT/setup.txt"
 fi
-MODEL=$WORK/model
-echo "== model: ${SHAPE[*]} ($((SECONDS - started)) s)"
-timeout 90 $PY bench/gpu/make_model.py --out "$MODEL" "${SHAPE[@]}" 2>&1 | grep -vE "^\[20|Writing model" | tee "$OUT/model.txt"
-[ -f "$MODEL/config.json" ] || { echo "model build failed"; exit 1; }
-
-# common arguments of every part: the GPU run is one rank (deepspeed --num_gpus 1), torch AdamW (no JIT build)
-COMMON=(--model-dir "$MODEL" --nproc "$NPROC" --dtype "$DT" --torch-adam "${STEPS[@]}" --timeout $((LIMIT - 10)))
-BUDGET=${BUDGET:-470}  # seconds for the whole call: a part gets at most what is left of it
-part() {  # name, seconds, command...: one bounded part, its output kept whole in $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - (SECONDS - started)))
-  if [ "$left" -lt 60 ]; then echo "== $name skipped: ${left} s of the budget left"; return; fi
-  [ "$limit" -le "$left" ] || limit=$left
-  echo "== $name ($((SECONDS - started)) s elapsed, limit ${limit} s)"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local code=$?
-  grep -vE "^\[20|Warning|warn|it/s\]|examples/s\]" "$OUT/$name.log" | grep -E "^\||^\[|ratios|^==|error|Error|FAILED|^data|MFU" | tail -30
-  [ $code -eq 0 ] || echo "   $name exited $code (124: timed out)"
-}
-for p in $PARTS; do
-  case $p in
-    sft) part sft $((LIMIT * 2 + 20)) $PY bench/sft_bench.py "${COMMON[@]}" "${SFT_DATA[@]}" --records 160 \
-           --variants dstrain $TRL_ROWS --work-dir "$WORK/sft" --out "$OUT/sft.json" ;;
-    qlora)
-      if missing bitsandbytes; then echo "== qlora skipped: bitsandbytes missing"; continue; fi
-      part qlora $((LIMIT * 2 + 20)) $PY bench/sft_bench.py "${COMMON[@]}" "${SFT_DATA[@]}" --records 160 \
-        --load-in-4bit --variants dstrain $TRL_ROWS --work-dir "$WORK/qlora" --out "$OUT/qlora.json" ;;
-    dpo) part dpo $((LIMIT * 2 + 20)) $PY bench/dpo_bench.py "${COMMON[@]}" "${DPO_DATA[@]}" --pairs 120 --micro 2 \
-           --variants dstrain $TRL_ROWS --work-dir "$WORK/dpo" --out "$OUT/dpo.json" ;;
-    step) part step 200 $PY bench/gpu/bench_gpu.py --out "$OUT" ;;
-    *) echo "unknown part $p (sft qlora dpo step)" ;;
-  esac
-done
-echo "== done in $((SECONDS - started)) s; results: $OUT/{sft,qlora,dpo}.json, logs: $OUT/*.log"
+if [ ! -f "$OUT/logs.tar.gz" ] || [ $code -ge 124 ]; then
+  # the tarball of whatever logs exist, should gpu_run.py have died before packing them
+  (cd "$WORK" && find . -path ./model -prune -o -path ./site -prune -o -name '*.log' -print \
+    | tar czf "$OUT/logs.tar.gz" -T - 2>/dev/null)
+  rm -f "$OUT"/*.partial
+fi
+echo "== OUT: $(ls "$OUT" | wc -l) files: $(ls "$OUT" | tr '\n' ' ')"
+exit $code
