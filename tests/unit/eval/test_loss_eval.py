@@ -1,6 +1,6 @@
 """dstrain.eval.loss.evaluate on the bundled tiny model, against the model's own transformers forward.
 
-DeepSpeed's engine is replaced at its boundary by `_Engine`, which has what dstrain.engine.forward and
+DeepSpeed's engine is replaced at its boundary by `StandInEngine`, which has what dstrain.engine.forward and
 dstrain.engine.evaluating use (`.device`, calling it, `.eval()`, `.train()`); no process group, so the
 cross-rank sums are the identity and a `rank`/`world` call scores exactly that rank's shard.
 """
@@ -21,30 +21,11 @@ from dstrain.data.records import load_records
 from dstrain.eval.loss import evaluate
 from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
+from tests.unit.standin_engine import StandInEngine
 
 DATA = Path(dstrain.__file__).parent / "assets" / "data"
 CFG = DataConfig(max_seq_len=256, max_passage_tokens=96)
 REL = 1e-5  # fp32 on both sides, summed in a different order
-
-
-class _Engine:
-    """The DeepSpeed engine's surface that evaluate reaches through dstrain.engine; records each call's mode."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, module: SupervisedLM) -> None:
-        self.module = module
-        self.modes: list[bool] = []  # module.training at each forward
-
-    def __call__(self, **inputs):
-        self.modes.append(self.module.training)
-        return self.module(**inputs)
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    def train(self) -> None:
-        self.module.train()
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +40,10 @@ def peft_model():
 
 
 @pytest.fixture
-def engine(peft_model) -> _Engine:
+def engine(peft_model) -> StandInEngine:
     module = SupervisedLM(peft_model, logits_chunk_tokens=16)
     module.train()  # as the training loop leaves it
-    return _Engine(module)
+    return StandInEngine(module)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +83,7 @@ def _margins(peft_model, pairs: list[PairExample], beta: float) -> list[float]:
     return margins
 
 
-def _run(engine: _Engine, examples, objective: ObjectiveConfig, **where) -> dict[str, float]:
+def _run(engine: StandInEngine, examples, objective: ObjectiveConfig, **where) -> dict[str, float]:
     kwargs = {"micro": 2, "rank": 0, "world": 1, **where}
     return evaluate(engine, examples, pad_id=0, objective=objective, **kwargs)
 

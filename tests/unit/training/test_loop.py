@@ -1,10 +1,9 @@
 """dstrain.training.loop without a process group or a subprocess: the step arithmetic, the logging, eval and
 save schedule, stop requests and non-finite steps.
 
-DeepSpeed's engine is replaced at its boundary by `_Engine`: the surface dstrain.engine calls (forward,
-backward, step at the accumulation boundary, lr, grad norm, was_step_applied, train/eval), over the bundled
-tiny model with plain SGD. Checkpoint writing is recorded instead of done (it needs the real engine; the
-integration and distributed tests cover it).
+DeepSpeed's engine is replaced at its boundary by tests/unit/standin_engine.py over the bundled tiny
+model. Checkpoint writing is recorded instead of done (it needs the real engine; the integration and
+distributed tests cover it).
 """
 
 from __future__ import annotations
@@ -28,51 +27,9 @@ from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
 from dstrain.training import loop
 from dstrain.training.session import Run, Tally
+from tests.unit.standin_engine import StandInEngine
 
 CFG = DataConfig(max_seq_len=128, max_passage_tokens=48)
-
-
-class _Engine:
-    """What dstrain.engine reaches of a DeepSpeed engine, over a module and torch's SGD."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, module: SupervisedLM, accumulation: int, lr: float = 1e-2) -> None:
-        self.module = module
-        self.accumulation = accumulation
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(trainable, lr=lr)
-        self.micro_steps = 0
-        self.optimizer_steps = 0
-        self.applied = True
-
-    def __call__(self, **inputs):
-        return self.module(**inputs)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
-
-    def step(self) -> None:  # DeepSpeed steps the optimizer only at the accumulation boundary
-        self.micro_steps += 1
-        if self.micro_steps % self.accumulation == 0:
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            self.optimizer_steps += 1
-
-    def get_lr(self) -> list[float]:
-        return [self.optimizer.param_groups[0]["lr"]]
-
-    def get_global_grad_norm(self) -> None:
-        return None
-
-    def was_step_applied(self) -> bool:
-        return self.applied
-
-    def train(self) -> None:
-        self.module.train()
-
-    def eval(self) -> None:
-        self.module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +52,7 @@ def make_run(tmp_path: Path, peft_model, examples, tokenizer, *, total: int = 4,
     batches = (
         collate_micro(examples[i % 4 * 2 : i % 4 * 2 + 2], tokenizer.pad_token_id) for i in range(10**6)
     )
-    engine = _Engine(SupervisedLM(peft_model, logits_chunk_tokens=64), plan.accumulation)
+    engine = StandInEngine(SupervisedLM(peft_model, logits_chunk_tokens=64), plan.accumulation)
     run = Run(
         train=TrainConfig(**{"log_every": 2, **train}),
         data=CFG,
