@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dstrain.config.migrate import CONFIG_VERSION, upgrade
 from dstrain.config.parse import build
 from dstrain.errors import ConfigError
 
@@ -130,6 +131,7 @@ class DistributedConfig:
 
 @dataclass
 class RunConfig:
+    version: int = CONFIG_VERSION  # the config schema (dstrain.config.migrate); optional in a user's YAML
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -206,6 +208,7 @@ def parse_override_value(text: str) -> Any:
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConfig:
+    raw = upgrade(raw, source)  # an older schema's keys renamed, each reported; a newer schema refused
     problems: list[str] = []
     cfg = build(RunConfig, raw, "", problems)
     if not problems:

@@ -3,7 +3,9 @@
 Built once per (file, format) by one validating pass, then cached on disk and memory-mapped, so a run reads
 any record with one `pread` and never holds a data file in memory. The cache entry records the file's size
 and mtime; a file that changed is indexed again. JSONL files are scanned in parallel byte ranges cut at
-line ends; Parquet files are indexed per row group (the record's "line" is its 1-based row number).
+line ends; a JSON array is scanned element by element (`json_array`: each element's byte range is stored
+just like a JSONL line's, its "line" is the line it starts on); Parquet files are indexed per row group (the
+record's "line" is its 1-based row number). The index also counts the records that cleaning changed.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dstrain.data import records
-from dstrain.data.records import BadRecord, decode_line, over_long_bytes, parse_record, parse_text
+from dstrain.data import json_array, records
+from dstrain.data.records import BadRecord, decode_json, decode_line, over_long_bytes, parse_counted
 from dstrain.errors import DataError
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: JSON arrays indexed by element, cleaning (data.clean) in the key, num_cleaned
 PARALLEL_FROM_BYTES = 32 * 1024 * 1024  # below this a process pool costs more than it saves
 KEPT_BAD = 1000  # bad records held in memory per file (all are counted, and all are in the cache's bad.jsonl)
 FIELDS = {"preference": ("query", "retrieval_result", "chosen", "rejected"), "sft-rag": ("query", "retrieval_result", "answer"), "messages": ("messages",)}  # fmt: skip
@@ -47,6 +49,8 @@ class FileIndex:
     lines: np.ndarray
     bad: list[BadRecord]  # the first KEPT_BAD of them
     num_bad: int
+    num_cleaned: int = 0  # valid records that data.clean changed (NFC, control characters, trailing space)
+    clean: bool = True  # whether records are cleaned as they are read (data.clean)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -70,9 +74,10 @@ class RangeScan:
     lines: list[int]  # 1-based within the range
     bad: list[tuple[int, str]]  # (line within the range, reason)
     num_lines: int
+    num_cleaned: int = 0
 
 
-def _read_line(fh, limit: int) -> tuple[bytes, int]:
+def read_bounded_line(fh, limit: int) -> tuple[bytes, int]:
     """One line of at most `limit` bytes, and its full length in the file (longer lines are skipped over)."""
     raw = fh.readline(limit)
     size = len(raw)
@@ -85,14 +90,14 @@ def _read_line(fh, limit: int) -> tuple[bytes, int]:
     return raw, size
 
 
-def scan_jsonl_range(path: str, fmt: str, start: int, end: int, limit: int) -> RangeScan:
+def scan_jsonl_range(path: str, fmt: str, start: int, end: int, limit: int, clean: bool = True) -> RangeScan:
     """Validate every line that starts in [start, end); lines over `limit` bytes are bad."""
     scan = RangeScan([], [], [], [], 0)
     with open(path, "rb") as fh:
         fh.seek(start)
         pos = start
         while pos < end:
-            raw, size = _read_line(fh, limit + 2)
+            raw, size = read_bounded_line(fh, limit + 2)
             if not size:
                 break
             scan.num_lines += 1
@@ -106,10 +111,11 @@ def scan_jsonl_range(path: str, fmt: str, start: int, end: int, limit: int) -> R
             try:
                 if error is not None:
                     raise ValueError(error)
-                parse_text(text, fmt)
+                _, changed = parse_counted(decode_json(text), fmt, clean)
             except ValueError as exc:
                 scan.bad.append((scan.num_lines, str(exc)))
                 continue
+            scan.num_cleaned += changed
             scan.offsets.append(here)
             scan.lengths.append(size)
             scan.lines.append(scan.num_lines)
@@ -131,11 +137,13 @@ def split_points(path: str, parts: int) -> list[int]:
     return sorted(set(points))
 
 
-def scan_jsonl(path: str, fmt: str, workers: int, min_parallel_bytes: int = PARALLEL_FROM_BYTES) -> FileIndex:
+def scan_jsonl(
+    path: str, fmt: str, workers: int, min_parallel_bytes: int = PARALLEL_FROM_BYTES, clean: bool = True
+) -> FileIndex:
     points = split_points(path, workers if Path(path).stat().st_size >= min_parallel_bytes else 1)
     ranges = list(itertools.pairwise(points))
     limit = records.MAX_RECORD_BYTES  # read now: worker processes see only the module's default
-    jobs = [(path, fmt, a, b, limit) for a, b in ranges]
+    jobs = [(path, fmt, a, b, limit, clean) for a, b in ranges]
     if len(jobs) > 1:
         # spawn: the caller may hold torch threads or a tokenizer pool, which fork would copy half-alive
         with ProcessPoolExecutor(len(jobs), mp_context=get_context("spawn")) as pool:
@@ -149,7 +157,28 @@ def scan_jsonl(path: str, fmt: str, workers: int, min_parallel_bytes: int = PARA
         lines.append(np.asarray(scan.lines, dtype=np.int64) + before)
         bad += [BadRecord(path, line + before, reason) for line, reason in scan.bad]
         before += scan.num_lines
-    return FileIndex(path, fmt, _cat(offsets), _cat(lengths), _cat(lines), bad, len(bad))
+    cleaned = sum(scan.num_cleaned for scan in scans)
+    return FileIndex(path, fmt, _cat(offsets), _cat(lengths), _cat(lines), bad, len(bad), cleaned, clean)
+
+
+def scan_json_array(path: str, fmt: str, clean: bool = True) -> FileIndex:
+    """Validate element by element in one streaming pass; each element's bytes are stored like a line's."""
+    offsets, lengths, lines, bad, cleaned = [], [], [], [], 0
+    for element in json_array.iter_elements(path, records.MAX_RECORD_BYTES):
+        try:
+            if element.error is not None:
+                raise ValueError(element.error)
+            _, changed = parse_counted(element.value, fmt, clean)
+        except ValueError as exc:
+            reason = str(exc) if element.error else f"element {element.number}: {exc}"
+            bad.append(BadRecord(path, element.line, reason))
+            continue
+        cleaned += changed
+        offsets.append(element.offset)
+        lengths.append(element.length)
+        lines.append(element.line)
+    arrays = (np.asarray(values, dtype=np.int64) for values in (offsets, lengths, lines))
+    return FileIndex(path, fmt, *arrays, bad, len(bad), cleaned, clean)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -163,34 +192,39 @@ def parquet_columns(path: str, fmt: str) -> list[str]:
     return [name for name in FIELDS[fmt] if name in names]
 
 
-def scan_parquet(path: str, fmt: str) -> FileIndex:
+def scan_parquet(path: str, fmt: str, clean: bool = True) -> FileIndex:
     """Validate row group by row group; a record's offset is its row number in the file."""
     import pyarrow.parquet as pq
 
     source = pq.ParquetFile(path)
     columns = parquet_columns(path, fmt)
-    rows, sizes, bad, row = [], [], [], 0
+    rows, sizes, bad, row, cleaned = [], [], [], 0, 0
     for group in range(source.num_row_groups):
         for obj in source.read_row_group(group, columns=columns).to_pylist():
             row += 1
             try:
-                parse_record(obj, fmt)
+                cleaned += parse_counted(obj, fmt, clean)[1]
                 rows.append(row - 1)
                 sizes.append(len(str(obj)))  # the text size: what data.group_by_length sorts by
             except ValueError as exc:
                 bad.append(BadRecord(path, row, str(exc)))
     offsets = np.asarray(rows, dtype=np.int64)
     lengths = np.asarray(sizes, dtype=np.int64)
-    return FileIndex(path, fmt, offsets, lengths, offsets + 1, bad, len(bad))
+    return FileIndex(path, fmt, offsets, lengths, offsets + 1, bad, len(bad), cleaned, clean)
 
 
-def scan_file(path: str, fmt: str, workers: int = 0) -> FileIndex:
+def scan_file(path: str, fmt: str, workers: int = 0, clean: bool = True) -> FileIndex:
     """Index one file; a file that cannot be read at all (a broken Parquet footer, say) is one DataError."""
     workers = workers or min(8, os.cpu_count() or 1)
+    kind = "Parquet" if is_parquet(path) else "JSONL"
     try:
-        return scan_parquet(path, fmt) if is_parquet(path) else scan_jsonl(path, fmt, workers)
+        if is_parquet(path):
+            return scan_parquet(path, fmt, clean)
+        if json_array.sniff(path) == "array":
+            kind = "JSON array"
+            return scan_json_array(path, fmt, clean)
+        return scan_jsonl(path, fmt, workers, clean=clean)
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
-        kind = "Parquet" if is_parquet(path) else "JSONL"
         raise DataError(f"{path}: cannot be read as a {kind} file ({exc})") from None
 
 
@@ -206,11 +240,12 @@ def cache_root() -> Path:
     return Path(base) / "dstrain" / "index"
 
 
-def fingerprint(path: str, fmt: str) -> dict[str, object]:
+def fingerprint(path: str, fmt: str, clean: bool = True) -> dict[str, object]:
     stat = Path(path).stat()
     return {
         "path": str(Path(path).resolve()),
         "format": fmt,
+        "clean": clean,
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "version": INDEX_VERSION,
@@ -219,7 +254,7 @@ def fingerprint(path: str, fmt: str) -> dict[str, object]:
 
 
 def cache_dir(root: Path, print_: dict[str, object]) -> Path:
-    key = hashlib.sha256(f"{print_['path']}\0{print_['format']}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{print_['path']}\0{print_['format']}\0{print_['clean']}".encode()).hexdigest()[:24]
     return root / key
 
 
@@ -233,7 +268,8 @@ def load_cached(where: Path, path: str, print_: dict[str, object]) -> FileIndex 
         bad = list(_read_bad(where / "bad.jsonl", path, KEPT_BAD))
     except (OSError, ValueError, KeyError):
         return None  # unreadable or half-written by some other tool: rebuild
-    return FileIndex(path, str(print_["format"]), **arrays, bad=bad, num_bad=int(meta["num_bad"]))
+    counts = {"num_bad": int(meta["num_bad"]), "num_cleaned": int(meta["num_cleaned"])}
+    return FileIndex(path, str(print_["format"]), **arrays, bad=bad, **counts, clean=bool(print_["clean"]))
 
 
 def _read_bad(file: Path, path: str, limit: int | None) -> Iterator[BadRecord]:
@@ -250,7 +286,7 @@ def iter_bad(index: FileIndex) -> Iterator[BadRecord]:
     if index.num_bad <= len(index.bad):
         yield from index.bad
         return
-    print_ = fingerprint(index.path, index.fmt)
+    print_ = fingerprint(index.path, index.fmt, index.clean)
     yield from _read_bad(cache_dir(cache_root(), print_) / "bad.jsonl", index.path, None)
 
 
@@ -263,7 +299,12 @@ def store(where: Path, index: FileIndex, print_: dict[str, object], all_bad: lis
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(index, name)))
         with (tmp / "bad.jsonl").open("w", encoding="utf-8") as fh:
             fh.writelines(json.dumps([b.line, b.reason], ensure_ascii=False) + "\n" for b in all_bad)
-        meta = {"fingerprint": print_, "num_records": len(index), "num_bad": index.num_bad}
+        meta = {
+            "fingerprint": print_,
+            "num_records": len(index),
+            "num_bad": index.num_bad,
+            "num_cleaned": index.num_cleaned,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         if where.exists():
             shutil.rmtree(where)
@@ -284,12 +325,15 @@ def _locked(lock: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def index_file(path: str | Path, fmt: str, workers: int = 0, use_cache: bool = True) -> FileIndex:
-    """The index of `path` read as `fmt`: from the cache when the file is unchanged, else built (and cached)."""
+def index_file(
+    path: str | Path, fmt: str, workers: int = 0, use_cache: bool = True, clean: bool = True
+) -> FileIndex:
+    """The index of `path` read as `fmt` (cleaned as data.clean says): from the cache when the file is
+    unchanged, else built (and cached)."""
     path = str(path)
-    print_ = fingerprint(path, fmt)
+    print_ = fingerprint(path, fmt, clean)
     if not use_cache:
-        return scan_file(path, fmt, workers)
+        return scan_file(path, fmt, workers, clean)
     root = cache_root()
     where = cache_dir(root, print_)
     try:
@@ -297,13 +341,13 @@ def index_file(path: str | Path, fmt: str, workers: int = 0, use_cache: bool = T
             cached = load_cached(where, path, print_)
             if cached is not None:
                 return cached
-            index = scan_file(path, fmt, workers)
+            index = scan_file(path, fmt, workers, clean)
             store(where, index, print_, index.bad)
     except OSError as exc:  # an unwritable cache costs time, not the run
         print(
             f"warning: index cache {root} unusable ({exc.strerror or exc}); indexing in memory",
             file=sys.stderr,
         )
-        return scan_file(path, fmt, workers)
+        return scan_file(path, fmt, workers, clean)
     index.bad = index.bad[:KEPT_BAD]
     return index

@@ -2,15 +2,18 @@
 
 Formats (SPEC section 2): preference {query, retrieval_result, chosen, rejected}, sft-rag {query,
 retrieval_result, answer}, messages {messages: [{role, content}]}. UTF-8 with or without BOM, LF or CRLF,
-blank lines ignored, extra fields ignored.
+blank lines ignored, extra fields ignored; JSON Lines or one top-level JSON array (`json_array`). Every
+string field is cleaned as it is parsed (`clean_text`, data.clean), so all readers see the same text.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import re
+import unicodedata
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +51,6 @@ class BadRecord:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.reason}"
-
-
-@dataclass
-class LoadedRecords:
-    records: list[Record] = field(default_factory=list)
-    origins: list[tuple[str, int]] = field(default_factory=list)  # (path, line) of each record
-    bad: list[BadRecord] = field(default_factory=list)
-
-    @property
-    def seen(self) -> int:
-        return len(self.records) + len(self.bad)
 
 
 def expand_paths(patterns: list[str], what: str = "data.train") -> list[Path]:
@@ -104,30 +96,66 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
                 yield number, text, error
 
 
-def _text(obj: dict[str, Any], key: str) -> str:
+# ------------------------------------------------------------------------------------------- cleaning
+
+# C0 and C1 control characters except tab and newline. Carriage returns are turned into newlines first.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_text(text: str) -> str:
+    """Unicode NFC, control characters other than newline and tab removed, trailing white space stripped.
+
+    Applied to every string field where records are parsed (`data.clean`, on by default), so training,
+    evaluation, generation and `dstrain convert` all see the same text.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if _CONTROL.search(text):
+        text = _CONTROL.sub("", text)
+    if not text.isascii() and not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return text.rstrip()
+
+
+class _Tidy:
+    """Cleans field values when asked, and remembers whether it changed any."""
+
+    def __init__(self, clean: bool) -> None:
+        self.clean, self.changed = clean, False
+
+    def __call__(self, value: str) -> str:
+        if not self.clean:
+            return value
+        out = clean_text(value)
+        self.changed = self.changed or out != value
+        return out
+
+
+def _text(obj: dict[str, Any], key: str, tidy: _Tidy) -> str:
     if key not in obj:
         raise ValueError(f"missing field '{key}'")
     value = obj[key]
     if not isinstance(value, str):
         raise ValueError(f"field '{key}' must be a string, got {type(value).__name__}")
+    value = tidy(value)
     if not value.strip():
         raise ValueError(f"field '{key}' is empty")
     return value
 
 
-def _answer(obj: dict[str, Any], key: str) -> str:
+def _answer(obj: dict[str, Any], key: str, tidy: _Tidy) -> str:
     value = obj.get(key)
     if isinstance(value, dict):
         try:
-            return _text(value, "text")
+            return _text(value, "text", tidy)
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
     if key in obj and not isinstance(value, str):
         raise ValueError(f"field '{key}' must be a string or {{\"text\": str}}, got {type(value).__name__}")
-    return _text(obj, key)
+    return _text(obj, key, tidy)
 
 
-def _passages(obj: dict[str, Any]) -> tuple[str, ...]:
+def _passages(obj: dict[str, Any], tidy: _Tidy) -> tuple[str, ...]:
     if "retrieval_result" not in obj:
         raise ValueError("missing field 'retrieval_result'")
     value = obj["retrieval_result"]
@@ -136,10 +164,10 @@ def _passages(obj: dict[str, Any]) -> tuple[str, ...]:
     for i, passage in enumerate(value):
         if not isinstance(passage, str):
             raise ValueError(f"retrieval_result[{i}] must be a string, got {type(passage).__name__}")
-    return tuple(p for p in value if p.strip())
+    return tuple(p for p in map(tidy, value) if p.strip())
 
 
-def _messages(obj: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+def _messages(obj: dict[str, Any], tidy: _Tidy) -> tuple[tuple[str, str], ...]:
     value = obj.get("messages")
     if not isinstance(value, list) or not value:
         raise ValueError("field 'messages' must be a non-empty list of {role, content}")
@@ -153,6 +181,7 @@ def _messages(obj: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         content = msg.get("content")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        content = tidy(content)
         if not content.strip() and role == "assistant":
             raise ValueError(f"messages[{i}].content is empty")
         turns.append((role, content))
@@ -161,54 +190,83 @@ def _messages(obj: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
-def parse_record(obj: Any, fmt: str) -> Record:
-    """Validate one decoded JSON value against `fmt`; raise ValueError(reason) if it does not fit."""
+def same_text(a: str, b: str) -> bool:
+    """Equal after white space is normalised (runs of it count as one space, none at either end)."""
+    return a.split() == b.split()
+
+
+def parse_counted(obj: Any, fmt: str, clean: bool = True) -> tuple[Record, bool]:
+    """Validate one decoded JSON value against `fmt`: (the record, whether cleaning changed it).
+
+    Raise ValueError(reason) if it does not fit. A preference pair whose answers are the same text is no
+    training signal (DPO's gradient is zero on it), so it is a bad record too.
+    """
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    tidy = _Tidy(clean)
     if fmt == "messages":
-        return MessagesRecord(_messages(obj))
-    query, passages = _text(obj, "query"), _passages(obj)
+        return MessagesRecord(_messages(obj, tidy)), tidy.changed
+    query, passages = _text(obj, "query", tidy), _passages(obj, tidy)
     if fmt == "sft-rag":
-        return RagRecord(query, passages, _text(obj, "answer"))
+        return RagRecord(query, passages, _text(obj, "answer", tidy)), tidy.changed
     if fmt == "preference":
-        return RagRecord(query, passages, _answer(obj, "chosen"), _answer(obj, "rejected"))
+        chosen, rejected = _answer(obj, "chosen", tidy), _answer(obj, "rejected", tidy)
+        if same_text(chosen, rejected):
+            raise ValueError("chosen equals rejected")
+        return RagRecord(query, passages, chosen, rejected), tidy.changed
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def parse_text(text: str, fmt: str) -> Record:
-    """Decode one JSON line and validate it against `fmt`; raise ValueError(reason) if it does not fit."""
+def parse_record(obj: Any, fmt: str, clean: bool = True) -> Record:
+    """Validate one decoded JSON value against `fmt`; raise ValueError(reason) if it does not fit."""
+    return parse_counted(obj, fmt, clean)[0]
+
+
+def decode_json(text: str) -> Any:
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-    return parse_record(obj, fmt)
 
 
-def read_file(path: Path, fmt: str) -> Iterator[tuple[int, Record | BadRecord]]:
-    """(line number, record or the reason it is bad) for each non-blank line of `path`."""
+def parse_text(text: str, fmt: str, clean: bool = True) -> Record:
+    """Decode one JSON line and validate it against `fmt`; raise ValueError(reason) if it does not fit."""
+    return parse_record(decode_json(text), fmt, clean)
+
+
+def record_to_json(record: Record) -> dict[str, Any]:
+    """The record in dstrain's own format (what `dstrain convert` writes)."""
+    if isinstance(record, MessagesRecord):
+        return {"messages": [{"role": role, "content": content} for role, content in record.messages]}
+    out: dict[str, Any] = {"query": record.query, "retrieval_result": list(record.passages)}
+    if record.rejected is None:
+        out["answer"] = record.answer
+    else:
+        out["chosen"], out["rejected"] = {"text": record.answer}, {"text": record.rejected}
+    return out
+
+
+def read_file(path: Path, fmt: str, clean: bool = True) -> Iterator[tuple[int, Record | BadRecord]]:
+    """(line number, record or the reason it is bad) for each record of `path` (JSONL or a JSON array)."""
+    from dstrain.data import json_array
+
+    if json_array.sniff(path) == "array":
+        for element in json_array.iter_elements(path, MAX_RECORD_BYTES):
+            try:
+                if element.error is not None:
+                    raise ValueError(element.error)
+                yield element.line, parse_record(element.value, fmt, clean)
+            except ValueError as exc:
+                reason = str(exc) if element.error else f"element {element.number}: {exc}"
+                yield element.line, BadRecord(str(path), element.line, reason)
+        return
     for number, text, error in iter_lines(path):
         try:
             if error is not None:
                 raise ValueError(error)
-            yield number, parse_text(text, fmt)
+            yield number, parse_text(text, fmt, clean)
         except ValueError as exc:
             yield number, BadRecord(str(path), number, str(exc))
-
-
-def load_records(paths: list[Path], fmt: str) -> LoadedRecords:
-    loaded = LoadedRecords()
-    for path in paths:
-        for number, item in read_file(path, fmt):
-            if isinstance(item, BadRecord):
-                loaded.bad.append(item)
-            else:
-                loaded.records.append(item)
-                loaded.origins.append((str(path), number))
-    return loaded
-
-
-def enforce_policy(loaded: LoadedRecords, on_error: str, max_bad_fraction: float, what: str) -> None:
-    check_bad(len(loaded.records), loaded.bad, len(loaded.bad), on_error, max_bad_fraction, what)
 
 
 def check_bad(

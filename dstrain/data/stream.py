@@ -1,7 +1,7 @@
 """The training data as one indexed sequence of records across files, and its shuffled order per epoch.
 
 `Corpus` numbers the valid records of all files 0..n-1 (file by file) and reads any of them with one
-`pread` (JSONL) or from a small per-process cache of decoded row groups (Parquet): nothing holds a whole file.
+`pread` (a JSONL line or a JSON array's element) or from a small per-process cache of decoded row groups (Parquet): nothing holds a whole file.
 
 `EpochOrder` is the global sample order of an epoch without an n-sized permutation: records are cut into
 blocks of `block` consecutive ids, the blocks are permuted, and the records of each window of `window`
@@ -50,6 +50,11 @@ class Corpus:
     def num_bad(self) -> int:
         return sum(f.num_bad for f in self.files)
 
+    @property
+    def num_cleaned(self) -> int:
+        """Valid records whose text data.clean changed (NFC, control characters, trailing white space)."""
+        return sum(f.num_cleaned for f in self.files)
+
     def locate(self, i: int) -> tuple[int, int]:
         """(file number, record number within the file) of global record i."""
         if not 0 <= i < len(self):
@@ -67,12 +72,14 @@ class Corpus:
         index = self.files[file_no]
         try:
             if index.is_parquet:
-                return parse_record(self._parquet_row(file_no, int(index.offsets[local])), index.fmt)
+                return parse_record(
+                    self._parquet_row(file_no, int(index.offsets[local])), index.fmt, index.clean
+                )
             raw = self._pread(file_no, int(index.offsets[local]), int(index.lengths[local]))
             text, error = decode_line(raw, first=int(index.offsets[local]) == 0)
             if error is not None or not text:
                 raise ValueError(error or "blank line")
-            return parse_text(text, index.fmt)
+            return parse_text(text, index.fmt, index.clean)
         except (ValueError, OSError) as exc:
             reason = (
                 f"{exc}: the file no longer matches its index, it changed during the run. Keep training "

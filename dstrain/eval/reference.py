@@ -50,7 +50,7 @@ def table_key(cfg: RunConfig, dataset: TokenizedCorpus) -> str:
             "prompt_template": data.prompt_template,
             "chat_template": data.chat_template,
         },
-        "files": [fingerprint(index.path, data.format) for index in dataset.corpus.files],
+        "files": [fingerprint(index.path, data.format, index.clean) for index in dataset.corpus.files],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 

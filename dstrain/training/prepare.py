@@ -103,7 +103,9 @@ def device_precision() -> tuple[bool, bool]:
 
 def index_split(patterns: list[str], what: str, cfg: RunConfig) -> Corpus:
     """Index (or find in the cache) every file of a split, and apply data.on_error to its bad records."""
-    corpus = Corpus([index_file(path, cfg.data.format) for path in expand_paths(patterns, what)])
+    corpus = Corpus(
+        [index_file(path, cfg.data.format, clean=cfg.data.clean) for path in expand_paths(patterns, what)]
+    )
     bad = [record for index in corpus.files for record in index.bad]
     check_bad(len(corpus), bad, corpus.num_bad, cfg.data.on_error, cfg.data.max_bad_fraction, what)
     return corpus

@@ -13,9 +13,9 @@ import pytest
 
 from dstrain.data import index as index_mod
 from dstrain.data.index import cache_root, index_file, iter_bad
-from dstrain.data.records import load_records
 from dstrain.data.stream import Corpus
 from dstrain.errors import DataError
+from tests.unit.data.loaded import load_records
 
 SFT = {"query": "q?", "retrieval_result": ["p1", "p2"], "answer": "a"}
 

@@ -13,12 +13,12 @@ from dstrain.data.records import (
     BadRecord,
     MessagesRecord,
     RagRecord,
-    enforce_policy,
     expand_paths,
-    load_records,
+    read_file,
 )
 from dstrain.data.stream import Corpus
 from dstrain.errors import DataError
+from tests.unit.data.loaded import enforce_policy, load_records
 
 SFT = {"query": "Where does the river Diazei end?", "retrieval_result": ["p1", "p2"], "answer": "Lake Rorosk"}
 PREF = {"query": "q?", "retrieval_result": ["p1"], "chosen": {"text": "good"}, "rejected": {"text": "bad"}}
@@ -210,7 +210,9 @@ def test_line_separator_characters_inside_strings_do_not_split_records(write_jso
     rec = dict(SFT, answer="a\u2028b\u0085c")
     loaded = _load(write_jsonl([rec, SFT]), "sft-rag")
     assert loaded.bad == []
-    assert loaded.records[0].answer == "a\u2028b\u0085c"
+    assert loaded.records[0].answer == "a\u2028bc"  # NEL is a C1 control character: cleaning drops it
+    raw = [rec for _, rec in read_file(write_jsonl([rec]), "sft-rag", clean=False)]
+    assert raw[0].answer == "a\u2028b\u0085c"
     assert [line for _, line in loaded.origins] == [1, 2]
 
 

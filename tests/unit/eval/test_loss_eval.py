@@ -17,10 +17,10 @@ import dstrain
 from dstrain.config.run import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig
 from dstrain.data.batches import IGNORE, Example, tokenize_record
 from dstrain.data.pairs import PairExample, tokenize_pair
-from dstrain.data.records import load_records
 from dstrain.eval.loss import evaluate
 from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
+from tests.unit.data.loaded import load_records
 from tests.unit.standin_engine import StandInEngine
 
 DATA = Path(dstrain.__file__).parent / "assets" / "data"

@@ -10,13 +10,19 @@ import torch
 import dstrain
 from dstrain.config.run import DataConfig, LoraConfig, ModelConfig
 from dstrain.data.batches import IGNORE, collate, tokenize_record
-from dstrain.data.records import load_records
 from dstrain.model.build import build_model
 from dstrain.model.head import target_logps
 from dstrain.model.supervised import SupervisedLM
 from dstrain.objectives.losses import sft_loss
+from tests.helpers import ulps_at_largest
+from tests.unit.data.loaded import load_records
 
 DATA = Path(dstrain.__file__).parent / "assets" / "data" / "sft_rag_train.jsonl"
+# LoRA gradients (largest entries 4e-3 to 9e-2 here) computed in another summation order: an entry near zero
+# carries the rounding of the terms that cancelled in it, so the absolute part of the bound follows each
+# tensor's largest entry. Measured: identical for transformers' loss, and up to 4.7e-6 x max|grad| (about
+# 40-80 ulps) for the chunked head; 256 ulps (1.5e-5 to 3e-5 x max) is about the old fixed 1e-7 at 1e-2.
+GRAD_ULPS = 256
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,9 @@ def test_gradients_match_plain_transformers_and_reach_only_lora(model, batch):
     assert any(g.abs().sum() > 0 for name, g in ours.items() if "lora_A" in name)
     assert any(g.abs().sum() > 0 for name, g in ours.items() if "lora_B" in name)
     for name in trainable:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            ours[name], theirs[name], rtol=1e-4, atol=ulps_at_largest(theirs[name], GRAD_ULPS)
+        )
 
 
 def test_frozen_base_params_get_no_gradient(model, batch):
@@ -224,7 +232,9 @@ def test_model_loss_and_gradients_are_the_same_with_a_small_chunk(model, batch):
     (full, full_grads), (chunked, chunked_grads) = results
     assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
     for name, grad in full_grads.items():
-        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            chunked_grads[name], grad, rtol=1e-4, atol=ulps_at_largest(grad, GRAD_ULPS)
+        )
 
 
 def test_builtin_model_is_identical_on_every_build(model):
