@@ -12,11 +12,20 @@ import re
 import shutil
 from pathlib import Path
 
+from dstrain import __version__
 from dstrain.checkpoint.atomic import TMP_PREFIX, write_text_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-FORMAT = "dstrain-checkpoint/2"  # /2: optimizer, scheduler and RNG state added
+FORMAT_PREFIX = "dstrain-checkpoint/"
+# Every format dstrain has written, and what it added. The loader reads all of them (never drop one):
+# a format change bumps FORMAT_VERSION, adds a line here and a golden fixture under tests/fixtures/golden/.
+FORMATS = {
+    1: "adapter, adapter config, trainer state, config, ZeRO JSON (no optimizer state: warm start only)",
+    2: "optimizer, scheduler and per-rank RNG state added (exact resume)",
+}
+FORMAT_VERSION = max(FORMATS)
+FORMAT = f"{FORMAT_PREFIX}{FORMAT_VERSION}"
 STEP_RE = re.compile(r"^step-(\d{8})$")
 OLD_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}old-(step-\d{{8}})\.\d+$")
 
@@ -43,7 +52,39 @@ def build_manifest(directory: Path) -> dict:
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
-    return {"format": FORMAT, "files": files}
+    return {"format": FORMAT, "dstrain": __version__, "files": files}
+
+
+def format_version(name: object) -> int | None:
+    """2 for "dstrain-checkpoint/2"; None for anything that is not a dstrain checkpoint format."""
+    if not isinstance(name, str) or not name.startswith(FORMAT_PREFIX):
+        return None
+    number = name[len(FORMAT_PREFIX) :]
+    return int(number) if number.isdigit() else None
+
+
+def format_problem(manifest_path: Path, manifest: dict) -> str | None:
+    """Why this dstrain cannot read the checkpoint's format (None when it can)."""
+    name, number = manifest.get("format"), format_version(manifest.get("format"))
+    if number is not None and number > FORMAT_VERSION:
+        writer = manifest.get("dstrain")
+        by = f" by dstrain {writer}" if isinstance(writer, str) else " by a newer dstrain"
+        return (
+            f"{manifest_path}: format {name!r} was written{by}; this dstrain {__version__} reads formats up to "
+            f"{FORMAT!r}. Upgrade dstrain (pip install -U dstrain) to load it"
+        )
+    if number is None or number not in FORMATS:
+        return f"{manifest_path}: format {name!r} is not a dstrain checkpoint format this dstrain knows"
+    return None
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The parsed manifest.json of `directory`, or None when it is missing or unreadable."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def verify_checkpoint(directory: Path, required: tuple[str, ...] = ()) -> list[str]:
@@ -66,8 +107,8 @@ def verify_checkpoint(directory: Path, required: tuple[str, ...] = ()) -> list[s
             raise ValueError("bad file entries")
     except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return [f"{manifest_path}: unreadable manifest"]
-    if manifest.get("format") != FORMAT:
-        return [f"{manifest_path}: format {manifest.get('format')!r}, this dstrain reads {FORMAT!r}"]
+    if (problem := format_problem(manifest_path, manifest)) is not None:
+        return [problem]
     problems = [
         f"{directory / name}: missing (not in the manifest)" for name in required if name not in files
     ]

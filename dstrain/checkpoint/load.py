@@ -2,6 +2,10 @@
 
 A run dir resolves to its newest checkpoint that verifies; each broken newer one is reported by name with
 what is wrong, so nothing is silently skipped. A checkpoint dir given explicitly must verify itself.
+
+Every format dstrain has written is read (`layout.FORMATS`): format 1 (adapter only) for inspect, export and
+a warm start; format 2 on for an exact resume. A format newer than this dstrain knows is one error that
+names both and says to upgrade, never a fall-back to an older checkpoint.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from safetensors.torch import load_file
 
 from dstrain.checkpoint import layout
 from dstrain.checkpoint.state import (
+    ADAPTER_WEIGHTS,
     CONFIG,
     DS_CONFIG,
     DS_SOURCE,
     OPTIMIZER,
     REQUIRED,
+    REQUIRED_V1,
     SCHEDULER,
     TRAINER_STATE,
     TrainerState,
@@ -34,11 +40,30 @@ from dstrain.errors import CheckpointError
 class Found:
     path: Path
     notes: list[str]  # broken newer checkpoints passed over, a stale `latest`, ...
+    format: int = layout.FORMAT_VERSION
+
+
+def checkpoint_format(ckpt: Path) -> int:
+    """The format number in the manifest (the current one when it cannot be read: verify says why)."""
+    manifest = layout.read_manifest(ckpt) or {}
+    return layout.format_version(manifest.get("format")) or layout.FORMAT_VERSION
+
+
+def check_readable_format(ckpt: Path) -> None:
+    """Raise the one clear error for a checkpoint written in a format newer than this dstrain reads."""
+    manifest = layout.read_manifest(ckpt)
+    number = layout.format_version(manifest.get("format")) if manifest else None
+    if number is not None and number > layout.FORMAT_VERSION:
+        raise CheckpointError(str(layout.format_problem(ckpt / layout.MANIFEST, manifest)))
+
+
+def required_files(fmt: int) -> tuple[str, ...]:
+    return REQUIRED_V1 if fmt == 1 else (*REQUIRED, rng_file(0))
 
 
 def verify(ckpt: Path) -> list[str]:
-    """Manifest check plus the files a resume needs (a checkpoint of another layout lacks some)."""
-    return layout.verify_checkpoint(ckpt, (*REQUIRED, rng_file(0)))
+    """Manifest check plus the files its format must hold (a checkpoint of another layout lacks some)."""
+    return layout.verify_checkpoint(ckpt, required_files(checkpoint_format(ckpt)))
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -51,10 +76,11 @@ def find_checkpoint(path: Path) -> Found:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; give a run dir or a checkpoint dir")
     if is_checkpoint_dir(path):
+        check_readable_format(path)
         problems = verify(path)
         if problems:
             raise CheckpointError(f"checkpoint {path} is broken: " + "; ".join(problems))
-        return Found(path, [])
+        return Found(path, [], checkpoint_format(path))
     root = path if path.name == "checkpoints" else layout.checkpoints_dir(path)
     return newest_valid(root)
 
@@ -66,9 +92,10 @@ def newest_valid(root: Path) -> Found:
         notes.append(f"{root / layout.LATEST} names {named}, which does not exist")
     candidates = layout.list_checkpoints(root)
     for candidate in reversed(candidates):
+        check_readable_format(candidate)  # falling back past a newer format would roll the run back
         problems = verify(candidate)
         if not problems:
-            return Found(candidate, notes)
+            return Found(candidate, notes, checkpoint_format(candidate))
         notes.append(f"skipping broken checkpoint {candidate.name}: " + "; ".join(problems))
     if not candidates:
         raise CheckpointError(
@@ -94,7 +121,9 @@ def read_trainer_state(ckpt: Path) -> TrainerState:
             "was not written by this version of dstrain or was edited. Resume from another checkpoint."
         )
     known = {f.name for f in fields(TrainerState)}
-    return TrainerState(**{k: v for k, v in raw.items() if k in known})
+    # Format 1 wrote `versions: null`; fields added since are absent and keep their defaults.
+    values = {k: v for k, v in raw.items() if k in known and v is not None}
+    return TrainerState(**values)
 
 
 def read_config_yaml(ckpt: Path) -> str:
@@ -107,6 +136,14 @@ def read_ds_source(ckpt: Path) -> dict[str, Any]:
 
 def read_ds_resolved(ckpt: Path) -> dict[str, Any]:
     return read_json(ckpt / DS_CONFIG)
+
+
+def read_adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The adapter weights in PEFT's file layout (keys as PEFT saves them)."""
+    try:
+        return load_file(str(ckpt / ADAPTER_WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{ckpt / ADAPTER_WEIGHTS}: unreadable ({exc})") from exc
 
 
 def read_optimizer(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

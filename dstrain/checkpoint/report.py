@@ -1,4 +1,8 @@
-"""`dstrain inspect CKPT`: what a checkpoint holds, and whether every file matches its manifest."""
+"""`dstrain inspect CKPT`: what a checkpoint holds, and whether every file matches its manifest.
+
+Also its format and the dstrain that wrote it (a format-1 checkpoint is named as warm-start only), and
+whether each training file it recorded still matches its fingerprint (`dstrain.data.provenance`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dstrain.checkpoint import layout
-from dstrain.checkpoint.load import is_checkpoint_dir, read_json, verify
+from dstrain.checkpoint.load import check_readable_format, is_checkpoint_dir, read_json, verify
 from dstrain.config.run import HIGHER_IS_BETTER
 from dstrain.errors import CheckpointError
 
@@ -55,6 +59,26 @@ def best_metric_name(ckpt: Path) -> str:
         return "eval_loss"
 
 
+def data_rows(ckpt: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each recorded training file and whether it still matches (relative paths: from the run dir's parent,
+    where the golden fixtures and most runs start, then the current directory)."""
+    from dstrain.data.provenance import file_status
+
+    files = state.get("data_files") or []
+    base = ckpt.parent.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return [{**record, "status": file_status(record, base)} for record in files if isinstance(record, dict)]
+
+
+def format_info(ckpt: Path) -> dict[str, Any]:
+    manifest = layout.read_manifest(ckpt) or {}
+    number = layout.format_version(manifest.get("format"))
+    return {
+        "format": manifest.get("format"),
+        "written_by": manifest.get("dstrain"),  # absent before 0.2.0
+        "resumable": "exact" if number and number >= 2 else "warm start only (no optimizer state)",
+    }
+
+
 def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
     state_path = ckpt / "trainer_state.json"
     state: dict[str, Any] = {}
@@ -74,6 +98,8 @@ def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
         "best_metric": best,
         "best_checkpoint": state.get("best_checkpoint"),
         "versions": state.get("versions"),
+        **format_info(ckpt),
+        "data": data_rows(ckpt, state),
         "files": file_rows(ckpt),
         "valid": not problems,
         "problems": problems,
@@ -99,7 +125,10 @@ def render(info: dict[str, Any], console: Console) -> None:
         table.add_row(f"best {info['best_metric_name']}", best)
     if info["versions"]:
         table.add_row("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    table.add_row("format", f"{info['format']} (written by dstrain {info['written_by'] or 'before 0.2.0'})")
+    table.add_row("resume", info["resumable"])
     console.print(table)
+    render_data(info["data"], console)
     files = Table("file", "bytes", "manifest")
     for row in info["files"]:
         size = "missing" if row["size"] is None else f"{row['size']:,}"
@@ -107,9 +136,20 @@ def render(info: dict[str, Any], console: Console) -> None:
     console.print(files)
 
 
+def render_data(rows: list[dict[str, Any]], console: Console) -> None:
+    if not rows:
+        return
+    data = Table("data file", "bytes", "fingerprint", "now")
+    for row in rows:
+        status = row["status"] if row["status"] == "matches" else f"[red]{row['status']}"
+        data.add_row(str(row.get("path")), f"{row.get('size', 0):,}", str(row.get("fingerprint")), status)
+    console.print(data)
+
+
 def inspect_checkpoint(path: Path, as_json: bool = False) -> int:
     """Print the checkpoint's summary; return 1 (naming each bad file) if it does not match its manifest."""
     ckpt = target_dir(Path(path))
+    check_readable_format(ckpt)  # a newer format: one error naming both formats, not a list of problems
     problems = verify(ckpt)
     info = summary(ckpt, problems)
     if as_json:

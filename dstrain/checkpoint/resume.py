@@ -3,6 +3,8 @@
 Structural keys decide what the saved state means (model, adapter shape, data order, global batch, seeds,
 objective); changing one would make "exact resume" a lie, so it is refused with the list of what may change.
 The world size may change: the global batch is pinned to the saved one and accumulation is re-planned.
+A format-1 checkpoint (adapter only, before dstrain saved optimizer state) continues as a warm start: its
+weights, step and data position, with Adam's moments starting from zero (`training.restore`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ class ResumePoint:
     state: TrainerState
     ds_source: dict[str, Any]
     notes: list[str]
+    format: int = 2  # the checkpoint's format: 1 holds no optimizer state (warm start)
+
+    @property
+    def warm_start(self) -> bool:
+        return self.format == 1
+
+
+WARM_START_NOTE = (
+    "{ckpt} is a format-1 checkpoint (written before dstrain saved optimizer state): warm start from its "
+    "adapter weights at step {step}; Adam's moments start from zero, so the losses will not match an "
+    "uninterrupted run"
+)
 
 
 def override_key(item: str) -> str:
@@ -104,8 +118,12 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
     # Elastic resume keeps the global batch: pin it, so a new world size changes only the accumulation.
     raw.setdefault("train", {})["global_batch_size"] = state.global_batch
     cfg = config_from_dict(raw, source=f"{ckpt}/config.yaml")
-    source = elastic_ds_source(load.read_ds_source(ckpt), load.read_ds_resolved(ckpt))
-    return cfg, ResumePoint(ckpt, state, source, found.notes)
+    resolved = load.read_ds_resolved(ckpt)
+    given = resolved if found.format == 1 else load.read_ds_source(ckpt)  # /1 kept the resolved JSON only
+    notes = list(found.notes)
+    if found.format == 1:
+        notes.append(WARM_START_NOTE.format(ckpt=ckpt, step=state.step))
+    return cfg, ResumePoint(ckpt, state, elastic_ds_source(given, resolved), notes, found.format)
 
 
 def elastic_ds_source(ds_source: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
@@ -117,10 +135,26 @@ def elastic_ds_source(ds_source: dict[str, Any], resolved: dict[str, Any]) -> di
     return raw
 
 
-def check_same_data(state: TrainerState, train_samples: int) -> None:
-    if state.train_samples and state.train_samples != train_samples:
-        raise DataError(
-            f"data.train now yields {train_samples} usable samples, but the checkpoint was trained on "
-            f"{state.train_samples}: the data changed, so the saved position would point at other samples. "
-            "Restore the original files, or start a new run with `dstrain train`."
-        )
+def check_same_data(state: TrainerState, train_samples: int, files: list[dict] | None = None) -> None:
+    """Refuse to continue on other data: the saved position would point at other samples.
+
+    `files` are the training files' records now (`data.provenance.describe_files`); compared with those in
+    the checkpoint (none before 0.2.0), each changed file is named with its old and new fingerprint.
+    """
+    from dstrain.data.provenance import changed_files
+
+    changes = changed_files(state.data_files, files) if files is not None else []
+    count_changed = bool(state.train_samples) and state.train_samples != train_samples
+    if not (changes or count_changed):
+        return
+    what = (
+        f"data.train now yields {train_samples} usable samples, but the checkpoint was trained on "
+        f"{state.train_samples}"
+        if count_changed
+        else "data.train changed since the checkpoint"
+    )
+    detail = "".join(f"; {line}" for line in changes)
+    raise DataError(
+        f"{what}{detail}: the data changed, so the saved position would point at other samples. "
+        "Restore the original files, or start a new run with `dstrain train`."
+    )

@@ -7,7 +7,8 @@ checkpoints/step-00000120/
   rng_state_00000.safetensors ...                  one per rank: python, numpy, torch generator states
   trainer_state.json                               step, epoch, data cursor, tokens, best metric, versions
   config.yaml, ds_config.json, ds_config.source.json   the run config and ZeRO JSON (resolved and as given)
-  manifest.json                                    written last: size and sha256 of every other file
+  manifest.json                                    written last: format, dstrain version, size and sha256
+                                                   of every other file
 """
 
 from __future__ import annotations

@@ -13,17 +13,10 @@ DS_CONFIG = "ds_config.json"
 DS_SOURCE = "ds_config.source.json"
 
 
+# What a format-1 checkpoint holds (dstrain before the optimizer state: warm start, inspect, export).
+REQUIRED_V1 = (ADAPTER_WEIGHTS, "adapter_config.json", TRAINER_STATE, CONFIG, DS_CONFIG)
 # What a resumable checkpoint must hold besides the per-rank RNG files (checked on top of the manifest).
-REQUIRED = (
-    ADAPTER_WEIGHTS,
-    "adapter_config.json",
-    OPTIMIZER,
-    SCHEDULER,
-    TRAINER_STATE,
-    CONFIG,
-    DS_CONFIG,
-    DS_SOURCE,
-)
+REQUIRED = (*REQUIRED_V1, OPTIMIZER, SCHEDULER, DS_SOURCE)
 
 
 def rng_file(rank: int) -> str:
@@ -47,3 +40,5 @@ class TrainerState:
     best_checkpoint: str | None = None
     config_digest: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    # Per training file: path, size, mtime, fingerprint (dstrain.data.provenance); empty before 0.2.0.
+    data_files: list[dict] = field(default_factory=list)

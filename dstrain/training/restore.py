@@ -1,14 +1,15 @@
 """A run's starting state: fresh, or continued from a checkpoint (same checkpoint on every rank, newer ones of
-an abandoned timeline set aside, optimizer, scheduler and RNG restored into the new engine)."""
+an abandoned timeline set aside, optimizer, scheduler and RNG restored into the new engine). A format-1
+checkpoint (adapter only) is a warm start: its weights, step and data position, a fresh Adam."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from dstrain import package_versions
 from dstrain.checkpoint import layout
 from dstrain.checkpoint.state import TrainerState
 from dstrain.distributed.collectives import agreed, all_gather_bytes
@@ -18,18 +19,10 @@ if TYPE_CHECKING:
     from dstrain.checkpoint.resume import ResumePoint
     from dstrain.training.prepare import Prepared
 
-# Versions recorded in every checkpoint: what produced the weights matters when they stop loading.
-TRACKED_PACKAGES = ("dstrain", "torch", "deepspeed", "transformers", "peft", "safetensors")
-
 
 def versions() -> dict[str, str]:
-    found = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
+    """Recorded in every checkpoint: what produced the weights matters when they stop loading."""
+    return package_versions()
 
 
 def agree_on_checkpoint(resume: ResumePoint) -> None:
@@ -60,12 +53,15 @@ def archive_newer_checkpoints(ckpt: Path, output_dir: Path) -> list[str]:
 
 
 def new_state(world_size: int, prepared: Prepared) -> TrainerState:
+    from dstrain.data.provenance import describe_files
+
     return TrainerState(
         world_size=world_size,
         global_batch=prepared.plan.global_batch,
         train_samples=len(prepared.train),
         config_digest=prepared.config_digest,
         versions=versions(),
+        data_files=describe_files(prepared.cfg.data.train),
     )
 
 
@@ -77,6 +73,8 @@ def restore(
     from dstrain.checkpoint.rng import restore_rng, seed_everything
 
     saved = resume.state
+    if resume.warm_start:
+        return warm_start(resume, ds_engine, peft_model, prepared, rank, world)
     with agreed(f"reading {resume.ckpt}"):  # before any collective: no rank left waiting
         tensors, sched = load.read_optimizer(resume.ckpt)
         rng = load.read_rng(resume.ckpt, rank) if world == saved.world_size else None
@@ -87,4 +85,76 @@ def restore(
         restore_rng(*rng)
     else:  # another world size: rank r's stream has no saved counterpart; derive one from seed and step
         seed_everything(prepared.cfg.train.seed + 1 + rank + 1_000_003 * saved.step)
-    return replace(saved, world_size=world, config_digest=prepared.config_digest, versions=versions())
+    return continued(saved, prepared, world)
+
+
+def continued(saved: TrainerState, prepared: Prepared, world: int) -> TrainerState:
+    """The saved state, re-stamped with this run's world size, config digest, versions and data records."""
+    from dstrain.data.provenance import describe_files
+
+    files = describe_files(prepared.cfg.data.train)
+    return replace(
+        saved, world_size=world, config_digest=prepared.config_digest, versions=versions(), data_files=files
+    )
+
+
+def warm_start(
+    resume: ResumePoint, ds_engine: object, peft_model: object, prepared: Prepared, rank: int, world: int
+) -> TrainerState:
+    """Format 1: the saved adapter weights, step and data position, with Adam's moments and step count at zero
+    and the LR schedule where an uninterrupted run would be. A collective: every rank calls it."""
+    from dstrain import engine
+    from dstrain.checkpoint import load, optim
+    from dstrain.checkpoint.rng import seed_everything
+
+    saved = resume.state
+    with agreed(f"reading {resume.ckpt}"):
+        adapter = load.read_adapter(resume.ckpt)
+    seed_everything(prepared.cfg.train.seed + 1 + rank + 1_000_003 * saved.step)  # no saved RNG in format 1
+    params = optim.trainable(peft_model)
+    # PEFT's file names for the model's parameter names (adapter_state maps them; the index marks each).
+    marks = engine.adapter_state(peft_model, {name: torch_scalar(i) for i, (name, _) in enumerate(params)})
+    by_param = {params[int(mark)][0]: key for key, mark in marks.items()}
+    tensors = {}
+    for name, _ in params:
+        master = adapter.get(by_param.get(name, name))
+        if master is None:
+            continue  # check_matches names it
+        tensors[f"{name}::{optim.MASTER}"] = master.float()
+        for key in optim.MOMENTS:
+            tensors[f"{name}::{key}"] = master.float().new_zeros(master.shape)
+    sched = warm_schedule(optim.scheduler_state(ds_engine), prepared.ds, saved)
+    plan = prepared.plan
+    optim.restore_optimizer_state(
+        ds_engine, peft_model, tensors, sched, plan.accumulation, prepared.tokenizer.pad_token_id
+    )
+    return continued(saved, prepared, world)
+
+
+def torch_scalar(value: int) -> Any:
+    import torch
+
+    return torch.tensor(value)
+
+
+def warm_schedule(fresh: dict[str, Any], ds: dict[str, Any], saved: TrainerState) -> dict[str, Any]:
+    """The scheduler state of a fresh engine moved to `saved.step`: the same DeepSpeed scheduler, stepped as
+    many times on a stand-in optimizer, gives the learning rate an uninterrupted run would use next."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    sched = dict(fresh, optimizer_step=0, global_steps=saved.step, global_samples=saved.samples)
+    spec = ds.get("scheduler")
+    if not spec or fresh.get("scheduler") is None:
+        return sched
+    groups = len(fresh["param_group_lr"])
+    stand_in = torch.optim.SGD(
+        [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(groups)], lr=0
+    )
+    scheduler = getattr(lr_schedules, spec["type"])(stand_in, **spec.get("params", {}))
+    scheduler.load_state_dict(fresh["scheduler"])
+    for _ in range(saved.step):
+        scheduler.step()
+    sched["scheduler"] = scheduler.state_dict()
+    sched["param_group_lr"] = [float(g["lr"]) for g in stand_in.param_groups]
+    return sched

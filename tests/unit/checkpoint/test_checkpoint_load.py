@@ -189,8 +189,8 @@ def test_manifest_garbage_of_every_kind_falls_back(tmp_path: Path):
 def test_other_manifest_format_is_named(tmp_path: Path):
     run = run_with_checkpoints(tmp_path)
     manifest = run / "checkpoints" / "step-00000004" / MANIFEST
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format": "dstrain-checkpoint/1"}))
-    assert "format 'dstrain-checkpoint/1'" in find_checkpoint(run).notes[0]
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format": "someone-else/1"}))
+    assert "'someone-else/1' is not a dstrain checkpoint format" in find_checkpoint(run).notes[0]
 
 
 def test_a_checkpoint_without_optimizer_state_is_not_resumable(tmp_path: Path):

@@ -1,0 +1,126 @@
+"""Golden run dirs (tests/fixtures/golden/): runs written by earlier dstrain versions must stay readable.
+
+Each committed dir is copied to a temp dir (never written in place), its model rebuilt from model.json, and
+then inspected, exported and resumed: the resume must reproduce the recorded losses bitwise. A format-1
+checkpoint (written here from the golden one in the old layout) loads for inspect, export and a warm start.
+Regenerate nothing here: a new format adds a fixture (python -m tests.fixtures.golden.make).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from dstrain.checkpoint import layout
+from tests.fixtures.golden.make import write_model
+from tests.helpers import REPO, check, dstrain, metrics, run
+
+GOLDEN = REPO / "tests" / "fixtures" / "golden"
+KEPT = "step-00000002"
+
+
+def golden_dirs(world: int) -> list[Path]:
+    return sorted(GOLDEN.glob(f"ckpt*-v*/world{world}"))
+
+
+def materialise(src: Path, tmp: Path) -> Path:
+    """A working copy of a golden dir, with its model rebuilt (the model is not committed)."""
+    work = tmp / src.parent.name / src.name
+    shutil.copytree(src, work)
+    write_model(work / "model", json.loads((work / "model.json").read_text()))
+    return work
+
+
+def recorded_losses(src: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(src / "run") if "loss" in r}
+
+
+def resumed_losses(run_dir: Path) -> dict[int, float]:
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert len({r["step"] for r in rows}) == len(rows), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_golden_fixtures_exist_and_stay_small():
+    assert golden_dirs(1) and golden_dirs(2), "tests/fixtures/golden/ckpt*-v*/world{1,2} are committed"
+    total = sum(p.stat().st_size for p in GOLDEN.rglob("*") if p.is_file())
+    assert total < 1024 * 1024, f"golden fixtures are {total} bytes; keep them under 1 MB"
+
+
+def test_version_commands():
+    out = check(dstrain("--version", cwd=REPO)).stdout
+    assert out.startswith("dstrain ") and "torch" not in out
+    verbose = check(dstrain("--version", "--verbose", cwd=REPO)).stdout
+    for name in ("torch", "deepspeed", "transformers", "peft"):
+        assert f"  {name} " in verbose
+    entry = check(run([sys.executable, "-m", "dstrain.train", "--version"], REPO)).stdout
+    assert entry == out
+
+
+@pytest.mark.parametrize("src", golden_dirs(1), ids=lambda p: p.parent.name)
+def test_golden_inspect_and_export(src: Path, tmp_path: Path):
+    work = materialise(src, tmp_path)
+    info = json.loads(check(dstrain("inspect", "run", "--json", cwd=work)).stdout)
+    assert info["valid"] and info["step"] == 2 and info["format"].startswith(layout.FORMAT_PREFIX)
+    assert [row["status"] for row in info["data"]] == ["matches"]
+    check(dstrain("export", "run", "--out", "exported", cwd=work))
+    assert (work / "exported" / "adapter_model.safetensors").is_file()
+    (work / "data" / "train.jsonl").write_text("{}\n")
+    info = json.loads(dstrain("inspect", "run", "--json", cwd=work).stdout)
+    assert info["data"][0]["status"].startswith("changed (sampled-sha256:")
+
+
+@pytest.mark.parametrize("src", golden_dirs(1), ids=lambda p: p.parent.name)
+def test_golden_resume_reproduces_recorded_losses(src: Path, tmp_path: Path):
+    work = materialise(src, tmp_path)
+    proc = check(dstrain("resume", "run", cwd=work))
+    assert "resuming from" in proc.stdout and "at step 2" in proc.stdout
+    assert resumed_losses(work / "run") == recorded_losses(src)  # bitwise: every step, exactly once
+
+
+def write_format_1(ckpt: Path) -> None:
+    """Rewrite a format-2 checkpoint in the format-1 layout (git show 1a0ffc4:dstrain/checkpoint/save.py):
+    no optimizer, scheduler, RNG or ZeRO source JSON; trainer state without the fields added since."""
+    for name in ("optimizer.safetensors", "scheduler.json", "ds_config.source.json", layout.MANIFEST):
+        (ckpt / name).unlink()
+    for rng in ckpt.glob("rng_state_*.safetensors"):
+        rng.unlink()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    for key in ("train_samples", "nonfinite_steps", "best_step", "data_files"):
+        state.pop(key)
+    state["versions"] = None
+    (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    manifest = layout.build_manifest(ckpt)
+    manifest.pop("dstrain")
+    manifest["format"] = "dstrain-checkpoint/1"
+    (ckpt / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def test_a_format_1_checkpoint_inspects_exports_and_warm_starts(tmp_path: Path):
+    work = materialise(golden_dirs(1)[-1], tmp_path)
+    write_format_1(work / "run" / "checkpoints" / KEPT)
+    info = json.loads(check(dstrain("inspect", "run", "--json", cwd=work)).stdout)
+    assert info["format"] == "dstrain-checkpoint/1" and info["resumable"].startswith("warm start")
+    check(dstrain("export", "run", "--out", "exported", cwd=work))
+    proc = check(dstrain("resume", "run", cwd=work))
+    assert "warm start from its adapter weights at step 2" in proc.stdout + proc.stderr
+    losses = resumed_losses(work / "run")
+    assert sorted(losses) == [1, 2, 3, 4] and all(v == v for v in losses.values())
+    final = json.loads((work / "run" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert final["step"] == 4 and final["versions"]["dstrain"]
+    manifest = json.loads((work / "run" / "checkpoints" / "step-00000004" / layout.MANIFEST).read_text())
+    assert manifest["format"] == layout.FORMAT  # a warm start writes today's format from then on
+
+
+def test_resume_refuses_changed_golden_data(tmp_path: Path):
+    work = materialise(golden_dirs(1)[-1], tmp_path)
+    data = work / "data" / "train.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same samples, another order
+    proc = dstrain("resume", "run", cwd=work)
+    assert proc.returncode != 0 and "fingerprint sampled-sha256:" in proc.stderr
+    assert "Traceback" not in proc.stderr
