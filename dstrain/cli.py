@@ -1,14 +1,10 @@
-"""The `dstrain` command. Each subcommand delegates; none holds logic of its own."""
+"""The `dstrain` command. Each subcommand delegates; none holds logic of its own (the launcher is
+`dstrain.distributed.launcher`)."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -36,25 +32,24 @@ def fail(exc: DstrainError, code: int | None = None) -> None:
     raise typer.Exit(code if code is not None else exc.exit_code)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for user errors")] = False,
+    version: Annotated[bool, typer.Option("--version", help="print the dstrain version and exit")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="with --version: torch, deepspeed, transformers, peft too")
+    ] = False,
 ) -> None:
     DEBUG["on"] = debug
+    if version:
+        from dstrain import version_text
 
-
-def launcher_command(num_gpus: int | None, hostfile: Path | None, entry_args: list[str]) -> list[str]:
-    """The deepspeed launcher line that runs `python -m dstrain.train` on every rank."""
-    cmd = ["deepspeed"]
-    if hostfile is not None:
-        cmd += ["--hostfile", str(hostfile)]
-    if num_gpus is not None:
-        cmd += ["--num_gpus", str(num_gpus)]
-    if hostfile is None:  # one node: any free port will do, and DeepSpeed's fixed 29500 clashes between jobs
-        from dstrain.distributed.env import free_port
-
-        cmd += ["--master_port", str(free_port())]
-    return [*cmd, "--module", "dstrain.train", *entry_args]
+        typer.echo(version_text(verbose))
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:  # invoke_without_command is for --version only
+        typer.echo(f"{ctx.get_usage()}\nTry 'dstrain --help' for help.\n\nerror: missing command", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -85,6 +80,8 @@ def launch(args: list[str], num_gpus: int | None, hostfile: Path | None) -> None
     """Run `python -m dstrain.train ARGS` in this process, or on every rank through the deepspeed launcher."""
     args = [*args, "--debug"] if DEBUG["on"] else args
     if num_gpus is not None or hostfile is not None:
+        from dstrain.distributed.launcher import launcher_command, run_launcher
+
         cmd = launcher_command(num_gpus, hostfile, args)
         if shutil.which(cmd[0]) is None:
             fail(
@@ -97,52 +94,6 @@ def launch(args: list[str], num_gpus: int | None, hostfile: Path | None) -> None
     from dstrain.train import main as train_main
 
     raise typer.Exit(train_main(args))
-
-
-def run_launcher(cmd: list[str]) -> int:
-    """Run the launcher and wait for it; Ctrl-C already reaches the whole process group, SIGTERM is passed on.
-
-    Killing the launcher here (what subprocess.call does on KeyboardInterrupt) would cut the ranks off in
-    the middle of the checkpoint they write when asked to stop.
-    """
-    proc = subprocess.Popen(cmd, env=os.environ.copy())
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: signal_ranks(proc, signal.SIGTERM)),
-    }
-    try:
-        return proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def signal_ranks(launcher: subprocess.Popen, signum: int) -> None:
-    """Signal the local ranks themselves, as Slurm does. Not the launcher: a single-node `deepspeed` runner
-    dies of SIGTERM without passing it on (leaving its ranks training, orphaned), and DeepSpeed's
-    launch.py would SIGKILL the ranks 30 s after passing it on. Ranks on other nodes learn of the stop from
-    these: every rank agrees to stop at the same step."""
-    import psutil
-
-    try:
-        family = psutil.Process(launcher.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    ranks = [p for p in family if is_rank(p)]
-    for target in ranks or [launcher]:
-        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-            target.send_signal(signum)
-
-
-def is_rank(process: object) -> bool:
-    """`python -m dstrain.train ...` (a DataLoader worker forked from a rank looks the same; it ignores it)."""
-    import psutil
-
-    try:
-        cmd = process.cmdline()  # type: ignore[attr-defined]
-    except psutil.Error:
-        return False
-    return any(a == "-m" and b == "dstrain.train" for a, b in itertools.pairwise(cmd))
 
 
 @app.command()
@@ -207,7 +158,7 @@ def export(
 
 @app.command("validate-data")
 def validate_data(
-    path: Annotated[Path, typer.Argument(help="JSONL or Parquet file to check")],
+    path: Annotated[Path, typer.Argument(help="JSONL, JSON array or Parquet file to check")],
     format: Annotated[str, typer.Option("--format", help="preference | sft-rag | messages")],
 ) -> None:
     """Check every record; print PATH:LINE: reason per problem and a summary. Exit 1 on any problem.
@@ -220,7 +171,11 @@ def validate_data(
     if format not in ("preference", "sft-rag", "messages"):
         fail(DstrainError(f"--format must be preference, sft-rag or messages, got {format!r}"), code=1)
     if not path.is_file():
-        why = "a directory; pass one JSONL or Parquet file" if path.is_dir() else "no such file"
+        why = (
+            "a directory; pass one JSONL or Parquet file (or a JSON array)"
+            if path.is_dir()
+            else "no such file"
+        )
         fail(DstrainError(f"{path}: {why}"), code=1)
     try:
         index = index_file(path, format)
@@ -229,10 +184,52 @@ def validate_data(
     for bad in iter_bad(index):
         typer.echo(str(bad))
     good, bad = len(index), index.num_bad
-    typer.echo(f"{path}: {good + bad} records, {good} ok, {bad} bad")
+    cleaned = f", {index.num_cleaned} changed by cleaning (data.clean)" if index.num_cleaned else ""
+    typer.echo(f"{path}: {good + bad} records, {good} ok, {bad} bad{cleaned}")
     if good + bad == 0:
         typer.echo(f"{path}: the file holds no records (empty or only blank lines)")
     raise typer.Exit(1 if bad or good == 0 else 0)
+
+
+@app.command()
+def convert(
+    sources: Annotated[list[Path], typer.Argument(help="upstream files: JSONL or a JSON array")],
+    to: Annotated[str, typer.Option("--to", help="preference | sft-rag | messages")],
+    out: Annotated[Path, typer.Option("--out", help="the JSONL file to write (appears only when complete)")],
+    from_: Annotated[
+        str,
+        typer.Option("--from", help="ddr | ddr-sft | kbalign | rageval | raft | alpaca | sharegpt | auto"),
+    ] = "auto",
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any record was dropped")] = False,
+    pick_by: Annotated[
+        str | None, typer.Option("--pick-by", help="ddr: re-pick chosen/rejected from context by this score")
+    ] = None,
+    min_margin: Annotated[
+        float | None, typer.Option("--min-margin", help="ddr: drop pairs whose score margin is below this")
+    ] = None,
+    strip_wrapper: Annotated[
+        bool, typer.Option("--strip-wrapper", help="kbalign: drop the 'User: ... Assistant: ' wrapper")
+    ] = False,
+    final_answer: Annotated[
+        bool, typer.Option("--final-answer", help="raft: the answer after <ANSWER>: only, not the whole CoT")
+    ] = False,
+    passages_from: Annotated[
+        str | None, typer.Option("--passages-from", help="rageval: prediction | ground_truth")
+    ] = None,
+) -> None:
+    """Convert upstream RAG data (DDR, KBAlign, RAGEval, RAFT, Alpaca, ShareGPT) to a dstrain format.
+
+    Prints SRC:LINE: reason for each record left out, then a summary. Exit 0 when something was written.
+    """
+    from dstrain.data.convert.pipeline import convert_command
+    from dstrain.data.convert.registry import Options
+
+    opts = Options(pick_by, min_margin, strip_wrapper, final_answer, passages_from)
+    try:
+        code = convert_command(sources, from_, to, out, strict, opts)
+    except DstrainError as exc:
+        fail(exc, code=1)
+    raise typer.Exit(code)
 
 
 @app.command()

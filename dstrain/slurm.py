@@ -134,18 +134,25 @@ def run_ranks(plan: NodePlan, args: list[str]) -> tuple[int, int | None]:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
-        code = supervise(plan, procs)
+        code = supervise(plan, procs, received)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code, received[0] if received else None
 
 
-def supervise(plan: NodePlan, procs: list[subprocess.Popen]) -> int:
+def stopped_before_training(code: int, received: list[int]) -> bool:
+    """A rank's exit status after a stop signal that it honoured before training (128 + the signal):
+    nothing was trained or lost, so it is a clean stop, not a failure (dstrain.distributed.stop)."""
+    return bool(received) and code in {128 + signum for signum in received}
+
+
+def supervise(plan: NodePlan, procs: list[subprocess.Popen], received: list[int]) -> int:
     first_failure = 0
     while [proc for proc in procs if proc.poll() is None]:  # a list: poll every one, no short cut
         for local, proc in enumerate(procs):
-            if proc.returncode and not first_failure:
+            clean = proc.returncode is not None and stopped_before_training(proc.returncode, received)
+            if proc.returncode and not first_failure and not clean:
                 first_failure = proc.returncode
                 rank = plan.node_rank * plan.nproc + local
                 how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
@@ -190,8 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     code, stopped_by = run_ranks(plan, entry)
-    if args.requeue and stopped_by is not None and code == 0 and plan.node_rank == 0:
-        requeue(os.environ["SLURM_JOB_ID"])
+    clean = stopped_by is not None and (code == 0 or stopped_before_training(code, [stopped_by]))
+    if args.requeue and clean:
+        # The requeue contract: exit 0 so Slurm does not count the job failed, whether the ranks saved a
+        # checkpoint (stopped while training) or had nothing to save (stopped during start-up).
+        if plan.node_rank == 0:
+            requeue(os.environ["SLURM_JOB_ID"])
+        return 0
     return code
 
 

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume", metavar="PATH", help="continue from a run dir (newest valid checkpoint) or a checkpoint"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("--version", action="store_true", help="print the dstrain version and exit")
+    parser.add_argument("--verbose", action="store_true", help="with --version: the library versions too")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -61,6 +63,7 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     """Train to the end (or a requested stop), then plot (rank 0) and leave the process group."""
     from dstrain.distributed import failures
     from dstrain.distributed.group import shutdown
+    from dstrain.distributed.stop import StopRequested
     from dstrain.training.loop import train
     from dstrain.training.setup import start
 
@@ -70,7 +73,12 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
             state = train(wired, tally, state)
         finally:
             wired.sink.close()
-            wired.stop.uninstall()
+    except StopRequested as exc:
+        # Said before the shutdown barrier, which every rank reaches (they agreed on the stop at the same
+        # point): a launcher that kills the others when one rank exits cannot cut rank 0 off before it.
+        failures.report_stop(exc)
+        shutdown()
+        raise
     except DstrainError:
         raise
     except Exception as exc:  # a broken collective: say which rank failed, or which timeout ran out
@@ -89,9 +97,16 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
 
 def main(argv: list[str] | None = None) -> int:
     from dstrain.distributed import heartbeat, ranklog
+    from dstrain.distributed import stop as stopping
     from dstrain.distributed.failures import report_crash, report_error
 
     args = parse_args(argv)
+    if args.version:
+        from dstrain import version_text
+
+        print(version_text(args.verbose))
+        return 0
+    stopping.install()  # first: a Ctrl-C while the config, the data or the model loads is not lost
     # Library deprecation chatter (transformers, torch.distributed) says nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
@@ -107,12 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         if heartbeat.current():
             heartbeat.current().report(exc)
         return report_error(exc, args.debug)
-    except KeyboardInterrupt:
-        ranklog.error("interrupted")
+    except stopping.StopRequested as exc:  # reported in run(), before the ranks leave the process group
+        return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: the user means it
+        ranklog.error("interrupted again: stopped at once without saving; the last checkpoint is intact")
         return 130
     except Exception as exc:  # reported with its traceback; see report_crash
         return report_crash(exc)
     finally:
+        stopping.uninstall()
         heartbeat.stop()
         ranklog.stop()
     return 0

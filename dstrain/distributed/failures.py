@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from dstrain.distributed import heartbeat, ranklog
 from dstrain.distributed.env import env_rank
+from dstrain.distributed.stop import StopRequested
 from dstrain.errors import ConfigError, DataError, DistributedError
 
 if TYPE_CHECKING:
@@ -33,6 +34,12 @@ def report_error(exc: BaseException, debug: bool) -> int:
             traceback.print_exception(exc)
         ranklog.error(f"{prefix}error: {exc}")
     return getattr(exc, "exit_code", 1)
+
+
+def report_stop(exc: StopRequested) -> None:
+    """A stop before training: one line, from rank 0 (every rank stopped at the same point)."""
+    if env_rank() == 0:
+        ranklog.error(f"dstrain: {exc}")
 
 
 def diagnose(exc: BaseException, timeouts: DistributedConfig) -> DistributedError | None:

@@ -13,6 +13,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from dstrain.data.batches import IGNORE, Example
 from dstrain.data.pairs import PairExample
 from dstrain.data.sharding import equal_rank_batches
 from dstrain.distributed.collectives import all_reduce_sum
+from dstrain.distributed.stop import interruptible
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -130,11 +132,17 @@ class GenerationEval:
 
 
 def evaluate_generation(
-    model: PeftModel, gen: GenerationEval, batch: int, rank: int, world: int
+    model: PeftModel,
+    gen: GenerationEval,
+    batch: int,
+    rank: int,
+    world: int,
+    interrupted: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """eval_exact_match and eval_token_f1 over all items (a collective: every rank calls it)."""
+    """eval_exact_match and eval_token_f1 over all items (a collective: every rank calls it); `interrupted`
+    is asked before each batch (training.phases)."""
     totals = torch.zeros(3, dtype=torch.float64)  # [exact match, token F1, answers]
-    for chunk, real in rank_batches(gen.items, batch, rank, world):
+    for chunk, real in interruptible(rank_batches(gen.items, batch, rank, world), interrupted):
         prompts = [item.prompt_ids for item in chunk]
         predictions = greedy_answers(model, gen.tokenizer, prompts, gen.max_new_tokens, gen.synced)
         for item, prediction in zip(chunk[:real], predictions, strict=False):

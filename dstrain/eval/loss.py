@@ -3,7 +3,7 @@ the preference accuracy (share of pairs whose implicit reward margin is > 0) and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
@@ -14,6 +14,7 @@ from dstrain.data.batches import Example, MicroBatch
 from dstrain.data.loader import eval_batches
 from dstrain.data.pairs import PairExample
 from dstrain.distributed.collectives import all_reduce_sum
+from dstrain.distributed.stop import interruptible
 from dstrain.objectives.preference import score_pairs
 
 
@@ -27,10 +28,11 @@ def evaluate(
     pad_id: int,
     objective: ObjectiveConfig,
     share_prompt: bool = False,
+    interrupted: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Eval metrics over all of `examples` (a collective: every rank calls it); `share_prompt`: pairs in
-    the shared-prompt layout (data/pairs.py)."""
-    batches = eval_batches(examples, micro, rank, world, pad_id, share_prompt)
+    the shared-prompt layout (data/pairs.py); `interrupted` is asked before each batch (training.phases)."""
+    batches = interruptible(eval_batches(examples, micro, rank, world, pad_id, share_prompt), interrupted)
     with eng.evaluating(engine):
         if isinstance(examples[0], PairExample):
             return _evaluate_pairs(engine, batches, objective)

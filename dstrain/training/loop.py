@@ -6,8 +6,10 @@ keeps) and `TrainerState` (what a checkpoint carries). The engine is only ever p
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from dstrain.data.batches import MicroBatch
 from dstrain.data.prefetch import paused
 from dstrain.data.records import BadRecord
 from dstrain.distributed.collectives import all_reduce_sum
+from dstrain.distributed.stop import EvalInterrupted
 from dstrain.errors import DataError, TrainingError
 from dstrain.eval.generation import evaluate_generation
 from dstrain.eval.loss import evaluate
@@ -29,6 +32,7 @@ from dstrain.metrics.device import device_stats, max_over_ranks, mfu
 from dstrain.metrics.meter import StepMeter
 from dstrain.objectives.losses import sft_loss
 from dstrain.objectives.preference import mean_over_pairs, score_pairs
+from dstrain.training.phases import halt_if_requested, stop_agreed
 from dstrain.training.session import Run, Tally
 
 
@@ -113,6 +117,7 @@ def log_train(run: Run, tally: Tally, state: TrainerState, meter: StepMeter, ste
     row["samples"] = state.samples
     tally.skipped_records += row.pop("skipped_now")
     row["skipped_records"] = tally.skipped_records
+    row["cleaned_records"] = tally.cleaned_records
     row["skipped_steps"] = state.nonfinite_steps
     norm = eng.grad_norm(run.engine)
     if norm is not None:
@@ -127,6 +132,8 @@ def run_eval(run: Run, state: TrainerState) -> dict[str, float] | None:
     if not run.eval_examples:
         return None
     plan = run.plan
+    # Asked before each eval batch, a collective: all ranks cut the eval short at the same batch.
+    interrupted = partial(stop_agreed, run.stop)
     result = evaluate(
         run.engine,
         run.eval_examples,
@@ -136,10 +143,13 @@ def run_eval(run: Run, state: TrainerState) -> dict[str, float] | None:
         run.pad_id,
         run.objective,
         run.data.share_prompt,
+        interrupted,
     )
     if run.generation:  # it uses the tokenizer, which the prefetch thread must not use meanwhile
         with eng.evaluating(run.engine), paused(run.batches):
-            result |= evaluate_generation(run.peft_model, run.generation, plan.micro, run.rank, plan.world)
+            result |= evaluate_generation(
+                run.peft_model, run.generation, plan.micro, run.rank, plan.world, interrupted
+            )
     run.sink.log({"step": state.step, **result})
     note_best(state, run.train.best_metric, result)
     return result
@@ -226,6 +236,37 @@ def optimizer_step(run: Run, tally: Tally, state: TrainerState, meter: StepMeter
     return stop
 
 
+def first_eval(run: Run, state: TrainerState) -> None:
+    """The eval at step 0 (the curve's starting point). A stop during it ends the run: nothing trained yet."""
+    run.stop.phase = "the step-0 eval"
+    with contextlib.suppress(EvalInterrupted):
+        run_eval(run, state)
+    halt_if_requested(run.stop, "the step-0 eval")
+
+
+def eval_and_save(run: Run, state: TrainerState, meter: StepMeter, stop: bool) -> tuple[bool, bool]:
+    """This step's scheduled eval and save, timed out of the training throughput; returns (stop, saved).
+
+    A stop requested during the eval cuts it short; one during the save lets it finish (it is atomic);
+    either way every rank learns of it here and the run stops after this step, with a checkpoint.
+    """
+    cfg, total = run.train, run.total_steps
+    paused_at = time.perf_counter()
+    evaluated = due(state.step, cfg.eval_every, total)
+    if evaluated:
+        try:
+            run_eval(run, state)
+        except EvalInterrupted:
+            stop = True
+    saved = due(state.step, cfg.save_every, total)
+    if saved:
+        save(run, state)
+    meter.exclude(time.perf_counter() - paused_at)
+    if (evaluated or saved) and not stop and state.step < total:
+        stop = stop_agreed(run.stop)  # a collective on eval and save steps only, like the eval itself
+    return stop, saved
+
+
 def train(run: Run, tally: Tally, state: TrainerState) -> TrainerState:
     """Run steps state.step+1 .. total_steps, logging, evaluating and saving on schedule.
 
@@ -240,8 +281,9 @@ def train(run: Run, tally: Tally, state: TrainerState) -> TrainerState:
         )
         return state
     if state.step == 0 and cfg.eval_every:
-        run_eval(run, state)  # the starting point, so the eval curve shows what training changed
+        first_eval(run, state)
         meter.reset()
+    run.stop.phase = "training"  # from here a stop request saves a checkpoint after the step
     eng.train_mode(run.engine)
     while state.step < total:
         stop = optimizer_step(run, tally, state, meter)
@@ -251,13 +293,7 @@ def train(run: Run, tally: Tally, state: TrainerState) -> TrainerState:
         if due(state.step, cfg.log_every, total) or due(state.step, cfg.save_every, total):
             log_train(run, tally, state, meter, since_log)
             since_log = 0
-        paused_at = time.perf_counter()
-        if due(state.step, cfg.eval_every, total):
-            run_eval(run, state)
-        saved = due(state.step, cfg.save_every, total)
-        if saved:
-            save(run, state)
-        meter.exclude(time.perf_counter() - paused_at)
+        stop, saved = eval_and_save(run, state, meter, stop)
         if state.step < total and stop:
             if not saved:
                 if since_log:  # the token count in the checkpoint must include every step

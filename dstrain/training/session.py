@@ -61,3 +61,4 @@ class Tally:
     records_seen: int = 0  # good + bad training records, the base of data.max_bad_fraction
     failed_records: list[BadRecord] = field(default_factory=list)  # this step's, under data.on_error=fail
     nonfinite_in_a_row: int = 0
+    cleaned_records: int = 0  # training records data.clean changed (Unicode NFC, control characters, ...)

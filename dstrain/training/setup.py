@@ -15,6 +15,7 @@ from dstrain.checkpoint.state import TrainerState
 from dstrain.config.run import RunConfig
 from dstrain.config.zero import zero_stage
 from dstrain.distributed.env import DistEnv
+from dstrain.training.phases import phase
 from dstrain.training.restore import agree_on_checkpoint, archive_newer_checkpoints, new_state, restore
 from dstrain.training.session import Run, Tally
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
     from dstrain.checkpoint.resume import ResumePoint
     from dstrain.data.batches import MicroBatch
+    from dstrain.distributed.stop import StopRequest
     from dstrain.eval.generation import GenerationEval
     from dstrain.metrics.sinks import MetricsSink
     from dstrain.training.prepare import Prepared
@@ -33,29 +35,42 @@ if TYPE_CHECKING:
 def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally, TrainerState]:
     """Prepare on every rank, join the process group, build model, engine, loader and metrics sinks.
 
-    With `resume`, the engine, RNG and data position continue from the checkpoint instead.
+    With `resume`, the engine, RNG and data position continue from the checkpoint instead. A stop request
+    during any of it ends the run at the end of that phase (training.phases), before anything is trained.
     """
     from dstrain.checkpoint.resume import check_same_data
     from dstrain.checkpoint.rng import seed_everything
+    from dstrain.data.provenance import describe_files
+    from dstrain.distributed import stop as stopping
     from dstrain.training.prepare import prepare
 
-    env = open_process(cfg)
-    prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)
-    if resume:
-        check_same_data(resume.state, len(prepared.train))
-    env = join(cfg, env, resume, prepared)
+    stop = stopping.install()  # no-op when the entry point installed it first thing (as dstrain.train does)
+    with phase(stop, "the config checks and the data index", collective=False):
+        env = open_process(cfg)
+        prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)
+        if resume:
+            check_same_data(resume.state, len(prepared.train), describe_files(cfg.data.train))
+    with phase(stop, "the rendezvous"):  # collective from here on: every rank stops at the same point
+        env = join(cfg, env, resume, prepared)
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
     seed_everything(cfg.train.seed)
-    peft_model, ds_engine, memory_table = build(cfg, prepared, env)
+    with phase(stop, "the model and engine build"):
+        peft_model, ds_engine, memory_table = build(cfg, prepared, env)
     # Then one seed per rank: dropout masks should differ across data-parallel ranks.
     seed_everything(cfg.train.seed + 1 + env.rank)
-    state = new_state(env.world_size, prepared)
-    if resume:
-        state = restore(resume, ds_engine, peft_model, prepared, env.rank, env.world_size)
+    with phase(stop, "the checkpoint restore"):
+        state = new_state(env.world_size, prepared)
+        if resume:
+            state = restore(resume, ds_engine, peft_model, prepared, env.rank, env.world_size)
     sink = open_sink(cfg, prepared, env, state.step)
     announce(sink, cfg, prepared, peft_model, memory_table, resume, state)
-    run = wire(cfg, prepared, env, ds_engine, peft_model, sink, state.step)
-    tally = Tally(skipped_records=prepared.skipped, records_seen=len(prepared.train) + prepared.skipped)
+    with phase(stop, "the reference log-prob pass"):
+        run = wire(cfg, prepared, env, (ds_engine, peft_model), sink, state.step, stop)
+    tally = Tally(
+        skipped_records=prepared.skipped,
+        records_seen=len(prepared.train) + prepared.skipped,
+        cleaned_records=prepared.train.corpus.num_cleaned,
+    )
     return run, tally, state
 
 
@@ -92,14 +107,23 @@ def join(cfg: RunConfig, env: DistEnv, resume: ResumePoint | None, prepared: Pre
             resume.notes.extend(archive_newer_checkpoints(resume.ckpt, output_dir))
         barrier()
     if env.is_main:
-        write_run_files(output_dir, prepared.config_yaml, prepared.ds)
+        write_run_files(output_dir, prepared.config_yaml, prepared.ds, cfg.data.train)
     return env
 
 
-def write_run_files(output_dir: Path, config_yaml: str, ds: dict[str, Any]) -> None:
+def write_run_files(
+    output_dir: Path, config_yaml: str, ds: dict[str, Any], train: list[str] | None = None
+) -> None:
+    """config.yaml (headed by the dstrain version that wrote it), ds_config.json, data_provenance.json."""
+    from dstrain import __version__
+    from dstrain.data.provenance import describe_files
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    header = f"# written by dstrain {__version__}\n"
+    (output_dir / "config.yaml").write_text(header + config_yaml, encoding="utf-8")
     (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    files = describe_files(train) if train else []
+    (output_dir / "data_provenance.json").write_text(json.dumps({"train": files}, indent=2) + "\n")
 
 
 def build(cfg: RunConfig, prepared: Prepared, env: DistEnv) -> tuple[PeftModel, DeepSpeedEngine, Any]:
@@ -166,15 +190,16 @@ def wire(
     cfg: RunConfig,
     prepared: Prepared,
     env: DistEnv,
-    ds_engine: DeepSpeedEngine,
-    peft_model: PeftModel,
+    models: tuple[DeepSpeedEngine, PeftModel],
     sink: MetricsSink,
     start_step: int,
+    stop: StopRequest,
 ) -> Run:
     """The Run the loop works with; the reference log-probs are computed here, before the first step."""
     from dstrain.checkpoint.save import RunFiles
-    from dstrain.distributed.stop import StopRequest
     from dstrain.model.build import count_parameters
+
+    ds_engine, peft_model = models
 
     batches = open_batches(cfg, prepared, env.rank, start_step)
     reference = reference_table(cfg, prepared, env, ds_engine, sink)
@@ -195,7 +220,7 @@ def wire(
         pad_id=prepared.tokenizer.pad_token_id,
         rank=env.rank,
         sink=sink,
-        stop=StopRequest().install(),
+        stop=stop,
         num_params=count_parameters(peft_model)[1],
         generation=generation_eval(cfg, prepared, env.world_size),
         reference_table=reference,
@@ -234,15 +259,18 @@ def generation_eval(cfg: RunConfig, prepared: Prepared, world: int) -> Generatio
 
 
 def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
+    from dstrain import __version__
     from dstrain.model.build import count_parameters
 
     trainable, total = count_parameters(peft_model)
     plan = prepared.plan
     skipped = f", {prepared.skipped} bad records skipped" if prepared.skipped else ""
+    cleaned = prepared.train.corpus.num_cleaned
+    skipped += f", {cleaned} changed by cleaning (data.clean)" if cleaned else ""
     base = f" ({'4-bit NF4' if cfg.model.load_in_4bit else cfg.model.dtype} base)"
     return (
         f"dstrain: {cfg.model.path}{base} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
         f"ZeRO-{zero_stage(prepared.ds)}, world {plan.world}, global batch {plan.global_batch} = micro "
         f"{plan.micro} x accumulation {plan.accumulation} x world {plan.world}, {len(prepared.train)} train / "
-        f"{len(prepared.eval)} eval samples, {prepared.total_steps} steps{skipped}"
+        f"{len(prepared.eval)} eval samples, {prepared.total_steps} steps{skipped}; dstrain {__version__}"
     )

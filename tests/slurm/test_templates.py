@@ -15,12 +15,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, child_env, metrics, write_config
+from tests.stop_helpers import probed_env
 
 CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 
 
-def submit(slurm, tmp_path: Path, template: str, config: Path, *args: str) -> str:
-    env = {**child_env(), **slurm.env, "PATH": child_env()["PATH"] + ":" + slurm.env.get("PATH", "")}
+def submit(slurm, tmp_path: Path, template: str, config: Path, *args: str, env: dict | None = None) -> str:
+    env = {
+        **(env or child_env()),
+        **slurm.env,
+        "PATH": child_env()["PATH"] + ":" + slurm.env.get("PATH", ""),
+    }
     return slurm.sbatch(
         [*CPU_NODE, f"--output={tmp_path}/slurm-%j.out", str(REPO / "launch" / template), str(config), *args],
         cwd=tmp_path,
@@ -82,3 +87,32 @@ def test_sigterm_saves_then_the_requeued_job_resumes(slurm, tmp_path, small_data
     assert re.search(rf"resuming from \S*{saved[0]} at step {stopped_at}\b", second_attempt), second_attempt
     logged = [r["step"] for r in metrics(run) if "loss" in r]
     assert logged == list(range(1, steps + 1))  # rows a stopped run logged past its save are dropped
+
+
+def test_sigterm_during_the_requeued_jobs_start_up_requeues_it_again(slurm, tmp_path, small_data):
+    """Preempted again while the requeued job is still starting (here: held by the probe in its model
+    build): nothing was trained since the last save, so the ranks stop at once with 143, and dstrain.slurm
+    counts that as a clean stop, requeues the job and exits 0; the third attempt finishes the run."""
+    steps = 40
+    config = write_config(tmp_path, small_data, train={"max_steps": steps, "save_every": 0, "log_every": 1})
+    held = tmp_path / "held"
+    held.mkdir()
+    env = probed_env("build", held, DSTRAIN_PROBE_RESUMED="1", DSTRAIN_PROBE_ONCE="1")
+    job = submit(slurm, tmp_path, "preemptible.sbatch", config, "--nproc-per-node", "1", env=env)
+    run = tmp_path / "run"
+    wait_for_step(run, 3, slurm, job)
+    assert slurm.run(["scancel", "--signal=TERM", job]).returncode == 0  # preempted while training
+    deadline = time.monotonic() + 600
+    while not (held / "held.rank0").is_file():  # the requeued job holds in its start-up
+        assert time.monotonic() < deadline, f"the requeued job never started: {slurm.job(job)}"
+        time.sleep(0.5)
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert slurm.run(["scancel", "--signal=TERM", job]).returncode == 0  # preempted while starting
+
+    fields = slurm.wait_job(job, timeout=900)
+    out = job_output(tmp_path, job)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "2", f"{fields}\n{out[-4000:]}"
+    assert "stopped by SIGTERM during the model and engine build: nothing was trained" in out
+    assert out.count(f"requeueing job {job}") == 2
+    final = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert final == [*saved, f"step-{steps:08d}"]  # the start-up stop wrote nothing

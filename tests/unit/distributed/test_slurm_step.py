@@ -3,6 +3,7 @@ resumes, and how it watches the node's ranks. (The templates on a real Slurm: te
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -69,6 +70,21 @@ def test_a_failed_rank_stops_the_others_and_sets_the_exit_code(capfd, nodelist):
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]),
         subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]),
     ]
-    assert slurm.supervise(plan, procs) == 3
+    assert slurm.supervise(plan, procs, received=[]) == 3
     assert procs[0].returncode == -15  # terminated, not left running
     assert "rank 1 ended with exit code 3; stopping this node's ranks" in capfd.readouterr().err
+
+
+def test_ranks_that_stop_before_training_are_a_clean_stop_not_a_failure(capfd, nodelist):
+    """After a forwarded SIGTERM, ranks that exit 143 (stopped during start-up, nothing trained) do not make
+    the node terminate the others; their status is what main() turns into a requeue."""
+    plan = slurm.plan_node({**JOB, "SLURM_PROCID": "0"}, nproc=2)
+    slow = "import time; time.sleep(1.5); raise SystemExit(143)"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for code in (slow, "raise SystemExit(143)")]
+    assert slurm.supervise(plan, procs, received=[signal.SIGTERM]) == 143
+    assert procs[0].returncode == 143  # left to finish its own stop, not terminated
+    assert "stopping this node's ranks" not in capfd.readouterr().err
+    assert slurm.stopped_before_training(143, [signal.SIGTERM])
+    assert not slurm.stopped_before_training(143, []) and not slurm.stopped_before_training(
+        1, [signal.SIGTERM]
+    )

@@ -1,0 +1,43 @@
+"""Where a stop request takes effect outside the optimizer steps: at the end of each start-up phase, between
+eval batches, after a save. Every check after the process group exists is a collective, so all ranks stop
+together even when the signal reached only one of them (see dstrain.distributed.stop)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dstrain.distributed.collectives import all_ranks_ok
+from dstrain.distributed.stop import StopRequest, StopRequested
+
+
+def stop_agreed(stop: StopRequest, collective: bool = True) -> bool:
+    """Whether a stop was requested (on any rank, when `collective`: every rank must call it then)."""
+    if not collective:
+        return stop.requested
+    return not all_ranks_ok(not stop.requested)
+
+
+def halt_if_requested(stop: StopRequest, phase: str, collective: bool = True) -> None:
+    """Before the first optimizer step a stop ends the run here: nothing was trained, nothing is saved."""
+    if stop_agreed(stop, collective):
+        raise StopRequested(stop.signal or signal.SIGTERM, phase)
+
+
+@contextmanager
+def phase(stop: StopRequest, name: str, collective: bool = True) -> Iterator[None]:
+    """A start-up phase; a stop requested during it takes effect at its end.
+
+    `collective=False` before the process group exists: each rank decides alone (the launchers and Slurm
+    signal every rank). A phase that fails because of the stop (Ctrl-C reaches the whole terminal process
+    group, so a compiler of DeepSpeed's op build dies of it too) is reported as the stop, not as a crash.
+    """
+    stop.phase = name
+    try:
+        yield
+    except Exception as exc:
+        if stop.requested:
+            raise StopRequested(stop.signal or signal.SIGTERM, name) from exc
+        raise
+    halt_if_requested(stop, name, collective)
