@@ -136,3 +136,21 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in metrics(run_dir) if "loss" in row]
+
+
+def ulps_at_largest(reference, n: float, dtype=None) -> float:
+    """`n` units in the last place of `reference`'s largest |value|, in `dtype` (default: its own).
+
+    The tolerance for "the same numbers, computed in another order": rounding error grows with the
+    magnitude of what is summed, not with each element (an entry near zero that came out of cancelling
+    terms carries the error of those terms), so a fixed absolute bound is too tight for large values and
+    meaningless for tiny ones. torch is imported here, not at the top: conftest imports this module.
+    """
+    import math
+
+    import torch
+
+    largest = reference.detach().abs().max().item()
+    if largest == 0 or not math.isfinite(largest):
+        return 0.0
+    return n * torch.finfo(dtype or reference.dtype).eps * 2.0 ** math.floor(math.log2(largest))

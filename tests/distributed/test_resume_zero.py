@@ -25,6 +25,7 @@ from tests.helpers import (
     metrics,
     train_deepspeed,
     train_single,
+    ulps_at_largest,
     write_config,
 )
 
@@ -32,8 +33,11 @@ pytestmark = pytest.mark.distributed
 
 STEPS, MIDDLE = 6, 3
 FINAL = f"checkpoints/step-{STEPS:08d}"
-# Elastic resume changes which rank reduces which partial sums: equal up to float summation order.
+# Elastic resume changes which rank reduces which partial sums: equal up to float summation order. The
+# absolute part follows each tensor's largest entry (256 ulps of it, ~2e-5 x max): the adapter (~1e-2) and
+# Adam's moments (exp_avg_sq ~1e-8) differ by orders of magnitude, and a fixed 1e-7 passed any exp_avg_sq.
 ELASTIC_RTOL = 1e-5
+ELASTIC_ULPS = 256
 
 
 def make_config(tmp_path: Path, data: dict, name: str, ds: str, dropout: float) -> Path:
@@ -94,7 +98,10 @@ def assert_elastic_match(fork: Path, full: Path) -> None:
         assert got[step] == pytest.approx(want[step], rel=ELASTIC_RTOL), step
     a, b = final_tensors(fork), final_tensors(full)
     for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=ELASTIC_RTOL, atol=1e-7, msg=key)
+        atol = ulps_at_largest(b[key], ELASTIC_ULPS)
+        torch.testing.assert_close(
+            a[key], b[key], rtol=ELASTIC_RTOL, atol=atol, msg=lambda m, k=key: f"{k}: {m}"
+        )
     state = json.loads((fork / FINAL / "trainer_state.json").read_text())
     ref = json.loads((full / FINAL / "trainer_state.json").read_text())
     assert {k: state[k] for k in ("step", "epoch", "cursor", "samples", "global_batch")} == {
@@ -130,7 +137,8 @@ def test_a_failing_save_fails_on_every_rank_without_a_hang(tmp_path: Path, small
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "could not write checkpoint" in out and "failed on another rank" in out
-    assert time.monotonic() - started < 300  # far below the 600 s collective timeout: nobody waited for it
+    # hang guard, not a speed test: far below the 600 s collective timeout, so nobody waited for it
+    assert time.monotonic() - started < 300
 
 
 def rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:

@@ -16,6 +16,9 @@ from dstrain.data.synthetic import TaskSpec, run_config, write_task
 from dstrain.model.build import load_tokenizer
 from tests.helpers import check, dstrain, metrics
 
+# 1,500 SFT and 800 DPO steps: the longest single-process tests (minutes each), outside the inner loop's tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> dict[str, Path]:

@@ -37,6 +37,10 @@ STEPS = 40
 TRAIN = {"max_steps": STEPS, "log_every": 1, "save_every": 10, "keep_last": 10, "global_batch_size": 8}
 LORA = {"r": 8, "alpha": 16, "dropout": 0.1}
 FINAL = f"checkpoints/step-{STEPS:08d}"
+# Each random trial is a killed run plus its resume, about one whole 40-step run (~21 s on 2 shared cores).
+# Twenty of them (~7 min) kept the test out of CI, so it never ran; six (~2 min) keep it in the suite, and
+# DSTRAIN_FAULT_TRIALS=20 still gives the longer soak.
+FAULT_TRIALS = int(os.environ.get("DSTRAIN_FAULT_TRIALS", "6"))
 
 
 def config(tmp: Path, data: dict, name: str, **train: int) -> Path:
@@ -212,13 +216,15 @@ def test_sigkill_then_resume_equals_uninterrupted(
 
 
 @pytest.mark.slow
-def test_sigkill_twenty_random_trials(work: Path, data: dict, reference: Path):
+def test_sigkill_random_trials(work: Path, data: dict, reference: Path):
+    """FAULT_TRIALS kills at random steps and saves; the seed is printed (and DSTRAIN_FAULT_SEED replays it)."""
     seed = int(os.environ.get("DSTRAIN_FAULT_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    modes = [rng.choice(["step", "save"]) for _ in range(20)]
+    modes = [rng.choice(["step", "save"]) for _ in range(FAULT_TRIALS)]
     hits = [kill_trial(work, data, reference, 100 + t, rng, mode) for t, mode in enumerate(modes)]
     print(f"fault seed {seed}: {list(zip(modes, hits, strict=True))}")
-    assert sum(hits) >= 18, "most kills must land while the run is still going"
+    misses = sum(not hit for hit in hits)
+    assert misses <= max(1, FAULT_TRIALS // 10), "most kills must land while the run is still going"
 
 
 def test_inspect_reports_and_verifies(work: Path, reference: Path):

@@ -11,14 +11,12 @@ from tests.slurm.cluster import SlurmCluster, SlurmUnavailableError, required
 HERE = Path(__file__).resolve().parent
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slurm: needs a real single-host Slurm started by the fixture")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test here is `slurm` and `distributed` (multi-task job steps); the markers live in pyproject."""
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.distributed)
 
 
 @pytest.fixture(scope="session")
