@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,4 +118,11 @@ def collect_runs(
     for vocab in vocabs:
         runs.append(bench(vocab, save))
     save(None, complete=True)
+    return runs
+
+
+def run_tables(args: Any, header: dict[str, Any], bench: Any, started: float) -> list[dict[str, Any]]:
+    """Every vocab's table (one for a given --model-dir), then the machine's load and the total time."""
+    runs = collect_runs(args.out, header, [0] if args.model_dir else args.vocab, bench)
+    print(f"\n{load_line()}; total {time.perf_counter() - started:.0f} s, {len(runs)} table(s)")
     return runs

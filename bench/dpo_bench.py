@@ -165,13 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         header = {"machine": machine, "data": stats, "args": vars(args)}
-        runs = br.collect_runs(
-            args.out,
-            header,
-            [0] if args.model_dir else args.vocab,
-            lambda v, p: bench_vocab(v, args, work_dir, data, p),
-        )
-        print(f"\n{br.load_line()}; total {time.perf_counter() - started:.0f} s, {len(runs)} table(s)")
+        br.run_tables(args, header, lambda v, p: bench_vocab(v, args, work_dir, data, p), started)
 
 
 if __name__ == "__main__":
