@@ -82,7 +82,7 @@ def bench_save(args: argparse.Namespace) -> None:
     from dstrain.checkpoint.save import gather_payload
     from dstrain.config.run import load_config
     from dstrain.distributed import collectives, group
-    from dstrain.training.loop import save, train
+    from dstrain.training.loop import fit, save
     from dstrain.training.setup import start
 
     work = Path(args.work)
@@ -97,7 +97,7 @@ def bench_save(args: argparse.Namespace) -> None:
         time.sleep(2)
     cfg = load_config(bench_config(work, model, args.ds_config, steps=2, save_every=0))
     session, tally, state = start(cfg)
-    state = train(session, tally, state)  # two optimizer steps; saves step-2 once (warm-up of the save path)
+    state = fit(session, tally, state)  # two optimizer steps; saves step-2 once (warm-up of the save path)
     rank = session.rank
     results: dict[str, list[float]] = {"dstrain": [], "gather": [], "ds": [], "ds-lora": []}
     sizes: dict[str, int] = {}

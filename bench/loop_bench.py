@@ -1,4 +1,4 @@
-"""Loop overhead: dstrain's `loop.train()` vs a bare engine loop, same engine, same batches, 2 ranks.
+"""Loop overhead: dstrain's `loop.fit()` vs a bare engine loop, same engine, same batches, 2 ranks.
 
     python bench/loop_bench.py                # full: 60 steps x 5 alternating repetitions per variant
     python bench/loop_bench.py --quick        # 10 steps x 2 repetitions, about a minute
@@ -9,7 +9,7 @@ config on generated SFT RAG data and a random-init Qwen2-shaped model (hidden 25
 takes `--steps` optimizer steps' worth of micro batches from the session's loader once, and then times, on
 those same MicroBatches, alternately:
 
-  dstrain   dstrain.training.loop.train(session, tally, state): meter, the per-step stop/NaN all-reduce, logging every
+  dstrain   dstrain.training.loop.fit(session, tally, state): meter, the per-step stop/NaN all-reduce, logging every
             `--log-every` steps (metrics.jsonl, TensorBoard, grad norm), LR lookups; the end-of-run
             checkpoint is switched off (save is the checkpoint benchmark's business, not loop overhead)
   bare      for batch: loss = sft_loss(*engine(**batch.inputs)); engine.backward(loss); engine.step()
@@ -113,10 +113,10 @@ def rank_job(spec_path: Path) -> None:
 
     def run_dstrain() -> None:
         replayed = dataclasses.replace(session, batches=iter(batches), total_steps=spec["steps"])
-        loop.train(replayed, copy.deepcopy(tally), copy.deepcopy(state0))
+        loop.fit(replayed, copy.deepcopy(tally), copy.deepcopy(state0))
 
     def run_bare() -> None:
-        engine.train_mode(session.engine)  # as loop.train() does: dropout on (from_pretrained leaves eval)
+        engine.train_mode(session.engine)  # as loop.fit() does: dropout on (from_pretrained leaves eval)
         bare_loop(session.engine, batches)
 
     engine.train_mode(session.engine)

@@ -98,7 +98,7 @@ def rank_main(args: argparse.Namespace) -> None:
     from dstrain.distributed import group
     from dstrain.model import build as model
     from dstrain.model import memory
-    from dstrain.training.loop import train
+    from dstrain.training.loop import fit
     from dstrain.training.setup import start
 
     seen: dict = {}
@@ -114,7 +114,7 @@ def rank_main(args: argparse.Namespace) -> None:
     model.build_model = measured_build
     cfg = load_config(args.config)
     session, tally, state = start(cfg)
-    train(session, tally, state)
+    fit(session, tally, state)
     setup = memory.setup_from(cfg, session.ds, session.plan.micro, session.plan.world)
     terms = memory.estimate(seen["shape"], setup)
     report = {

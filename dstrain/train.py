@@ -64,13 +64,13 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     from dstrain.distributed import failures
     from dstrain.distributed.group import shutdown
     from dstrain.distributed.stop import StopRequested
-    from dstrain.training.loop import train
+    from dstrain.training.loop import fit
     from dstrain.training.setup import start
 
     try:
         wired, tally, state = start(cfg, resume)
         try:
-            state = train(wired, tally, state)
+            state = fit(wired, tally, state)
         finally:
             wired.sink.close()
     except StopRequested as exc:

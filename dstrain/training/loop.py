@@ -267,7 +267,7 @@ def eval_and_save(run: Run, state: TrainerState, meter: StepMeter, stop: bool) -
     return stop, saved
 
 
-def train(run: Run, tally: Tally, state: TrainerState) -> TrainerState:
+def fit(run: Run, tally: Tally, state: TrainerState) -> TrainerState:
     """Run steps state.step+1 .. total_steps, logging, evaluating and saving on schedule.
 
     Stops early, with a checkpoint, when a rank was asked to stop (see `dstrain.distributed.stop`).

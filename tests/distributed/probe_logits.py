@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from dstrain.distributed import group
 from dstrain.train import parse_args, resolve_config
-from dstrain.training.loop import train
+from dstrain.training.loop import fit
 from dstrain.training.setup import start
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     args = parse_args(sys.argv[1:])
     cfg = resolve_config(args.config, args.overrides, args.ds_config)
     session, tally, state = start(cfg)
-    train(session, tally, state)
+    fit(session, tally, state)
     session.sink.close()
     check_gather_matches_deepspeed(session)
     batch = probe_batch()

@@ -13,7 +13,7 @@ import sys
 from dstrain.config.run import load_config
 from dstrain.model import build as model
 from dstrain.model import memory
-from dstrain.training.loop import train
+from dstrain.training.loop import fit
 from dstrain.training.setup import start
 
 
@@ -31,7 +31,7 @@ def main(config: str) -> None:
     model.build_model = measured_build
     cfg = load_config(config)
     session, tally, state = start(cfg)
-    train(session, tally, state)
+    fit(session, tally, state)
     peak = memory.rss_bytes("VmHWM")
     setup = memory.setup_from(cfg, session.ds, session.plan.micro, session.plan.world)
     report = {

@@ -94,7 +94,7 @@ def test_every_step_runs_logs_on_schedule_and_saves_at_the_end(
     tmp_path, peft_model, examples, tokenizer, saved
 ):
     run, tally = make_run(tmp_path, peft_model, examples, tokenizer, total=4)
-    state = loop.train(run, tally, TrainerState())
+    state = loop.fit(run, tally, TrainerState())
     assert state.step == 4 and run.engine.optimizer_steps == 4 and run.engine.micro_steps == 8
     assert saved == [4]  # save_every=0: the last step only
     logged = rows(run)
@@ -128,14 +128,14 @@ def test_due_on_the_schedule_and_at_the_last_step():
 def test_a_stop_request_logs_saves_and_ends_after_the_step(tmp_path, peft_model, examples, tokenizer, saved):
     run, tally = make_run(tmp_path, peft_model, examples, tokenizer, total=6, log_every=5)
     run.stop.signal = 15  # as the SIGTERM handler sets it
-    state = loop.train(run, tally, TrainerState())
+    state = loop.fit(run, tally, TrainerState())
     assert state.step == 1 and saved == [1]
     assert [row["step"] for row in rows(run)] == [1]  # logged first: the checkpoint's token count is exact
 
 
 def test_eval_at_step_zero_and_on_schedule_tracks_the_best(tmp_path, peft_model, examples, tokenizer, saved):
     run, tally = make_run(tmp_path, peft_model, examples, tokenizer, total=4, eval_every=2)
-    state = loop.train(run, tally, TrainerState())
+    state = loop.fit(run, tally, TrainerState())
     evals = rows(run, "eval_loss")
     assert [row["step"] for row in evals] == [0, 2, 4]
     best = min(evals, key=lambda row: row["eval_loss"])
