@@ -2,7 +2,7 @@
 
 import logging as _logging
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # The libraries whose versions decide whether a checkpoint's numbers can be reproduced: recorded in every
 # checkpoint and shown by `dstrain --version --verbose`.

@@ -61,9 +61,20 @@ def resolve_config(config: str | None, overrides: list[str], ds_config: str | No
 
 def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
     """Train to the end (or a requested stop), then plot (rank 0) and leave the process group."""
-    from dstrain.distributed import failures
+    from dstrain.distributed import stop as stopping
+
+    owns_handler = stopping.current() is None  # called as a library: leave the signals as they were after
+    try:
+        return train_and_report(cfg, resume)
+    finally:
+        if owns_handler:
+            stopping.uninstall()
+
+
+def train_and_report(cfg: RunConfig, resume: ResumePoint | None) -> TrainerState:
+    from dstrain.distributed import failures, heartbeat
+    from dstrain.distributed import stop as stopping
     from dstrain.distributed.group import shutdown
-    from dstrain.distributed.stop import StopRequested
     from dstrain.training.loop import fit
     from dstrain.training.setup import start
 
@@ -73,11 +84,14 @@ def run(cfg: RunConfig, resume: ResumePoint | None = None) -> TrainerState:
             state = fit(wired, tally, state)
         finally:
             wired.sink.close()
-    except StopRequested as exc:
+    except stopping.StopRequested as exc:
         # Said before the shutdown barrier, which every rank reaches (they agreed on the stop at the same
         # point): a launcher that kills the others when one rank exits cannot cut rank 0 off before it.
         failures.report_stop(exc)
-        shutdown()
+        if exc.agreed:
+            shutdown()
+        elif watch := heartbeat.current():  # stopped alone: the others learn why instead of waiting
+            watch.report(exc)
         raise
     except DstrainError:
         raise
@@ -124,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(exc, args.debug)
     except stopping.StopRequested as exc:  # reported in run(), before the ranks leave the process group
         return exc.exit_code
-    except KeyboardInterrupt:  # a second Ctrl-C: the user means it
+    except KeyboardInterrupt as exc:  # a second Ctrl-C (or SIGTERM): the user, or Slurm, means it
         ranklog.error("interrupted again: stopped at once without saving; the last checkpoint is intact")
-        return 130
+        return getattr(exc, "exit_code", 130)
     except Exception as exc:  # reported with its traceback; see report_crash
         return report_crash(exc)
     finally:

@@ -114,6 +114,7 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
             source="resume",
         )
     raw["output_dir"] = str(ckpt.parent.parent)
+    keep_written_behaviour(raw)
     apply_overrides(raw, overrides)
     # Elastic resume keeps the global batch: pin it, so a new world size changes only the accumulation.
     raw.setdefault("train", {})["global_batch_size"] = state.global_batch
@@ -123,7 +124,21 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
     notes = list(found.notes)
     if found.format == 1:
         notes.append(WARM_START_NOTE.format(ckpt=ckpt, step=state.step))
+        if any(override_key(item) in ("train.max_steps", "train.epochs") for item in overrides):
+            # Format 1 kept only the resolved ZeRO JSON: its scheduler's step counts are numbers, not "auto".
+            notes.append(
+                f"{ckpt} (format 1) keeps the LR schedule it was written with (ds_config.json in the checkpoint); "
+                "a new train.max_steps/epochs does not stretch it"
+            )
     return cfg, ResumePoint(ckpt, state, elastic_ds_source(given, resolved), notes, found.format)
+
+
+def keep_written_behaviour(raw: dict[str, Any]) -> None:
+    """A snapshot without `version:` was written by dstrain 0.1.0, which read text as it was: keys added
+    since with a default that changes what is trained keep 0.1.0's behaviour, so its run resumes exactly
+    (a fresh config without `version:` gets today's defaults)."""
+    if "version" not in raw and isinstance(raw.get("data", {}), dict):
+        raw.setdefault("data", {}).setdefault("clean", False)
 
 
 def elastic_ds_source(ds_source: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:

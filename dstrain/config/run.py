@@ -2,7 +2,7 @@
 
 The run config says *what* is trained (model, data, LoRA, objective, schedule, output). How it is optimised
 (micro batch, accumulation, precision, optimizer, scheduler, offload) belongs to the ZeRO JSON: see
-`ds_config.py`, which validates the two together.
+`config/zero.py`, which validates the two together.
 """
 
 from __future__ import annotations

@@ -87,7 +87,12 @@ def sniff(path: str | Path) -> str:
         return "array" if text else "lines"
     if not str(path).lower().endswith(".json"):
         return "lines"
-    first = text.split("\n", 1)[0].strip()
+    first, newline, _ = text.partition("\n")
+    if not newline and len(head) == SNIFF_BYTES:
+        return (
+            "lines"  # a first line longer than the head (long passages): read as JSON Lines, checked per line
+        )
+    first = first.strip()
     try:
         json.loads(first)
         return "lines"
@@ -183,7 +188,12 @@ def _decode_one(buf: _Buffer, number: int, limit: int) -> tuple[Element, bool]:
 def _cut_from(buf: _Buffer) -> int:
     """Where an error means "the text stops here", not "the text is wrong": near the chunk's end, or at the
     end of the file within a partial literal ("tru", "fals")."""
-    return len(buf.text.rstrip()) - 4 if buf.eof else len(buf.text) - _NEAR_END
+    if not buf.eof:
+        return len(buf.text) - _NEAR_END
+    stripped = buf.text.rstrip()
+    tail = stripped[stripped.rfind(" ") + 1 :].lstrip("[,:{")
+    partial = tail and any(word.startswith(tail) and word != tail for word in ("true", "false", "null"))
+    return len(stripped) - len(tail) if partial else len(stripped)
 
 
 def over_long(size: int, limit: int) -> str:

@@ -37,8 +37,9 @@ def report_error(exc: BaseException, debug: bool) -> int:
 
 
 def report_stop(exc: StopRequested) -> None:
-    """A stop before training: one line, from rank 0 (every rank stopped at the same point)."""
-    if env_rank() == 0:
+    """A stop before training: one line, from rank 0 (every rank stopped at the same point), or from the
+    rank that stopped alone."""
+    if env_rank() == 0 or not exc.agreed:
         ranklog.error(f"dstrain: {exc}")
 
 

@@ -32,11 +32,21 @@ ECHO_S = 2.0
 class StopRequested(Exception):  # noqa: N818 (a request honoured, not an error)
     """A stop honoured before the first optimizer step: nothing was trained, so nothing is saved."""
 
-    def __init__(self, signum: int, phase: str) -> None:
+    def __init__(self, signum: int, phase: str, agreed: bool = True) -> None:
         self.signum, self.phase = signum, phase
+        self.agreed = agreed  # False: this rank stopped alone (its phase failed), the others were not asked
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name} during {phase}: nothing was trained, no checkpoint was written")
+
+
+class SecondSignal(KeyboardInterrupt):
+    """A second stop signal: stop at once, without a save. Exits 128 + its signal (Slurm's second SIGTERM
+    at the time limit must read as a stop, not a failure)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
 
 
 class EvalInterrupted(Exception):  # noqa: N818 (a request honoured, not an error)
@@ -57,6 +67,7 @@ class StopRequest:
         self.signal: int | None = None
         self.at = 0.0
         self.phase = "training"  # where a stop request would take effect, for the handler's message
+        self.arrived_in: str | None = None  # the phase the first signal arrived in
         self._previous: dict[int, Any] = {}
 
     @property
@@ -68,6 +79,10 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -77,8 +92,8 @@ class StopRequest:
         if self.signal is not None:
             if time.monotonic() - self.at < ECHO_S:
                 return
-            raise KeyboardInterrupt
-        self.signal, self.at = signum, time.monotonic()
+            raise SecondSignal(signum)
+        self.signal, self.at, self.arrived_in = signum, time.monotonic(), self.phase
         name = signal.Signals(signum).name
         # os.write, not print: print inside a signal handler can fail with "reentrant call" on stderr.
         then = (
@@ -93,10 +108,15 @@ _installed: StopRequest | None = None
 
 
 def install() -> StopRequest:
-    """The process's stop request, installed once, first thing (a signal during start-up is not lost)."""
+    """The process's stop request, installed once, first thing (a signal during start-up is not lost);
+    a fresh one when the last was uninstalled (a library caller running a second run in one process)."""
     global _installed
-    if _installed is None:
+    if _installed is None or not _installed.installed:
         _installed = StopRequest().install()
+    return _installed
+
+
+def current() -> StopRequest | None:
     return _installed
 
 

@@ -20,24 +20,28 @@ def stop_agreed(stop: StopRequest, collective: bool = True) -> bool:
 
 
 def halt_if_requested(stop: StopRequest, phase: str, collective: bool = True) -> None:
-    """Before the first optimizer step a stop ends the run here: nothing was trained, nothing is saved."""
+    """Before the first optimizer step a stop ends the run here: nothing was trained, nothing is saved.
+    The message names the phase the signal arrived in (on a rank that got none: this one)."""
     if stop_agreed(stop, collective):
-        raise StopRequested(stop.signal or signal.SIGTERM, phase)
+        raise StopRequested(stop.signal or signal.SIGTERM, stop.arrived_in or phase)
 
 
 @contextmanager
 def phase(stop: StopRequest, name: str, collective: bool = True) -> Iterator[None]:
-    """A start-up phase; a stop requested during it takes effect at its end.
+    """A start-up phase; a stop requested during it takes effect at its end, on every rank at once.
 
-    `collective=False` before the process group exists: each rank decides alone (the launchers and Slurm
-    signal every rank). A phase that fails because of the stop (Ctrl-C reaches the whole terminal process
-    group, so a compiler of DeepSpeed's op build dies of it too) is reported as the stop, not as a crash.
+    `collective=False` before the process group exists: the stop is not acted on there but carried to the
+    end of the next phase, whose check every rank makes together. Stopping alone there would leave a peer
+    that got no signal (another node) waiting out the rendezvous timeout. A phase that fails because of the
+    stop (Ctrl-C reaches the whole terminal process group, so a compiler of DeepSpeed's op build dies of it
+    too) is reported as the stop, not as a crash; that rank stops alone (`agreed=False`).
     """
     stop.phase = name
     try:
         yield
     except Exception as exc:
         if stop.requested:
-            raise StopRequested(stop.signal or signal.SIGTERM, name) from exc
+            raise StopRequested(stop.signal or signal.SIGTERM, name, agreed=not collective) from exc
         raise
-    halt_if_requested(stop, name, collective)
+    if collective:
+        halt_if_requested(stop, name)

@@ -63,9 +63,13 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
         if resume:
             state = restore(resume, ds_engine, peft_model, prepared, env.rank, env.world_size)
     sink = open_sink(cfg, prepared, env, state.step)
-    announce(sink, cfg, prepared, peft_model, memory_table, resume, state)
-    with phase(stop, "the reference log-prob pass"):
-        run = wire(cfg, prepared, env, (ds_engine, peft_model), sink, state.step, stop)
+    try:
+        announce(sink, cfg, prepared, peft_model, memory_table, resume, state)
+        with phase(stop, "the reference log-prob pass"):
+            run = wire(cfg, prepared, env, (ds_engine, peft_model), sink, state.step, stop)
+    except BaseException:
+        sink.close()  # a W&B run finished, the progress bar stopped, before the stop or error is said
+        raise
     tally = Tally(
         skipped_records=prepared.skipped,
         records_seen=len(prepared.train) + prepared.skipped,

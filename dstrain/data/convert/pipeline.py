@@ -72,7 +72,12 @@ def convert_one(conv: Converter, value: object, to: str, opts: Options) -> tuple
     """The dstrain record for one upstream value, validated and cleaned as training reads it."""
     if not isinstance(value, dict):
         raise Drop(f"expected a JSON object, got {type(value).__name__}")
-    record, changed = parse_counted(conv.convert(value, to, opts), to, clean=True)
+    try:
+        converted = conv.convert(value, to, opts)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        # A record of another shape than the forced --from expects: dropped with the field, not a traceback.
+        raise Drop(f"not a {conv.name} record ({type(exc).__name__}: {exc})") from None
+    record, changed = parse_counted(converted, to, clean=True)
     return record_to_json(record), changed
 
 

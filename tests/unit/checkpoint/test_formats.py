@@ -150,3 +150,18 @@ def test_warm_schedule_continues_the_lr_schedule():
     assert sched["scheduler"] == {"last_batch_iteration": 4}
     assert sched["param_group_lr"] == [pytest.approx(4 / 10 * 1e-3)]
     assert (sched["optimizer_step"], sched["global_steps"], sched["global_samples"]) == (0, 5, 20)
+
+
+def test_a_snapshot_without_a_schema_version_keeps_the_text_as_0_1_0_read_it():
+    """0.1.0 did not clean text; its run must resume on the same tokens. A fresh config is unaffected."""
+    from dstrain.checkpoint.resume import keep_written_behaviour
+
+    old = {"data": {"train": ["t.jsonl"]}}
+    keep_written_behaviour(old)
+    assert old["data"]["clean"] is False
+    new = {"version": 1, "data": {"train": ["t.jsonl"]}}
+    keep_written_behaviour(new)
+    assert "clean" not in new["data"]
+    explicit = {"data": {"clean": True}}
+    keep_written_behaviour(explicit)
+    assert explicit["data"]["clean"] is True

@@ -272,3 +272,22 @@ def test_reason_key_masks_particulars():
         == "retrieval_result[N] must be a string, got int"
     )
     assert reason_key("invalid JSON (Expecting value at column 81)") == "invalid JSON"
+
+
+def test_a_record_of_another_shape_under_a_forced_family_is_dropped_not_a_traceback(tmp_path):
+    src = tmp_path / "mixed.jsonl"
+    src.write_text(
+        json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+        + "\n"
+        + json.dumps({"instruction": "no conversations here", "output": "x"})
+        + "\n"
+        + json.dumps({"conversations": [{"from": ["a list"], "value": "v"}]})
+        + "\n",
+        encoding="utf-8",
+    )
+    said: list[str] = []
+    summary = convert_files(
+        [src], "sharegpt", "messages", tmp_path / "out.jsonl", Options(), report=said.append
+    )
+    assert summary.written == 1 and sum(summary.dropped.values()) == 2
+    assert any(":2:" in line and "not a sharegpt record" in line for line in said), said

@@ -126,3 +126,20 @@ def test_empty_array_holds_no_records(tmp_path):
     path.write_text("[ ]\n", encoding="utf-8")
     index = scan_file(str(path), "sft-rag")
     assert (len(index), index.num_bad) == (0, 0)
+
+
+@pytest.mark.parametrize("tail", ["},\n]", "}, ]\n"])
+def test_a_trailing_comma_at_the_end_is_a_syntax_error_not_a_truncation(tmp_path, tail):
+    path = tmp_path / "comma.json"
+    path.write_text('[{"query": "q", "retrieval_result": [], "answer": "a"' + tail, encoding="utf-8")
+    index = scan_file(str(path), "sft-rag")
+    assert len(index) == 1 and index.num_bad == 1
+    assert "ends inside" not in index.bad[0].reason, index.bad[0].reason
+
+
+def test_a_json_lines_file_with_a_first_line_longer_than_the_sniffed_head(tmp_path):
+    """Records with long passages: the first line alone can exceed what sniff reads; still JSON Lines."""
+    record = {"query": "q", "retrieval_result": ["x" * (json_array.SNIFF_BYTES + 10)], "answer": "a"}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    assert sniff(path) == "lines"

@@ -45,9 +45,10 @@ def test_a_second_signal_after_the_echo_window_stops_at_once(stopper, monkeypatc
     monkeypatch.setattr(stop.time, "monotonic", lambda: now[0])
     os.kill(os.getpid(), signal.SIGTERM)
     now[0] += stop.ECHO_S + 0.1
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         os.kill(os.getpid(), signal.SIGTERM)
     assert stopper.signal == signal.SIGTERM  # the first request stands
+    assert info.value.exit_code == 143  # Slurm's second SIGTERM reads as a stop (143), not a failure
 
 
 def test_uninstall_restores_the_previous_handlers(stopper):

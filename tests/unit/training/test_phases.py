@@ -28,16 +28,28 @@ def test_a_phase_without_a_stop_runs_through():
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_during_a_phase_takes_effect_at_its_end(signum, code):
     stop, ran = requested(None), []
-    with pytest.raises(StopRequested) as info, phase(stop, "the data index", collective=False):
-        stop.signal = signum  # arrives while the phase runs: the phase still finishes
+    with pytest.raises(StopRequested) as info, phase(stop, "the model and engine build"):
+        stop.signal, stop.arrived_in = signum, stop.phase  # as the handler sets them
         ran.append("rest of the phase")
     assert ran == ["rest of the phase"]
-    assert info.value.exit_code == code and info.value.phase == "the data index"
+    assert info.value.exit_code == code and info.value.phase == "the model and engine build"
     name = signal.Signals(signum).name
-    assert (
-        str(info.value)
-        == f"stopped by {name} during the data index: nothing was trained, no checkpoint was written"
+    assert str(info.value) == (
+        f"stopped by {name} during the model and engine build: nothing was trained, no checkpoint was written"
     )
+
+
+def test_before_the_process_group_a_stop_waits_for_the_next_phase_that_all_ranks_check():
+    """A rank that stopped alone while indexing would leave a peer that got no signal waiting out the
+    rendezvous timeout: the stop is carried to the rendezvous' end and named after where it arrived."""
+    stop = requested(None)
+    with phase(stop, "the config checks and the data index", collective=False):
+        stop.signal, stop.arrived_in = signal.SIGINT, stop.phase
+    with (
+        pytest.raises(StopRequested, match="during the config checks and the data index"),
+        phase(stop, "the rendezvous"),
+    ):
+        pass
 
 
 def test_a_failure_caused_by_the_stop_is_reported_as_the_stop():
