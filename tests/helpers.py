@@ -154,3 +154,33 @@ def ulps_at_largest(reference, n: float, dtype=None) -> float:
     if largest == 0 or not math.isfinite(largest):
         return 0.0
     return n * torch.finfo(dtype or reference.dtype).eps * 2.0 ** math.floor(math.log2(largest))
+
+
+def lora_model(lora_b_std: float = 0.02):
+    """The bundled tiny model with LoRA (no dropout), seeded, its B matrices drawn from N(0, std): fresh B
+    matrices are zero, which would make the adapter a no-op in any comparison (and policy = reference)."""
+    import torch
+
+    from dstrain.config.run import LoraConfig, ModelConfig
+    from dstrain.model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), LoraConfig(dropout=0.0), zero_stage=2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, lora_b_std, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def assert_adapter_logits(logits, expected, tolerance: float) -> None:
+    """The reloaded adapter's logits are the training model's, within `tolerance` (see ulps_at_largest)."""
+    import torch
+
+    torch.testing.assert_close(
+        logits,
+        expected,
+        rtol=0,
+        atol=tolerance,
+        msg=lambda m: f"adapter logits differ from the training model's: {m}",
+    )

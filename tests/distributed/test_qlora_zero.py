@@ -20,7 +20,16 @@ from dstrain.checkpoint.layout import read_latest, verify_checkpoint
 from dstrain.config.run import ModelConfig
 from dstrain.config.zero import find_ds_config
 from dstrain.model.build import DTYPES, load_base_model
-from tests.helpers import REPO, check, deepspeed_cmd, run, train_losses, ulps_at_largest, write_config
+from tests.helpers import (
+    REPO,
+    assert_adapter_logits,
+    check,
+    deepspeed_cmd,
+    run,
+    train_losses,
+    ulps_at_largest,
+    write_config,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -94,11 +103,5 @@ def test_qlora_with_checkpointing_trains_and_saves_a_loadable_adapter(tmp_path, 
         with model.disable_adapter():
             base_logits = model(**inputs).logits.float()
     tolerance = ulps_at_largest(probe["logits"], LOGITS_ULPS[dtype], DTYPES[dtype])
-    torch.testing.assert_close(
-        logits,
-        probe["logits"],
-        rtol=0,
-        atol=tolerance,
-        msg=lambda m: f"adapter logits differ from the training model's: {m}",
-    )
+    assert_adapter_logits(logits, probe["logits"], tolerance)
     assert (base_logits - probe["logits"]).abs().max().item() > ADAPTER_EFFECT

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import dstrain
-from dstrain.config.run import DataConfig, LoraConfig, ModelConfig
+from dstrain.config.run import DataConfig
 from dstrain.data.batches import IGNORE, Example, tokenize_record
 from dstrain.data.loader import collate_micro
 from dstrain.data.packing import block_causal_mask, collate_packed, plan_rows
 from dstrain.data.records import read_file
-from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
+from tests.helpers import lora_model
 
 DATA = Path(dstrain.__file__).parent / "assets" / "data" / "sft_rag_train.jsonl"
 PAD = 0
@@ -22,13 +22,7 @@ PAD = 0
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    peft_model = build_model(ModelConfig(), LoraConfig(dropout=0.0), zero_stage=2)
-    with torch.no_grad():  # non-zero LoRA B, so the adapter path is exercised too
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(name)))
-    return peft_model.eval()
+    return lora_model(0.02).eval()  # non-zero LoRA B, so the adapter path is exercised too
 
 
 @pytest.fixture(scope="module")

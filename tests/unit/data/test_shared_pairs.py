@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dstrain.config.run import LoraConfig, ModelConfig
 from dstrain.data.batches import IGNORE
 from dstrain.data.loader import collate_micro
 from dstrain.data.pairs import (
@@ -16,19 +15,14 @@ from dstrain.data.pairs import (
     tokenize_pair,
 )
 from dstrain.data.records import RagRecord
-from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
+from tests.helpers import lora_model
 from tests.unit.data.test_pairs import CFG, RECORDS
 
 
 @pytest.fixture(scope="module")
 def lm() -> SupervisedLM:
-    peft_model = build_model(ModelConfig(), LoraConfig(dropout=0.0), zero_stage=2)
-    with torch.no_grad():  # non-zero LoRA B: policy and reference (adapter disabled) must differ
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(name)))
-    peft_model.eval()
+    peft_model = lora_model(0.02).eval()  # non-zero LoRA B: policy and reference must differ
     return SupervisedLM(peft_model, logits_chunk_tokens=7)
 
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import dstrain
-from dstrain.config.run import DataConfig, LoraConfig, ModelConfig, ObjectiveConfig
+from dstrain.config.run import DataConfig, ObjectiveConfig
 from dstrain.data.batches import IGNORE, Example, tokenize_record
 from dstrain.data.pairs import PairExample, tokenize_pair
 from dstrain.eval.loss import evaluate
-from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
+from tests.helpers import lora_model
 from tests.unit.data.loaded import load_records
 from tests.unit.standin_engine import StandInEngine
 
@@ -30,13 +30,7 @@ REL = 1e-5  # fp32 on both sides, summed in a different order
 
 @pytest.fixture(scope="module")
 def peft_model():
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(), LoraConfig(dropout=0.0), zero_stage=2)
-    with torch.no_grad():  # non-zero LoRA B: policy and reference (adapter disabled) must differ
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    return model
+    return lora_model(0.05)  # non-zero LoRA B: policy and reference (adapter disabled) must differ
 
 
 @pytest.fixture

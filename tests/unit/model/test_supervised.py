@@ -14,7 +14,7 @@ from dstrain.model.build import build_model
 from dstrain.model.head import target_logps
 from dstrain.model.supervised import SupervisedLM
 from dstrain.objectives.losses import sft_loss
-from tests.helpers import ulps_at_largest
+from tests.helpers import lora_model, ulps_at_largest
 from tests.unit.data.loaded import load_records
 
 DATA = Path(dstrain.__file__).parent / "assets" / "data" / "sft_rag_train.jsonl"
@@ -27,14 +27,7 @@ GRAD_ULPS = 256
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    peft_model = build_model(ModelConfig(), LoraConfig(dropout=0.0), zero_stage=2)
-    # Fresh LoRA B matrices are zero, which would make the adapters a no-op: give them values so the
-    # comparison exercises the LoRA path too.
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    peft_model = lora_model(0.02)
     peft_model.eval()  # no dropout anywhere: both paths must see the same function
     return peft_model
 
