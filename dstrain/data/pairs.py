@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from dstrain.config.run import DataConfig
-from dstrain.data.batches import IGNORE, Example, answer_ids, answer_room, collate, rag_prompt_ids
+from dstrain.data.batches import IGNORE, Example, answer_room, collate, rag_tokens
 from dstrain.data.records import RagRecord
 
 
@@ -53,11 +53,9 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, record: RagRecord, cfg: Da
         raise ValueError(
             "record has no rejected answer: preference pairs need data.format=preference records"
         )
-    prompt = rag_prompt_ids(tokenizer, record, cfg)
+    prompt, (chosen, rejected) = rag_tokens(tokenizer, record, cfg, record.answer, record.rejected)
     room = answer_room(len(prompt), cfg)
-    chosen = answer_ids(tokenizer, record.answer)[:room]
-    rejected = answer_ids(tokenizer, record.rejected)[:room]
-    return PairExample(prompt, chosen, rejected)
+    return PairExample(prompt, chosen[:room], rejected[:room])
 
 
 def collate_pairs(pairs: Sequence[PairExample], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:

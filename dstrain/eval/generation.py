@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dstrain.data.batches import IGNORE, Example
 from dstrain.data.pairs import PairExample
+from dstrain.data.prompts import stop_token_ids
 from dstrain.data.sharding import equal_rank_batches
 from dstrain.distributed.collectives import all_reduce_sum
 from dstrain.distributed.stop import interruptible
@@ -114,7 +115,7 @@ def greedy_answers(
         attention_mask=mask.to(device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),  # a chat answer ends at the template's end-of-turn token
         pad_token_id=tokenizer.pad_token_id,
         synced_gpus=synced,
     )

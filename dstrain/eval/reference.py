@@ -40,16 +40,19 @@ TABLE_VERSION = 1
 def table_key(cfg: RunConfig, dataset: TokenizedCorpus) -> str:
     """Everything the reference log-probs depend on; the adapter and the schedule are not among them."""
     data = cfg.data
+    depends: dict[str, object] = {
+        "format": data.format,
+        "max_seq_len": data.max_seq_len,
+        "max_passage_tokens": data.max_passage_tokens,
+        "prompt_template": data.prompt_template,
+        "chat_template": data.chat_template,
+    }
+    if data.chat_template:  # 2: answers as the template renders them, through its end-of-turn token
+        depends["chat_answers"] = 2
     payload = {
         "version": TABLE_VERSION,
         "model": asdict(cfg.model),
-        "data": {
-            "format": data.format,
-            "max_seq_len": data.max_seq_len,
-            "max_passage_tokens": data.max_passage_tokens,
-            "prompt_template": data.prompt_template,
-            "chat_template": data.chat_template,
-        },
+        "data": depends,
         "files": [fingerprint(index.path, data.format, index.clean) for index in dataset.corpus.files],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
