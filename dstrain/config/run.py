@@ -38,12 +38,20 @@ class ModelConfig:
     # QLoRA: the frozen base in 4-bit NF4 with double quantisation (bitsandbytes), computed in `dtype`
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
+    # run the modeling code shipped in the model dir (a model class transformers does not have)
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # auto: what transformers picks for the model (sdpa where it supports it, eager e.g. for Gemma-2)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     init_seed: int = 0  # seeds random init of builtin models, so every rank builds identical weights
     # The output head and loss run only at supervised positions, this many at a time and recomputed in
     # backward, so no [tokens, vocab] logits tensor larger than one chunk ever exists. 0: one chunk.
     logits_chunk_tokens: int = 1024
+    # How log-probs are computed (model/families.py): chunked = the head above, with the family's logit
+    # transforms; exact = the model's own forward, at the supervised columns only; auto = chunked for the
+    # families dstrain knows, exact otherwise. Checked against the model's own forward before step 1.
+    head: Literal["auto", "chunked", "exact"] = "auto"
+    # MoE: weight of the router's load-balancing loss in the objective; unset: the model config's value
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass
@@ -51,7 +59,9 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] = "all-linear"  # all-linear never adapts an MoE router
+    # MoE experts stored as 3-D parameters (PEFT target_parameters), e.g. ["mlp.experts.gate_up_proj"]
+    target_parameters: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -302,6 +312,7 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(
             f"lora.target_modules: a list of module names or 'all-linear', got {cfg.lora.target_modules!r}"
         )
+    p += check_moe_keys(cfg)
     if cfg.objective.name != "sft" and cfg.data.format != "preference":
         p.append(
             f"objective.name: '{cfg.objective.name}' needs preference data (chosen and rejected answers); "
@@ -329,6 +340,28 @@ def check_values(cfg: RunConfig) -> list[str]:
         )
     if not cfg.output_dir.strip():
         p.append("output_dir: must not be empty")
+    return p
+
+
+def check_moe_keys(cfg: RunConfig) -> list[str]:
+    """The MoE keys: an auxiliary-loss weight and the expert parameters LoRA adapts."""
+    p: list[str] = []
+    coef = cfg.model.router_aux_loss_coef
+    if coef is not None and not coef >= 0:  # `not >=` also catches NaN
+        p.append(
+            f"model.router_aux_loss_coef: must be >= 0, or unset for the model config's value; got {coef}"
+        )
+    blank = [name for name in cfg.lora.target_parameters if not name.strip()]
+    if blank:
+        p.append(
+            "lora.target_parameters: names of 3-D expert parameters (e.g. mlp.experts.gate_up_proj); "
+            f"got an empty name in {cfg.lora.target_parameters!r}"
+        )
+    if cfg.lora.target_parameters and cfg.lora.dropout:
+        p.append(
+            "lora.target_parameters: PEFT adapts 3-D expert weights without dropout; set lora.dropout=0 "
+            f"(got {cfg.lora.dropout})"
+        )
     return p
 
 

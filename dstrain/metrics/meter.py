@@ -24,6 +24,7 @@ class StepMeter:
         self.samples = 0
         self.skipped = 0  # records dropped at tokenisation under data.on_error=skip
         self.pairs: torch.Tensor | None = None  # preference objectives: [chosen, rejected, margin, right, n]
+        self.router: torch.Tensor | None = None  # MoE: summed weighted router loss of the micro batches
         self.data_wait_s = 0.0
         self.excluded_s = 0.0
         self.started = time.perf_counter()
@@ -58,6 +59,11 @@ class StepMeter:
         stats = torch.cat([stats, valid.sum()[None]])
         self.pairs = stats if self.pairs is None else self.pairs + stats
 
+    def add_router(self, loss: torch.Tensor) -> None:
+        """One micro batch's weighted router load-balancing loss (MoE; a device tensor, not synced here)."""
+        loss = loss.detach().float().reshape(1)
+        self.router = loss if self.router is None else self.router + loss
+
     def take_nonfinite(self) -> torch.Tensor:
         """This step's count of non-finite micro-batch losses (a device tensor), reset for the next step."""
         value = self.nonfinite if self.nonfinite is not None else torch.zeros(())
@@ -74,9 +80,12 @@ class StepMeter:
                 torch.tensor(counts, dtype=torch.float64, device=device),  # exact beyond 2**24 tokens
             ]
         )
-        if self.pairs is not None:  # the same objective on every rank: the same vector length
-            local = torch.cat([local, self.pairs.to(device, torch.float64)])
-        loss_sum, finite, tokens, micro, samples, wait, skipped, *pairs = all_reduce_sum(local).tolist()
+        # the same objective and model on every rank: the same vector length
+        extra = [t.to(device, torch.float64) for t in (self.pairs, self.router) if t is not None]
+        reduced = all_reduce_sum(torch.cat([local, *extra])).tolist()
+        loss_sum, finite, tokens, micro, samples, wait, skipped = reduced[:7]
+        pairs = reduced[7:12] if self.pairs is not None else []
+        router = {"router_aux_loss": reduced[-1] / micro} if self.router is not None and micro else {}
         elapsed = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         ranks = micro / max(1, self.micro_batches)
         return {
@@ -90,6 +99,7 @@ class StepMeter:
             "data_wait_s": wait / ranks,  # mean over ranks, summed over the logged steps
             "skipped_now": int(skipped),  # bad records dropped since the last log, all ranks
             **pair_metrics(pairs),
+            **router,  # MoE: the weighted load-balancing term added to the loss, mean per micro batch
         }
 
 

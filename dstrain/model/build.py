@@ -12,6 +12,9 @@ the same on one process as on many.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -30,7 +33,7 @@ from transformers import (
 
 from dstrain.config.run import LoraConfig, ModelConfig
 from dstrain.errors import ConfigError, DstrainError
-from dstrain.model import quant
+from dstrain.model import moe, quant
 
 BUILTIN_PREFIX = "builtin:"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,7 +68,52 @@ def check_model_path(cfg: ModelConfig) -> list[str]:
         ]
     if not (path / "config.json").is_file():
         return [f"model.path: {cfg.path}: no config.json inside; is this a Hugging Face model directory?"]
-    return []
+    return check_remote_code(cfg, path)
+
+
+def remote_code(path: Path) -> tuple[str | None, str | None]:
+    """(model_type, the auto_map entry of its causal LM class) from config.json, read as plain JSON."""
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None  # unreadable: reported where transformers reads it
+    auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+    entry = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
+    return (raw.get("model_type") if isinstance(raw, dict) else None), entry
+
+
+def check_remote_code(cfg: ModelConfig, path: Path) -> list[str]:
+    """A model whose class transformers does not have needs the code in its dir: found from config.json
+    alone, before anything of the model is loaded. (A known model_type loads with transformers' own class
+    even when the dir also carries code, as MiniCPM3's hub repo does.)"""
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type, entry = remote_code(path)
+    if cfg.trust_remote_code or model_type is None or model_type in CONFIG_MAPPING:
+        return []
+    if entry is None:
+        return [
+            f"model.path: {path}: model_type '{model_type}' is unknown to transformers {__version__} and the "
+            "dir carries no modeling code (no AutoModelForCausalLM in config.json's auto_map)"
+        ]
+    return [
+        f"model.path: {path} needs its own modeling code ({entry}; model_type '{model_type}' is unknown to "
+        f"transformers {__version__}). Running it executes Python from that dir: after reading it, set "
+        "`model.trust_remote_code: true` in the run config (or --set model.trust_remote_code=true)"
+    ]
+
+
+def warn_remote_code(cfg: ModelConfig, path: Path) -> None:
+    """Say once (rank 0) that this run executes Python shipped with the model."""
+    _, entry = remote_code(path)
+    if cfg.trust_remote_code and entry is not None and os.environ.get("RANK", "0") == "0":
+        files = ", ".join(sorted(p.name for p in path.glob("*.py"))) or "its .py files"
+        print(
+            f"warning: model.trust_remote_code: running modeling code from {path} ({files}; "
+            f"class {entry}); it executes with this run's rights",
+            file=sys.stderr,
+        )
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -101,10 +149,13 @@ def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
     """
     dtype = DTYPES[cfg.dtype]
     path = Path(model_dir(cfg))
-    kwargs: dict[str, Any] = {
-        "trust_remote_code": cfg.trust_remote_code,
-        "attn_implementation": cfg.attn_implementation,
-    }
+    problems = check_remote_code(cfg, path)
+    if problems:
+        raise ConfigError(problems)
+    warn_remote_code(cfg, path)
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation != "auto":  # auto: transformers picks (sdpa where supported, else eager)
+        kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.path.startswith(BUILTIN_PREFIX) and not (path / "model.safetensors").is_file():
         model = load_random_init(path, cfg, kwargs)
     else:
@@ -125,8 +176,47 @@ def load_pretrained(
 ) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **quantized, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
+        refused = attention_refused(exc, path, kwargs)
+        if refused is not None:
+            raise refused from None
+        if isinstance(exc, ImportError):
+            raise
         raise DstrainError(f"model.path: could not load a causal LM from {path}: {exc}") from exc
+
+
+def attention_refused(exc: Exception, path: Path, kwargs: dict[str, Any]) -> ConfigError | None:
+    """The ConfigError for an explicit model.attn_implementation that the model (or this install) refuses,
+    naming the model class and the choices it takes; None when `exc` is about something else."""
+    choice = kwargs.get("attn_implementation")
+    text = str(exc)
+    if choice is None or not ("attention" in text.lower() or "flash" in text.lower()):
+        return None
+    name, options = attention_options(path, kwargs)
+    options = [o for o in options if o != choice]
+    reason = text.split(". ")[0].split("\n")[0]
+    return ConfigError(
+        [
+            f"model.attn_implementation: {name} cannot use '{choice}' ({reason}); use one of: "
+            + ", ".join(options)
+            + " (auto: what transformers picks for this model)"
+        ]
+    )
+
+
+def attention_options(path: Path, kwargs: dict[str, Any]) -> tuple[str, list[str]]:
+    """(model class name, attention implementations it declares support for)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=kwargs.get("trust_remote_code", False))
+    try:
+        cls: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote code: no class to ask without importing it; name it from the config
+        return (config.architectures or [type(config).__name__])[0], ["auto", "eager"]
+    options = ["auto", "eager"]
+    options += ["sdpa"] if getattr(cls, "_supports_sdpa", False) else []
+    options += ["flash_attention_2"] if getattr(cls, "_supports_flash_attn", False) else []
+    return cls.__name__, options
 
 
 def load_random_init(path: Path, cfg: ModelConfig, kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -137,10 +227,16 @@ def load_random_init(path: Path, cfg: ModelConfig, kwargs: dict[str, Any]) -> Pr
     loading code as every pretrained QLoRA base, and the same weights as the unquantised random init.
     """
     dtype = DTYPES[cfg.dtype]
-    config = AutoConfig.from_pretrained(str(path), **kwargs)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        except (ValueError, ImportError) as exc:
+            refused = attention_refused(exc, path, kwargs)
+            if refused is not None:
+                raise refused from None
+            raise
     if not cfg.load_in_4bit:
         return model
     with tempfile.TemporaryDirectory(prefix="dstrain-init-") as tmp:
@@ -150,18 +246,39 @@ def load_random_init(path: Path, cfg: ModelConfig, kwargs: dict[str, Any]) -> Pr
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
-    """Wrap `model` with fresh LoRA adapters; only they require gradients."""
+    """Wrap `model` with fresh LoRA adapters; only they require gradients.
+
+    `all-linear` never adapts an MoE router (it decides which experts see a token; adapting it shifts the
+    load balance the model was trained to) nor separately stored routed experts: experts are adapted
+    only when lora.target_parameters names their 3-D weights.
+    """
     peft_config = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=lora_targets(model, cfg),
+        target_parameters=list(cfg.target_parameters) or None,
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
     except ValueError as exc:  # e.g. target module names that the model does not have
-        raise ConfigError([f"lora.target_modules: {exc}"]) from None
+        key = "lora.target_parameters" if cfg.target_parameters else "lora.target_modules"
+        raise ConfigError([f"{key}: {exc}"]) from None
+    if cfg.target_parameters and not peft_model.base_model.targeted_parameter_names:
+        raise ConfigError(  # PEFT only warns, and the run would train no expert at all
+            [f"lora.target_parameters: {cfg.target_parameters} match no parameter of {type(model).__name__}"]
+        )
+    return peft_model
+
+
+def lora_targets(model: torch.nn.Module, cfg: LoraConfig) -> str | list[str]:
+    """lora.target_modules as PEFT gets it: on an MoE model `all-linear` is spelled out here as the module
+    names it means (moe.linear_targets), because PEFT's own reading of it on these models adds the router
+    and the experts."""
+    if cfg.target_modules == "all-linear" and moe.is_moe(model):
+        return moe.linear_targets(model)
+    return cfg.target_modules
 
 
 def enable_gradient_checkpointing(model: PeftModel, reentrant: bool) -> None:
@@ -193,6 +310,8 @@ def build_model(
     )
     model = add_lora(load_base_model(model_cfg), lora_cfg)
     model.zero3_init = zero_init  # kept alive with the model: transformers and PEFT consult it later too
+    if zero_stage == 3:  # before DeepSpeed wraps the model and installs its gathering hooks
+        moe.register_leaf_modules(model)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, reentrant=zero_stage == 3)
     return model

@@ -13,6 +13,10 @@ before its backward, the same on every rank whatever its K. (Calling the head mo
 make ranks with more supervised tokens gather more often, and hang; gathering by hand inside the wrapped
 model's forward clashes with ZeRO-3's own bookkeeping.) A trainable or adapted head (LoRA on lm_head) is
 called as a module, in one piece.
+
+A family's `LogitTransform` (families.py) is applied inside each chunk: the hidden states are scaled before
+the head, the logits scaled and soft-capped after it, in fp32, and backward multiplies by the transform's
+derivative. Training, eval and the self-check all see the logits the model's own forward computes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dstrain.model.families import PLAIN, LogitTransform
+
 
 def chunkable(head: nn.Module) -> bool:
     """A plain, frozen linear head: what the chunked function computes by itself."""
@@ -28,8 +34,24 @@ def chunkable(head: nn.Module) -> bool:
     return type(head) is nn.Linear and frozen
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _raw_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(hidden, weight, bias).float()
+
+
+def _transformed(raw: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    """The family's logits from the head's raw fp32 output (scale, then soft-cap)."""
+    out = raw * transform.logit_scale if transform.logit_scale != 1.0 else raw
+    if transform.softcap is not None:
+        out = torch.tanh(out / transform.softcap) * transform.softcap
+    return out
+
+
+def _derivative(raw: torch.Tensor, transform: LogitTransform) -> torch.Tensor | float:
+    """d logits / d raw, elementwise: the scale, times 1 - tanh^2 under soft-capping."""
+    if transform.softcap is None:
+        return transform.logit_scale
+    capped = torch.tanh(raw * (transform.logit_scale / transform.softcap))
+    return (1.0 - capped.square_()).mul_(transform.logit_scale)
 
 
 def _picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,7 +61,12 @@ def _picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class ChunkedTargetLogps(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Linear, chunk: int
+        ctx,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        head: nn.Linear,
+        chunk: int,
+        transform: LogitTransform = PLAIN,
     ) -> torch.Tensor:
         spans = list(zip(hidden.split(chunk), targets.split(chunk), strict=True))
         probs = None
@@ -47,42 +74,66 @@ class ChunkedTargetLogps(torch.autograd.Function):
         with torch.no_grad():
             out = []
             for h, t in spans:
-                logits = _logits(h, weight, bias)
+                logits = _transformed(_raw_logits(h, weight, bias), transform)
                 lse = torch.logsumexp(logits, dim=-1)
                 out.append(_picked(logits, t) - lse)
-                if len(spans) == 1 and ctx.needs_input_grad[0]:  # one chunk: keep it, no recompute
+                # one chunk of a plain head: keep its probabilities, nothing is recomputed in backward
+                if len(spans) == 1 and ctx.needs_input_grad[0] and transform.softcap is None:
                     probs = (logits - lse[:, None]).exp_()
                 del logits
         ctx.save_for_backward(hidden, targets, *([probs] if probs is not None else []))
-        ctx.head, ctx.chunk = head, chunk
+        ctx.head, ctx.chunk, ctx.transform = head, chunk, transform
         return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         hidden, targets, *kept = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
+        transform = ctx.transform
         # under ZeRO-3 gathered by SupervisedHead's pre-backward hook
         weight, bias = ctx.head.weight, ctx.head.bias
         for start in range(0, hidden.shape[0], ctx.chunk):
             span = slice(start, start + ctx.chunk)
             h, t, g = hidden[span], targets[span], grad_out[span]
-            probs = kept[0] if kept else torch.softmax(_logits(h, weight, bias), dim=-1)
-            # d log p(t) / d logits = onehot(t) - softmax
+            if kept:
+                probs, derivative = kept[0], transform.logit_scale
+            else:
+                raw = _raw_logits(h, weight, bias)
+                probs = torch.softmax(_transformed(raw, transform), dim=-1)
+                derivative = _derivative(raw, transform)
+                del raw
+            # d log p(t) / d logits = onehot(t) - softmax; then through the transform to the head's output
             grad_logits = probs * -g[:, None]
             grad_logits.scatter_add_(1, t[:, None], g[:, None].float())
+            if torch.is_tensor(derivative) or derivative != 1.0:
+                grad_logits = grad_logits * derivative
             grad_hidden[span] = grad_logits.to(weight.dtype) @ weight
-        return grad_hidden, None, None, None
+        return grad_hidden, None, None, None, None
 
 
-def _target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+def _target_logps(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform: LogitTransform
+) -> torch.Tensor:
+    logits = _transformed(head(hidden).float(), transform)
+    return -F.cross_entropy(logits, targets, reduction="none")
 
 
-def target_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log p(target) [K] in fp32 for K supervised positions, `chunk` positions at a time (0: all at once)."""
+def target_logps(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    transform: LogitTransform = PLAIN,
+) -> torch.Tensor:
+    """log p(target) [K] in fp32 for K supervised positions, `chunk` positions at a time (0: all at once).
+
+    `hidden` are the final hidden states; the family's transform is applied here, scaling included.
+    """
+    if transform.hidden_scale != 1.0:
+        hidden = hidden * transform.hidden_scale
     if chunk > 0 and chunkable(head):
-        return ChunkedTargetLogps.apply(hidden, targets, head, chunk)
-    return _target_logps(head, hidden, targets)
+        return ChunkedTargetLogps.apply(hidden, targets, head, chunk, transform)
+    return _target_logps(head, hidden, targets, transform)
 
 
 class SupervisedHead(nn.Module):
@@ -92,10 +143,11 @@ class SupervisedHead(nn.Module):
     give it two sets of ZeRO-3 hooks).
     """
 
-    def __init__(self, head: nn.Module, chunk: int) -> None:
+    def __init__(self, head: nn.Module, chunk: int, transform: LogitTransform = PLAIN) -> None:
         super().__init__()
         self._head = (head,)
         self.chunk = chunk
+        self.transform = transform
         if chunk > 0 and chunkable(head):
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
@@ -103,4 +155,4 @@ class SupervisedHead(nn.Module):
                 register_external_parameter(self, param)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return target_logps(self._head[0], hidden, targets, self.chunk)
+        return target_logps(self._head[0], hidden, targets, self.chunk, self.transform)

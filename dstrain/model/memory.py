@@ -215,8 +215,9 @@ def totals(terms: list[Term]) -> dict[str, int]:
     return out
 
 
-def setup_from(cfg: Any, ds: dict[str, Any], micro: int, world: int) -> Setup:
-    """The Setup of a run: `cfg` is the RunConfig, `ds` the resolved ZeRO JSON."""
+def setup_from(cfg: Any, ds: dict[str, Any], micro: int, world: int, attention: str | None = None) -> Setup:
+    """The Setup of a run: `cfg` is the RunConfig, `ds` the resolved ZeRO JSON, `attention` the attention
+    implementation the built model really uses (`attention_of`); unknown: model.attn_implementation."""
     from dstrain.config.zero import zero_stage
     from dstrain.model.build import DTYPES
 
@@ -230,7 +231,7 @@ def setup_from(cfg: Any, ds: dict[str, Any], micro: int, world: int) -> Setup:
         compute_elem=DTYPES[cfg.model.dtype].itemsize,
         checkpointing=cfg.model.gradient_checkpointing,
         lora_dropout=cfg.lora.dropout > 0,
-        eager_attention=cfg.model.attn_implementation == "eager",
+        eager_attention=(attention or cfg.model.attn_implementation) == "eager",
         logits_chunk=cfg.model.logits_chunk_tokens,
         offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
         offload_param=(zero.get("offload_param") or {}).get("device") == "cpu",
@@ -239,6 +240,13 @@ def setup_from(cfg: Any, ds: dict[str, Any], micro: int, world: int) -> Setup:
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 0)) if zero_stage(ds) == 3 else 0,
         cuda=torch.cuda.is_available(),
     )
+
+
+def attention_of(model: nn.Module) -> str | None:
+    """What the loaded model's attention really runs: with model.attn_implementation=auto transformers
+    picks it per model (eager for Gemma-2, whose [seq, seq] score matrices the estimate must count)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None)
 
 
 def local_ranks() -> int:
@@ -349,7 +357,7 @@ def check(cfg: Any, ds: dict[str, Any], micro: int, world: int, peft_model: nn.M
     if cfg.train.memory_check == "off":
         return None
     shape = model_shape(peft_model)
-    setup = setup_from(cfg, ds, micro, world)
+    setup = setup_from(cfg, ds, micro, world, attention_of(peft_model))
     terms = estimate(shape, setup)
     caps = capacities(shape, setup.cuda)
     message = overflow_message(terms, caps, setup.cuda)

@@ -8,30 +8,32 @@ RAG data most positions are prompt and passages, which carry no loss.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft import PeftModel
 from torch import nn
 
 from dstrain.data.batches import IGNORE
 from dstrain.errors import ConfigError
+from dstrain.model import moe
+from dstrain.model.exact import exact_logits, exact_target_logps
+from dstrain.model.families import HeadPath, choose_path
 from dstrain.model.head import SupervisedHead
+from dstrain.model.selfcheck import CHECK_POSITIONS, spread
 
-# Config fields by which some causal LMs transform logits after the output head (Gemma-2/3 soft-capping,
-# Granite and Cohere scaling). Their loss through the bare head would train against the wrong logits.
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}
+HEAD_FIX = "set model.head: exact (the model's own forward)"
 
 
-def check_supported(base: nn.Module) -> None:
-    """Fail clearly for models whose output is not `output_embeddings(decoder(...))`."""
+def check_supported(base: nn.Module, path: HeadPath) -> None:
+    """Fail clearly for a model the chunked head cannot run: no output head, or no decoder to run first."""
     name = type(base).__name__
-    if base.get_output_embeddings() is None or base.get_decoder() is base:
-        raise ConfigError([f"model.path: {name} has no decoder / output-head split; it is not a causal LM"])
-    for field, neutral in LOGIT_TRANSFORMS.items():
-        value = getattr(base.config, field, neutral)
-        if value not in (neutral, None):
-            raise ConfigError(
-                [f"model.path: {name} transforms its logits ({field}={value}); not supported yet"]
-            )
+    if base.get_output_embeddings() is None:
+        raise ConfigError([f"model.path: {name} has no output head (get_output_embeddings); not a causal LM"])
+    if path.kind == "chunked" and base.get_decoder() is base:
+        raise ConfigError(
+            [f"model.head: {name} has no decoder / output-head split for the chunked head; {HEAD_FIX}"]
+        )
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -45,11 +47,22 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 class SupervisedLM(nn.Module):
-    def __init__(self, peft_model: PeftModel, logits_chunk_tokens: int = 1024) -> None:
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        logits_chunk_tokens: int = 1024,
+        head: str = "auto",
+        router_aux_loss_coef: float | None = None,
+    ) -> None:
         super().__init__()
         self.peft_model = peft_model
-        check_supported(peft_model.get_base_model())
-        self.head = SupervisedHead(peft_model.get_base_model().get_output_embeddings(), logits_chunk_tokens)
+        base = peft_model.get_base_model()
+        self.path = choose_path(base, head)
+        check_supported(base, self.path)
+        self.head = None
+        if self.path.kind == "chunked":
+            self.head = SupervisedHead(base.get_output_embeddings(), logits_chunk_tokens, self.path.transform)
+        self.aux_coef = moe.aux_coef(base, router_aux_loss_coef)
 
     def forward(
         self,
@@ -62,6 +75,8 @@ class SupervisedLM(nn.Module):
         pairs: bool = False,
         policy: bool = True,
         reference: bool = True,
+        aux: bool = False,
+        check: bool = False,
         **varlen: torch.Tensor | int,
     ) -> tuple[torch.Tensor | None, ...]:
         """(summed NLL over supervised tokens, number of supervised tokens); with `pairs`, per answer row:
@@ -76,18 +91,25 @@ class SupervisedLM(nn.Module):
         The reference is the same model with its adapter disabled: no second model in memory, and under
         ZeRO-3 the same partitioned weights. `policy=False` or `reference=False` skips that pass (its slot
         is None): precomputed reference log-probs need only the policy, precomputing them only the reference.
+        `aux` appends the MoE router's weighted load-balancing loss of the (policy) pass (0 for a dense
+        model). `check` returns the self-check's numbers instead (selfcheck.py).
         """
         inputs = (input_ids, attention_mask, labels, position_ids, label_rows, label_index, varlen)
+        if check:
+            return self._check(*inputs)
         if not pairs:
-            logps, index = self._labelled_logps(*inputs)
-            return -logps.sum(), torch.full((), index.numel(), device=logps.device)
+            logps, index, router = self._labelled_logps(*inputs, router=aux)
+            terms = (-logps.sum(), torch.full((), index.numel(), device=logps.device))
+            return (*terms, router) if aux else terms
         policy_logps = tokens = reference_logps = None
+        router = torch.zeros((), device=input_ids.device)
         if policy:
-            policy_logps, tokens = self._row_logps(*inputs)
+            policy_logps, tokens, router = self._row_logps(*inputs, router=aux)
         if reference:
             with torch.no_grad(), self.peft_model.disable_adapter():
-                reference_logps, tokens = self._row_logps(*inputs)
-        return policy_logps, reference_logps, tokens
+                reference_logps, tokens, _ = self._row_logps(*inputs)
+        terms = (policy_logps, reference_logps, tokens)
+        return (*terms, router) if aux else terms
 
     def _labelled_logps(
         self,
@@ -98,23 +120,49 @@ class SupervisedLM(nn.Module):
         label_rows: torch.Tensor | None = None,
         label_index: torch.Tensor | None = None,
         varlen: dict[str, torch.Tensor | int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-prob of each labelled token [K] in fp32, their predicting positions [K] as flat indices)."""
+        router: bool = False,
+        exact: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-prob of each labelled token [K] in fp32, their predicting positions [K] as flat indices,
+        the weighted router loss, 0 unless `router` on an MoE model). `exact`: the model's own forward."""
         base = self.peft_model.get_base_model()
-        hidden = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **(varlen or {})
-        ).last_hidden_state
         index = labelled_positions(labels) if label_index is None else label_index
         targets = labels.reshape(-1)[index + 1]
-        picked = hidden.reshape(-1, hidden.shape[-1])[index]
-        return self.head(picked, targets), index
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            **(varlen or {}),
+            **moe.decoder_kwargs(base, self.aux_coef if router else 0.0),
+        }
+        if exact or self.head is None:
+            logits, outputs = exact_logits(base, index, labels.shape[1], kwargs)
+            logps = exact_target_logps(logits, targets)
+        else:
+            outputs = base.get_decoder()(**kwargs)
+            hidden = outputs.last_hidden_state
+            logps = self.head(hidden.reshape(-1, hidden.shape[-1])[index], targets)
+        return logps, index, self._router_loss(base, outputs, attention_mask, router)
 
-    def _row_logps(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-prob of each answer row's labelled tokens [N] (fp32), and each row's count of them [N].
+    def _router_loss(
+        self, base: nn.Module, outputs: Any, attention_mask: torch.Tensor | None, wanted: bool
+    ) -> torch.Tensor:
+        zero = torch.zeros((), device=base.device)
+        if not wanted or self.aux_coef == 0.0:
+            return zero
+        padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        loss = moe.aux_loss(base, outputs, padding)
+        return zero if loss is None else self.aux_coef * loss
+
+    def _row_logps(
+        self, *inputs: Any, router: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed log-prob of each answer row's labelled tokens [N] (fp32), each row's count of them [N],
+        and the weighted router loss.
 
         Padded pairs have one answer per row; shared-prompt pairs two per row, placed by `label_rows`.
         """
-        token_logps, index = self._labelled_logps(*inputs)
+        token_logps, index, router_loss = self._labelled_logps(*inputs, router=router)
         labels, label_rows = inputs[2], inputs[4]
         if label_rows is None:
             rows, num_rows = index // labels.shape[1], labels.shape[0]
@@ -122,4 +170,26 @@ class SupervisedLM(nn.Module):
             rows, num_rows = label_rows.reshape(-1)[index + 1], 2 * labels.shape[0]
         totals = torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device)
         counts = torch.zeros(num_rows, dtype=torch.long, device=token_logps.device)
-        return totals.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))
+        totals = totals.index_add(0, rows, token_logps)
+        return totals, counts.index_add(0, rows, torch.ones_like(rows)), router_loss
+
+    @torch.no_grad()
+    def _check(self, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean |log p| difference between this run's path and the model's own forward, the largest
+        |logit| there, positions compared) at up to CHECK_POSITIONS supervised positions of this batch.
+
+        Every rank runs the same forwards whatever its data (ZeRO-3 gathers in each), even with no labels.
+        """
+        labels, label_index = inputs[2], inputs[5]
+        index = labelled_positions(labels) if label_index is None else label_index
+        picked = index[spread(index.numel(), CHECK_POSITIONS)]
+        probe = (*inputs[:5], picked, inputs[6])
+        ours, _, _ = self._labelled_logps(*probe)
+        base = self.peft_model.get_base_model()
+        kwargs = {"input_ids": inputs[0], "attention_mask": inputs[1], "position_ids": inputs[3], **inputs[6]}
+        logits, _ = exact_logits(base, picked, labels.shape[1], kwargs)
+        theirs = exact_target_logps(logits, labels.reshape(-1)[picked + 1])
+        count = torch.full((), picked.numel(), device=ours.device)
+        if picked.numel() == 0:
+            return torch.zeros((), device=ours.device), torch.zeros((), device=ours.device), count
+        return (ours - theirs).abs().mean(), logits.float().abs().max(), count

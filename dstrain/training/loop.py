@@ -30,6 +30,7 @@ from dstrain.eval.loss import evaluate
 from dstrain.eval.reference import lookup
 from dstrain.metrics.device import device_stats, max_over_ranks, mfu
 from dstrain.metrics.meter import StepMeter
+from dstrain.model.selfcheck import verdict
 from dstrain.objectives.losses import sft_loss
 from dstrain.objectives.preference import mean_over_pairs, score_pairs
 from dstrain.training.phases import halt_if_requested, stop_agreed
@@ -41,27 +42,49 @@ def micro_step(run: Run, tally: Tally, meter: StepMeter) -> None:
     started = time.perf_counter()
     batch = next(run.batches)
     waited = time.perf_counter() - started
-    loss = micro_loss(run, batch, meter)
-    eng.backward(run.engine, loss)
+    if not tally.head_checked:
+        check_head(run, batch)
+        tally.head_checked = True
+    loss, router = micro_loss(run, batch, meter)
+    eng.backward(run.engine, loss + router)
     eng.step(run.engine)
     meter.add(loss, batch.tokens, batch.samples, waited, skipped=len(batch.bad))
+    if run.moe:
+        meter.add_router(router)
     if batch.bad:
         note_bad_records(run, tally, batch.bad)
 
 
-def micro_loss(run: Run, batch: MicroBatch, meter: StepMeter) -> torch.Tensor:
-    """The objective's loss of one micro batch: SFT's NLL per token, or the mean preference loss per pair."""
+def micro_loss(run: Run, batch: MicroBatch, meter: StepMeter) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective's loss of one micro batch (SFT's NLL per token, or the mean preference loss per pair)
+    and the MoE router's weighted load-balancing loss of its policy pass (0 for a dense model)."""
     if run.objective.name == "sft":
-        nll_sum, num_tokens = eng.forward(run.engine, batch.inputs)
-        return sft_loss(nll_sum, num_tokens)
+        nll_sum, num_tokens, router = eng.forward(run.engine, batch.inputs, aux=True)
+        return sft_loss(nll_sum, num_tokens), router
     if run.reference_table is None:
-        policy, reference, tokens = eng.forward(run.engine, batch.inputs, pairs=True)
+        policy, reference, tokens, router = eng.forward(run.engine, batch.inputs, pairs=True, aux=True)
     else:
-        policy, _, tokens = eng.forward(run.engine, batch.inputs, pairs=True, reference=False)
+        policy, _, tokens, router = eng.forward(
+            run.engine, batch.inputs, pairs=True, reference=False, aux=True
+        )
         reference = lookup(run.reference_table, batch.indices, policy)
     scores = score_pairs(run.objective, policy, reference, tokens)
     meter.add_pairs(scores.chosen_rewards, scores.rejected_rewards, scores.margin, scores.valid)
-    return mean_over_pairs(scores.loss, scores.valid)
+    return mean_over_pairs(scores.loss, scores.valid), router
+
+
+def check_head(run: Run, batch: MicroBatch) -> None:
+    """The first-batch self-check (model/selfcheck.py), on every rank, agreed before anyone trains."""
+    if run.head_exact or run.param_dtype is None:
+        return  # the run's path is the model's own forward: nothing to compare
+    with eng.evaluating(run.engine), torch.no_grad():
+        diff, largest, count = eng.forward(run.engine, batch.inputs, check=True)
+    # the mean over every rank's positions, against the largest logit seen anywhere: one verdict for all
+    summed = all_reduce_sum(torch.stack([diff.double() * count, count.double()]).cpu()).tolist()
+    largest = max_over_ranks({"logit": float(largest)})["logit"]
+    positions = int(summed[1])
+    mean = summed[0] / positions if positions else 0.0
+    verdict(mean, largest, positions, run.param_dtype, run.model_name)
 
 
 def note_bad_records(run: Run, tally: Tally, bad: list[BadRecord]) -> None:

@@ -51,6 +51,11 @@ class Run:
     num_params: int  # all parameters (base + adapter), for the MFU estimate
     generation: GenerationEval | None = None  # train.eval_generate > 0
     reference_table: torch.Tensor | None = None  # objective.precompute_reference: [records, 2] log-probs
+    # what the first-batch self-check and the router loss need to know of the model (training/setup.wire)
+    model_name: str = ""
+    param_dtype: torch.dtype | None = None
+    head_exact: bool = False  # the run's log-probs come from the model's own forward: nothing to check
+    moe: bool = False  # the objective carries the router's load-balancing loss
 
 
 @dataclass
@@ -62,3 +67,4 @@ class Tally:
     failed_records: list[BadRecord] = field(default_factory=list)  # this step's, under data.on_error=fail
     nonfinite_in_a_row: int = 0
     cleaned_records: int = 0  # training records data.clean changed (Unicode NFC, control characters, ...)
+    head_checked: bool = False  # the first-batch self-check ran (model/selfcheck.py)
