@@ -171,6 +171,7 @@ class Throughput:
     peak_mem_gb: float | None = None
     loss: float | None = None
     notes: str = ""
+    first_step_s: float | None = None  # process start to the end of optimizer step 1 (rank 0)
 
     @property
     def tokens_per_s(self) -> float:
@@ -208,6 +209,7 @@ def dstrain_throughput(name: str, run_dir: Path, warmup: int) -> Throughput:
         # on CPU dstrain's mem_gb is the process RSS, which the baselines do not report: left out
         peak_mem_gb=(max((row.get("mem_gb") or 0.0) for row in rows) or None) if cuda_available() else None,
         loss=last.get("loss"),
+        first_step_s=next((row["startup_total_s"] for row in rows if "startup_total_s" in row), None),
     )
 
 

@@ -54,6 +54,7 @@ class Clock:
         self.ended: float | None = None
         self.excluded = 0.0  # seconds spent logging inside the timed window
         self.last_loss: float | None = None
+        self.first_step_s: float | None = None  # from this process's start to the end of optimizer step 1
 
 
 def make_callback(clock: Clock) -> Any:
@@ -62,6 +63,10 @@ def make_callback(clock: Clock) -> Any:
     class TimingCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             clock.step = state.global_step
+            if clock.first_step_s is None:  # as dstrain's startup_total_s: process start to the first step
+                import psutil
+
+                clock.first_step_s = time.time() - psutil.Process().create_time()
             if state.global_step == clock.warmup:
                 synchronize()
                 clock.started = time.perf_counter()
@@ -355,6 +360,7 @@ def main() -> None:
             "steps": work.steps - work.warmup,
             "peak_mem_gb": peak or None,
             "loss": clock.last_loss,
+            "first_step_s": clock.first_step_s,
         }
         Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 

@@ -16,14 +16,102 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+# How Adam runs: "torch" = torch.optim.AdamW handed to DeepSpeed as its client optimizer; "deepspeed" = the
+# optimizer DeepSpeed builds from the JSON (FusedAdam, or DeepSpeedCPUAdam with offload). A run keeps the one
+# it started with across resumes (checkpoint.optim records it): the two agree to fp32 rounding, not bitwise.
+TORCH, DEEPSPEED = "torch", "deepspeed"
+# JSON optimizer params the torch optimizer reproduces; any other (amsgrad, bias_correction, ...) keeps
+# DeepSpeed's own optimizer, which reads them. torch_adam asks DeepSpeed for torch's AdamW: it is this one.
+TORCH_PARAMS = {"lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam"}
 
-def create_engine(module: nn.Module, ds_config: dict[str, Any]) -> DeepSpeedEngine:
-    """deepspeed.initialize over the trainable (LoRA) parameters; optimizer and schedule come from the JSON."""
+
+def choose_optimizer(ds_config: dict[str, Any], recorded: str | None = None) -> str:
+    """TORCH where DeepSpeed's own Adam brings nothing (no optimizer offload), DEEPSPEED otherwise.
+
+    DeepSpeed's FusedAdam loads a JIT op: a CPU-feature probe in a subprocess on every start (~2 s) and a
+    compile on the first run on a machine (~50 s), for the same update torch's fused/foreach AdamW makes.
+    With offload the optimizer steps on the CPU, where DeepSpeedCPUAdam's vectorised kernel pays.
+    `recorded`: the implementation a resumed run started with, kept so its losses continue bitwise.
+    """
+    if recorded in (TORCH, DEEPSPEED):
+        return recorded
+    spec = ds_config.get("optimizer") or {}
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if offload.get("device", "none") not in (None, "none"):
+        return DEEPSPEED
+    if str(spec.get("type", "")).lower() not in ("adam", "adamw"):
+        return DEEPSPEED
+    return TORCH if set(spec.get("params") or {}) <= TORCH_PARAMS else DEEPSPEED
+
+
+def torch_adamw(ds_config: dict[str, Any]) -> Any:
+    """A factory DeepSpeed calls with the trainable parameters once they are on the engine's device.
+
+    DeepSpeed's "Adam" decouples weight decay (AdamW) unless `adam_w_mode` is false: torch's Adam then.
+    Fused on CUDA (one kernel for all tensors); foreach elsewhere.
+    """
+    params = dict(ds_config["optimizer"].get("params") or {})
+    decoupled = str(ds_config["optimizer"]["type"]).lower() == "adamw" or params.pop("adam_w_mode", True)
+    params.pop("adam_w_mode", None)
+    params.pop("torch_adam", None)
+    kind = torch.optim.AdamW if decoupled else torch.optim.Adam
+
+    def build(model_parameters: Any) -> torch.optim.Optimizer:
+        listed = list(model_parameters)
+        tensors = [p for group in listed for p in (group["params"] if isinstance(group, dict) else [group])]
+        on_cuda = bool(tensors) and all(p.is_cuda for p in tensors)
+        speed = {"fused": True} if on_cuda else {"foreach": True}
+        betas = tuple(params.get("betas", (0.9, 0.999)))
+        options = {"lr": params.get("lr", 1e-3), "eps": params.get("eps", 1e-8), "betas": betas}
+        return kind(listed, weight_decay=params.get("weight_decay", 0.0), **options, **speed)
+
+    return build
+
+
+def optimizer_op(ds_config: dict[str, Any], implementation: str) -> str | None:
+    """The DeepSpeed op the engine's optimizer loads (and on a fresh machine compiles), None for torch's."""
+    if implementation == TORCH:
+        return None
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if offload.get("device", "none") not in (None, "none"):
+        return "cpu_adam"
+    spec = ds_config.get("optimizer") or {}
+    torch_adam = (spec.get("params") or {}).get("torch_adam", False)
+    return "fused_adam" if str(spec.get("type", "")).lower() in ("adam", "adamw") and not torch_adam else None
+
+
+def create_engine(module: nn.Module, ds_config: dict[str, Any], implementation: str) -> DeepSpeedEngine:
+    """deepspeed.initialize over the trainable (LoRA) parameters; schedule (and with DEEPSPEED the
+    optimizer) from the JSON. With TORCH the JSON's optimizer block is replaced by the client optimizer."""
     import deepspeed
 
     trainable = [p for p in module.parameters() if p.requires_grad]
+    if implementation == TORCH:
+        config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=trainable, optimizer=torch_adamw(ds_config), config=config
+        )
+        return engine
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds_config)
     return engine
+
+
+def optimizer_implementation(engine: DeepSpeedEngine) -> str:
+    """TORCH or DEEPSPEED: which one this engine's (ZeRO-wrapped) optimizer is."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    return TORCH if type(base) in (torch.optim.AdamW, torch.optim.Adam) else DEEPSPEED
+
+
+def describe_optimizer(engine: DeepSpeedEngine) -> str:
+    """The optimizer as the start-up line names it, e.g. "torch AdamW (foreach)", "DeepSpeed FusedAdam"."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    if optimizer_implementation(engine) == DEEPSPEED:
+        return f"DeepSpeed {type(base).__name__}"
+    defaults = base.defaults
+    mode = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "for-loop"
+    return f"torch {type(base).__name__} ({mode})"
 
 
 def forward(engine: DeepSpeedEngine, batch: dict[str, Any], **flags: bool) -> tuple[torch.Tensor, ...]:

@@ -109,10 +109,22 @@ def train_and_report(cfg: RunConfig, resume: ResumePoint | None) -> TrainerState
     return state
 
 
+def configure(args: argparse.Namespace) -> tuple[RunConfig, ResumePoint | None]:
+    """The run config (and the checkpoint to continue from, with --resume)."""
+    if not args.resume:
+        return resolve_config(args.config, args.overrides, args.ds_config), None
+    from dstrain.checkpoint.resume import resume_config
+
+    if args.config or args.ds_config:
+        raise DstrainError("--resume takes the config from the checkpoint: drop --config/--ds-config")
+    return resume_config(Path(args.resume), args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     from dstrain.distributed import heartbeat, ranklog
     from dstrain.distributed import stop as stopping
     from dstrain.distributed.failures import report_crash, report_error
+    from dstrain.model.quant import bitsandbytes_kept_out
 
     args = parse_args(argv)
     if args.version:
@@ -124,14 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     # Library deprecation chatter (transformers, torch.distributed) says nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        if args.resume:
-            from dstrain.checkpoint.resume import resume_config
-
-            if args.config or args.ds_config:
-                raise DstrainError("--resume takes the config from the checkpoint: drop --config/--ds-config")
-            run(*resume_config(Path(args.resume), args.overrides))
-        else:
-            run(resolve_config(args.config, args.overrides, args.ds_config))
+        cfg, resume = configure(args)
+        with bitsandbytes_kept_out(cfg.model.load_in_4bit):
+            run(cfg, resume)
     except DstrainError as exc:
         if heartbeat.current():
             heartbeat.current().report(exc)

@@ -24,6 +24,7 @@ from dstrain.errors import CheckpointError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MASTER = "fp32"
+OPTIMIZER_KEY = "optimizer_implementation"  # in scheduler.json
 
 
 def trainable(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
@@ -31,7 +32,7 @@ def trainable(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def base_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
-    """The torch optimizer under DeepSpeed's ZeRO wrapper (FusedAdam, DeepSpeedCPUAdam, torch AdamW)."""
+    """The torch optimizer under DeepSpeed's ZeRO wrapper (torch AdamW, FusedAdam, DeepSpeedCPUAdam)."""
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
 
@@ -128,6 +129,9 @@ def scheduler_state(engine: DeepSpeedEngine) -> dict[str, Any]:
         "global_samples": int(engine.global_samples),
         "param_group_lr": [float(g["lr"]) for g in engine.optimizer.param_groups],
         "scheduler": sched.state_dict() if sched is not None else None,
+        # which Adam made these numbers; a resume keeps it (dstrain.engine.choose_optimizer). Absent in
+        # checkpoints written before dstrain chose: those ran DeepSpeed's.
+        OPTIMIZER_KEY: eng.optimizer_implementation(engine),
     }
 
 

@@ -58,6 +58,7 @@ class ResumePoint:
     ds_source: dict[str, Any]
     notes: list[str]
     format: int = 2  # the checkpoint's format: 1 holds no optimizer state (warm start)
+    optimizer: str | None = None  # the Adam implementation the run used (dstrain.engine); None: choose anew
 
     @property
     def warm_start(self) -> bool:
@@ -130,15 +131,31 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
                 f"{ckpt} (format 1) keeps the LR schedule it was written with (ds_config.json in the checkpoint); "
                 "a new train.max_steps/epochs does not stretch it"
             )
-    return cfg, ResumePoint(ckpt, state, elastic_ds_source(given, resolved), notes, found.format)
+    optimizer = None if found.format == 1 else recorded_optimizer(ckpt)
+    return cfg, ResumePoint(ckpt, state, elastic_ds_source(given, resolved), notes, found.format, optimizer)
+
+
+def recorded_optimizer(ckpt: Path) -> str:
+    """The Adam implementation the checkpoint's run used: the same one continues its losses bitwise.
+    Checkpoints from before dstrain recorded it ran DeepSpeed's optimizer."""
+    from dstrain.checkpoint.optim import OPTIMIZER_KEY
+    from dstrain.checkpoint.state import SCHEDULER
+    from dstrain.engine import DEEPSPEED
+
+    return str(load.read_json(ckpt / SCHEDULER).get(OPTIMIZER_KEY, DEEPSPEED))
 
 
 def keep_written_behaviour(raw: dict[str, Any]) -> None:
-    """A snapshot without `version:` was written by dstrain 0.1.0, which read text as it was: keys added
-    since with a default that changes what is trained keep 0.1.0's behaviour, so its run resumes exactly
-    (a fresh config without `version:` gets today's defaults)."""
-    if "version" not in raw and isinstance(raw.get("data", {}), dict):
+    """Keys added or changed since a snapshot was written keep the behaviour it was written with, so its run
+    resumes exactly (a fresh config gets today's defaults). Without `version:` it was written by dstrain
+    0.1.0, which read text as it was."""
+    if not isinstance(raw.get("data", {}), dict):
+        return
+    if "version" not in raw:
         raw.setdefault("data", {}).setdefault("clean", False)
+    # Every snapshot names every key; one without group_by_length predates it, when records ran in
+    # shuffled order (the default became true later): its data order, and so its losses, stay as they were.
+    raw.setdefault("data", {}).setdefault("group_by_length", False)
 
 
 def elastic_ds_source(ds_source: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:

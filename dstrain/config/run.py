@@ -87,7 +87,7 @@ class DataConfig:
     shuffle_window: int = 64
     # Sort each window of ~`length_group_window` micro batches by record size, cut it into global batches
     # and shuffle those: less padding, even ranks, the same samples per optimizer step on any world size.
-    group_by_length: bool = False
+    group_by_length: bool = True
     length_group_window: int = 64
     # Preference pairs: prompt, chosen and rejected in one row, the answers masked from each other, so the
     # (long, retrieved) prompt runs once per pair instead of twice, for the policy and the reference alike.

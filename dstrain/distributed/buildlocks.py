@@ -109,3 +109,56 @@ def _busy_build_dirs() -> tuple[set[Path], bool]:
         except (psutil.AccessDenied, OSError):
             unsure = True
     return busy, unsure
+
+
+# First builds of each op measured on a 2-core CPU machine (s); a GPU op under nvcc takes about as long.
+# Only to tell the user roughly how long to wait: the build's real length depends on the machine.
+FIRST_BUILD_S = {"cpu_adam": 50, "fused_adam": 50, "deepspeed_shm_comm": 30}
+
+
+def op_build_dir(op: str, root: Path | None = None) -> Path:
+    """The directory torch's JIT builder uses for `op` (torch.utils.cpp_extension._get_build_directory)."""
+    import sys
+
+    import torch
+
+    cuda = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+    folder = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{cuda}"
+    return (root or extensions_root()) / folder / op
+
+
+def op_needs_build(op: str, root: Path | None = None) -> bool:
+    """Whether loading DeepSpeed's `op` will compile it: not installed prebuilt, and no library in the cache
+    built from this DeepSpeed install's sources.
+
+    The cache directory is per user, not per install: two environments on one machine share it, and each
+    load from the other one rewrites build.ninja with its own source paths and recompiles (measured: a
+    1-minute job took 2x as long). build.ninja names the sources the cached library was built from.
+    """
+    import deepspeed
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(op, False):
+        return False
+    build_dir = op_build_dir(op, root)
+    try:
+        recipe = (build_dir / "build.ninja").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+    ours = str(Path(deepspeed.__file__).resolve().parent / "ops" / "csrc")
+    return not (build_dir / f"{op}.so").is_file() or ours not in recipe
+
+
+def build_notice(op: str, root: Path | None = None) -> str | None:
+    """The line to say before DeepSpeed loads `op`, when loading it will compile it first (else None).
+
+    The first run on a machine otherwise sits silent for the length of the compile, and looks hung.
+    """
+    if not op_needs_build(op, root):
+        return None
+    first = not (op_build_dir(op, root) / f"{op}.so").is_file()
+    why = "first run on this machine" if first else "its cache was built by another DeepSpeed install"
+    return (
+        f"building DeepSpeed's {op} op ({why}; about {FIRST_BUILD_S.get(op, 60)} s)... "
+        f"it is cached under {op_build_dir(op, root).parent} for later runs"
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console, RenderableType
 from rich.progress import (
@@ -22,6 +22,9 @@ from rich.progress import (
 )
 
 from dstrain.checkpoint.atomic import write_text_atomic
+
+if TYPE_CHECKING:
+    from dstrain.training.phases import StartupClock
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -65,8 +68,11 @@ class JsonlSink:
 
 
 def tb_tag(key: str) -> str:
-    """`eval_loss` -> `eval/loss`; every other key under `train/`."""
-    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+    """`eval_loss` -> `eval/loss`, `startup_engine_s` -> `startup/engine_s`; every other key under `train/`."""
+    for prefix in ("eval", "startup"):
+        if key.startswith(f"{prefix}_"):
+            return f"{prefix}/{key[len(prefix) + 1 :]}"
+    return f"train/{key}"
 
 
 class TensorBoardSink:
@@ -186,16 +192,29 @@ class MetricsSink:
         self.enabled = enabled
         self.sinks: list[Sink] = []
         self.console: ConsoleSink | None = None
+        self.startup: StartupClock | None = None  # timing until the first optimizer step
+        self.startup_fields: dict[str, float] = {}  # said at that step, logged with the next train row
         if enabled:
             self.sinks, self.console = build_sinks(
                 run_dir, total_steps, start_step, wandb_project, run_config
             )
 
     def log(self, row: dict[str, Any]) -> None:
+        if self.startup_fields and "loss" in row:  # in the first train row: no row of its own to filter out
+            row = {**row, **self.startup_fields}
+            self.startup_fields = {}
         for sink in self.sinks:
             sink.log(row)
 
+    def time_first_step(self, clock: StartupClock) -> None:
+        """Book the time until the first `advance` as the clock's last phase, then say every phase once."""
+        self.startup = clock if self.enabled else None
+
     def advance(self, step: int) -> None:
+        if self.startup is not None:
+            self.startup.lap("first step")
+            self.print(self.startup.line())
+            self.startup_fields, self.startup = self.startup.row(), None
         if self.console is not None:
             self.console.advance(step)
 

@@ -9,6 +9,9 @@ packed bytes alone and ZeRO-3 can flatten and partition them like any other froz
 from __future__ import annotations
 
 import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,6 +44,27 @@ def check_qlora(cfg: RunConfig, ds: dict[str, Any]) -> list[str]:
                 "model.load_in_4bit and corrupt them: set it to false"
             )
     return problems
+
+
+@contextmanager
+def bitsandbytes_kept_out(load_in_4bit: bool) -> Iterator[None]:
+    """Within the block, `import bitsandbytes` fails as if it were not installed (unless `load_in_4bit`).
+
+    PEFT imports bitsandbytes at import time whenever it is installed (peft.helpers), and bitsandbytes pulls
+    in torch's compiler stack: ~0.8-1.5 s of CPU on every rank of a run that quantises nothing. A None entry
+    in sys.modules makes that import raise ImportError, which PEFT catches, and makes `find_spec` report it
+    missing, so PEFT's LoRA dispatch skips its 4-bit layers. Undone on exit: a later 4-bit run in the same
+    process (a test, a notebook) imports it normally.
+    """
+    if load_in_4bit or "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
 
 
 def import_bitsandbytes() -> Any:

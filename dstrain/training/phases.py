@@ -1,12 +1,15 @@
 """Where a stop request takes effect outside the optimizer steps: at the end of each start-up phase, between
 eval batches, after a save. Every check after the process group exists is a collective, so all ranks stop
-together even when the signal reached only one of them (see dstrain.distributed.stop)."""
+together even when the signal reached only one of them (see dstrain.distributed.stop). And how long each
+start-up phase took (`StartupClock`), said in the run log at the first optimizer step."""
 
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from dstrain.distributed.collectives import all_ranks_ok
 from dstrain.distributed.stop import StopRequest, StopRequested
@@ -45,3 +48,39 @@ def phase(stop: StopRequest, name: str, collective: bool = True) -> Iterator[Non
         raise
     if collective:
         halt_if_requested(stop, name)
+
+
+@dataclass
+class StartupClock:
+    """Seconds spent in each start-up phase, from the process's start to the first optimizer step.
+
+    Wall-clock laps: each `lap(name)` books the time since the previous one. The first lap starts when the
+    process did (interpreter start-up and imports included), which is what a user waits through.
+    """
+
+    last: float = field(default_factory=time.time)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def since_process_start(cls) -> StartupClock:
+        import psutil
+
+        return cls(last=psutil.Process().create_time())
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def line(self) -> str:
+        """One log line, e.g. "start-up 6.1 s to the first step: imports 2.3 s, config 0.4 s, ..."."""
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        return f"start-up {self.total():.1f} s to the first optimizer step: {parts}"
+
+    def row(self) -> dict[str, float]:
+        """The same as metrics fields: startup_<phase>_s (spaces as underscores) and startup_total_s."""
+        fields = {f"startup_{name.replace(' ', '_')}_s": round(s, 3) for name, s in self.seconds.items()}
+        return {**fields, "startup_total_s": round(self.total(), 3)}

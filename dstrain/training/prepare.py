@@ -26,6 +26,7 @@ from dstrain.data.records import BadRecord, check_bad, expand_paths
 from dstrain.data.stream import Corpus
 from dstrain.errors import ConfigError, DataError, DstrainError
 from dstrain.model.build import check_model_path, hidden_size, load_tokenizer
+from dstrain.training.phases import StartupClock
 
 
 @dataclass
@@ -131,9 +132,16 @@ def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def prepare(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None) -> Prepared:
+def prepare(
+    cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None, clock: StartupClock | None = None
+) -> Prepared:
+    """Check everything (one ConfigError), load the tokenizer, index the data, resolve the ZeRO JSON.
+
+    `clock` books the checks and tokenizer as "config", the data index and eval set as "data index"."""
+    clock = clock or StartupClock()
     raw = preflight(cfg, world, ds_source)
     tokenizer = load_tokenizer(cfg.model)
+    clock.lap("config")
     needs_template = cfg.data.format == "messages" or cfg.data.chat_template
     if needs_template and not getattr(tokenizer, "chat_template", None):
         why = "data.format=messages" if cfg.data.format == "messages" else "data.chat_template=true"
@@ -146,6 +154,7 @@ def prepare(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None)
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
     ds, plan = resolve_ds_config(raw, cfg, world, total, hidden_size(cfg.model), *device_precision())
     config_yaml = dump_yaml(cfg)
+    clock.lap("data index")
     return Prepared(
         cfg,
         ds,

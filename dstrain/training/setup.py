@@ -15,7 +15,8 @@ from dstrain.checkpoint.state import TrainerState
 from dstrain.config.run import RunConfig
 from dstrain.config.zero import zero_stage
 from dstrain.distributed.env import DistEnv
-from dstrain.training.phases import phase
+from dstrain.training import model_facts
+from dstrain.training.phases import StartupClock, phase
 from dstrain.training.restore import agree_on_checkpoint, archive_newer_checkpoints, new_state, restore
 from dstrain.training.session import Run, Tally
 
@@ -38,33 +39,42 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
     With `resume`, the engine, RNG and data position continue from the checkpoint instead. A stop request
     during any of it ends the run at the end of that phase (training.phases), before anything is trained.
     """
+    from dstrain import engine
     from dstrain.checkpoint.resume import check_same_data
     from dstrain.checkpoint.rng import seed_everything
     from dstrain.data.provenance import describe_files
     from dstrain.distributed import stop as stopping
     from dstrain.training.prepare import prepare
 
+    clock = StartupClock.since_process_start()
+    clock.lap("imports")  # torch, deepspeed, transformers, peft: imported by the lines above
     stop = stopping.install()  # no-op when the entry point installed it first thing (as dstrain.train does)
     with phase(stop, "the config checks and the data index", collective=False):
         env = open_process(cfg)
-        prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None)
+        prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None, clock)
         if resume:
             check_same_data(resume.state, len(prepared.train), describe_files(cfg.data.train))
     with phase(stop, "the rendezvous"):  # collective from here on: every rank stops at the same point
         env = join(cfg, env, resume, prepared)
+    clock.lap("rendezvous")
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
     seed_everything(cfg.train.seed)
     with phase(stop, "the model and engine build"):
-        peft_model, ds_engine, memory_table = build(cfg, prepared, env)
+        peft_model, ds_engine, memory_table = build(
+            cfg, prepared, env, resume.optimizer if resume else None, clock
+        )
     # Then one seed per rank: dropout masks should differ across data-parallel ranks.
     seed_everything(cfg.train.seed + 1 + env.rank)
     with phase(stop, "the checkpoint restore"):
         state = new_state(env.world_size, prepared)
         if resume:
             state = restore(resume, ds_engine, peft_model, prepared, env.rank, env.world_size)
+            clock.lap("restore")
     sink = open_sink(cfg, prepared, env, state.step)
+    sink.time_first_step(clock)
     try:
         announce(sink, cfg, prepared, peft_model, memory_table, resume, state)
+        sink.print(f"optimizer: {engine.describe_optimizer(ds_engine)}")
         with phase(stop, "the reference log-prob pass"):
             run = wire(cfg, prepared, env, (ds_engine, peft_model), sink, state.step, stop)
     except BaseException:
@@ -90,9 +100,17 @@ def open_process(cfg: RunConfig) -> DistEnv:
     if env.local_rank == 0:  # the build cache is per node; the other local ranks build only after rendezvous
         for verdict in buildlocks.clear_stale():
             print(f"warning: {verdict.note}", file=sys.stderr)
+        if env.world_size > 1 and is_cpu():  # DeepSpeed's CPU collectives load their op at the rendezvous
+            say_op_build("deepspeed_shm_comm")
     if cfg.data.num_workers:  # the tokenizer is used here before DataLoader workers fork from this process
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def is_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
 
 
 def join(cfg: RunConfig, env: DistEnv, resume: ResumePoint | None, prepared: Prepared) -> DistEnv:
@@ -130,8 +148,17 @@ def write_run_files(
     (output_dir / "data_provenance.json").write_text(json.dumps({"train": files}, indent=2) + "\n")
 
 
-def build(cfg: RunConfig, prepared: Prepared, env: DistEnv) -> tuple[PeftModel, DeepSpeedEngine, Any]:
-    """The PEFT model, the memory check (before the engine allocates), and the DeepSpeed engine over it."""
+def build(
+    cfg: RunConfig,
+    prepared: Prepared,
+    env: DistEnv,
+    optimizer: str | None = None,
+    clock: StartupClock | None = None,
+) -> tuple[PeftModel, DeepSpeedEngine, Any]:
+    """The PEFT model, the memory check (before the engine allocates), and the DeepSpeed engine over it.
+
+    `optimizer`: the Adam implementation a resumed run started with (dstrain.engine.choose_optimizer)."""
+    clock = clock or StartupClock()
     from dstrain import engine
     from dstrain.distributed.collectives import agreed
     from dstrain.model import memory
@@ -141,8 +168,24 @@ def build(cfg: RunConfig, prepared: Prepared, env: DistEnv) -> tuple[PeftModel, 
     peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds), prepared.ds)
     with agreed("the memory check"):  # fail on every rank at once
         table = memory.check(cfg, prepared.ds, prepared.plan.micro, env.world_size, peft_model)
-    ds_engine = engine.create_engine(SupervisedLM(peft_model, cfg.model.logits_chunk_tokens), prepared.ds)
+    clock.lap("model build")
+    lm = SupervisedLM(
+        peft_model, cfg.model.logits_chunk_tokens, cfg.model.head, cfg.model.router_aux_loss_coef
+    )
+    implementation = engine.choose_optimizer(prepared.ds, optimizer)
+    if env.local_rank == 0:  # the op is built once per node; the other local ranks wait for it silently
+        say_op_build(engine.optimizer_op(prepared.ds, implementation))
+    ds_engine = engine.create_engine(lm, prepared.ds, implementation)
+    clock.lap("engine")
     return peft_model, ds_engine, table
+
+
+def say_op_build(op: str | None) -> None:
+    """Say that DeepSpeed is about to compile `op` (a first run on the machine), before the silent wait."""
+    from dstrain.distributed.buildlocks import build_notice
+
+    if op is not None and (notice := build_notice(op)):
+        print(notice, flush=True)
 
 
 def open_batches(cfg: RunConfig, prepared: Prepared, rank: int, start_step: int) -> Iterator[MicroBatch]:
@@ -182,6 +225,9 @@ def announce(
     for note in resume.notes if resume else []:
         sink.print(f"[yellow]warning:[/] {note}")
     sink.print(describe(cfg, prepared, peft_model))
+    sink.print(model_facts.head_line(cfg, peft_model))
+    if note := model_facts.router_note(cfg, peft_model):
+        sink.print(f"[yellow]warning:[/] {note}")
     if memory_table is not None:
         sink.print(memory_table)
     if resume:
@@ -228,6 +274,7 @@ def wire(
         num_params=count_parameters(peft_model)[1],
         generation=generation_eval(cfg, prepared, env.world_size),
         reference_table=reference,
+        **model_facts.run_fields(cfg, peft_model),
     )
 
 

@@ -39,9 +39,11 @@ def finished_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("single")
     from tests.helpers import make_small_data
 
-    config = write_config(
-        tmp_path, make_small_data(tmp_path), train={"max_steps": 4, "save_every": 2, "eval_every": 2}
-    )
+    # Records in shuffled order, not grouped by length: test_first_step_loss_equals_plain_transformers
+    # rebuilds step 1's micro batches with the plain sampler.
+    files = make_small_data(tmp_path)
+    train = {"max_steps": 4, "save_every": 2, "eval_every": 2}
+    config = write_config(tmp_path, files, train=train, data={"group_by_length": False})
     proc = check(train_single(config, cwd=tmp_path))
     return tmp_path, config, proc
 

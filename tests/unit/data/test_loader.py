@@ -277,7 +277,9 @@ def test_equal_rank_batches_without_filler_leave_short_batches(n: int, world: in
 def test_options_for_run(attention: str, packing: bool, pack_to: int, flat: bool):
     cfg = RunConfig(
         model=ModelConfig(attn_implementation=attention),
-        data=DataConfig(max_seq_len=96, packing=packing, seed=4, shuffle_block=8, num_workers=2),
+        data=DataConfig(
+            max_seq_len=96, packing=packing, seed=4, shuffle_block=8, num_workers=2, group_by_length=False
+        ),
     )
     dataset = SimpleNamespace(pairs=False, sizes=lambda: np.arange(5))
     options = LoaderOptions.for_run(cfg, dataset, pad_id=PAD)
