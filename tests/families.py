@@ -167,6 +167,43 @@ def table() -> str:
     return "\n".join([TABLE_HEADER, *(table_row(name) for name in FAMILIES)])
 
 
+# The matrix's data shape: a RAG prompt of up to 256 tokens, passages cut at 160 (dstrain's own tokenising)
+DATA_LIMITS = {"max_seq_len": 256, "max_passage_tokens": 160}
+
+
+def repeated_record_files(root: Path) -> dict[str, Path]:
+    """Train: one sft-rag record 8 times (the first step's loss is that record's; the loss must fall on
+    it). Eval: 4 other records."""
+    from dstrain.config.demo import asset
+
+    first = Path(asset("data", "sft_rag_train.jsonl")).read_text(encoding="utf-8").splitlines()[0]
+    evals = Path(asset("data", "sft_rag_eval.jsonl")).read_text(encoding="utf-8").splitlines()[:4]
+    files = {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+    files["train"].write_text("\n".join([first] * 8) + "\n", encoding="utf-8")
+    files["eval"].write_text("\n".join(evals) + "\n", encoding="utf-8")
+    return files
+
+
+def own_loss(model: torch.nn.Module, model_dir: Path, path: Path, trust_remote_code: bool = False) -> float:
+    """The model's own `labels=` loss over the sft-rag records of `path`, token-weighted like dstrain's eval,
+    on the tokens dstrain's data path makes of them."""
+    from dstrain.config.run import DataConfig
+    from dstrain.data.batches import IGNORE, tokenize_record
+    from dstrain.data.records import parse_text
+
+    tokenizer = load_tokenizer(ModelConfig(path=str(model_dir), trust_remote_code=trust_remote_code))
+    data = DataConfig(**DATA_LIMITS)
+    total = count = 0.0
+    with torch.no_grad():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            example = tokenize_record(tokenizer, parse_text(line, "sft-rag"), data)
+            ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
+            n = int((labels[:, 1:] != IGNORE).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * n
+            count += n
+    return total / count
+
+
 def main(argv: list[str]) -> None:
     """`--table`: the README table. `--check`: every family builds and runs a forward (after an upgrade)."""
     if "--table" in argv:

@@ -25,44 +25,24 @@ from transformers import AutoModelForCausalLM
 from dstrain.checkpoint.export import export_checkpoint
 from dstrain.config.demo import asset
 from dstrain.config.run import DataConfig, LoraConfig, ModelConfig
-from dstrain.data.batches import IGNORE, tokenize_record
+from dstrain.data.batches import tokenize_record
 from dstrain.data.records import parse_text
 from dstrain.model.build import build_model, load_tokenizer
 from dstrain.model.supervised import SupervisedLM
-from tests.families import FAMILIES, write_family
+from tests.families import DATA_LIMITS, FAMILIES, own_loss, repeated_record_files, write_family
 from tests.helpers import REPO, check, metrics, train_single, write_config
 
-DATA = DataConfig(max_seq_len=256, max_passage_tokens=160)
+DATA = DataConfig(**DATA_LIMITS)
 REL = 1e-5
 
 
-def lines(name: str, start: int, count: int) -> list[str]:
-    return Path(asset("data", name)).read_text(encoding="utf-8").splitlines()[start : start + count]
+def first_record() -> str:
+    return Path(asset("data", "sft_rag_train.jsonl")).read_text(encoding="utf-8").splitlines()[0]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    """Train: one record 8 times (the first step's loss is that record's; the loss must fall on it).
-    Eval: 4 other records."""
-    root = tmp_path_factory.mktemp("family-data")
-    train, evals = root / "train.jsonl", root / "eval.jsonl"
-    train.write_text("\n".join(lines("sft_rag_train.jsonl", 0, 1) * 8) + "\n", encoding="utf-8")
-    evals.write_text("\n".join(lines("sft_rag_eval.jsonl", 0, 4)) + "\n", encoding="utf-8")
-    return {"train": train, "eval": evals}
-
-
-def own_loss(model: torch.nn.Module, model_dir: Path, path: Path) -> float:
-    """The model's own `labels=` loss over the records of `path`, token-weighted like dstrain's eval."""
-    tokenizer = load_tokenizer(ModelConfig(path=str(model_dir)))
-    total = count = 0.0
-    with torch.no_grad():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            example = tokenize_record(tokenizer, parse_text(line, "sft-rag"), DATA)
-            ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
-            n = int((labels[:, 1:] != IGNORE).sum())
-            total += float(model(input_ids=ids, labels=labels).loss) * n
-            count += n
-    return total / count
+    return repeated_record_files(tmp_path_factory.mktemp("family-data"))
 
 
 def fast_zero2(tmp_path: Path) -> Path:
@@ -82,7 +62,7 @@ def train_family(tmp_path: Path, files: dict[str, Path], name: str) -> tuple[Pat
         files,
         model={"path": str(model_dir)},  # every other model setting at its default
         lora={"r": 8, "alpha": 16, "dropout": 0.0},
-        data={"max_seq_len": DATA.max_seq_len, "max_passage_tokens": DATA.max_passage_tokens},
+        data=DATA_LIMITS,
         train={
             "max_steps": 6,
             "eval_every": 6,
@@ -139,7 +119,7 @@ def test_qlora_step_for_each_dense_family(tmp_path, name):
     model = build_model(cfg, LoraConfig(r=4, alpha=8, dropout=0.0), zero_stage=2)
     lm = SupervisedLM(model, logits_chunk_tokens=16).train()
     tokenizer = load_tokenizer(cfg)
-    example = tokenize_record(tokenizer, parse_text(lines("sft_rag_train.jsonl", 0, 1)[0], "sft-rag"), DATA)
+    example = tokenize_record(tokenizer, parse_text(first_record(), "sft-rag"), DATA)
     ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
     losses = []

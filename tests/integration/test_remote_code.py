@@ -9,15 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dstrain.config.demo import asset
-from dstrain.config.run import DataConfig, ModelConfig
-from dstrain.data.batches import IGNORE, tokenize_record
-from dstrain.data.records import parse_text
-from dstrain.model.build import load_tokenizer
+from tests.families import DATA_LIMITS, own_loss, repeated_record_files
 from tests.fixtures.remote_minicpm import write_remote_minicpm
 from tests.helpers import assert_clean_failure, check, metrics, train_single, write_config
 
-DATA = DataConfig(max_seq_len=256, max_passage_tokens=160)
 REL = 1e-5
 
 
@@ -28,13 +23,7 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
-    """Train: one record 8 times; eval: 4 other records."""
-    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    first = Path(asset("data", "sft_rag_train.jsonl")).read_text(encoding="utf-8").splitlines()[0]
-    train.write_text("\n".join([first] * 8) + "\n", encoding="utf-8")
-    eval_lines = Path(asset("data", "sft_rag_eval.jsonl")).read_text(encoding="utf-8").splitlines()[:4]
-    evals.write_text("\n".join(eval_lines) + "\n", encoding="utf-8")
-    return {"train": train, "eval": evals}
+    return repeated_record_files(tmp_path)
 
 
 def config(tmp_path: Path, files: dict[str, Path], remote: Path, **model: object) -> Path:
@@ -43,7 +32,7 @@ def config(tmp_path: Path, files: dict[str, Path], remote: Path, **model: object
         files,
         model={"path": str(remote), **model},
         lora={"r": 8, "alpha": 16, "dropout": 0.0},
-        data={"max_seq_len": DATA.max_seq_len, "max_passage_tokens": DATA.max_passage_tokens},
+        data=DATA_LIMITS,
         train={"max_steps": 3, "eval_every": 3, "save_every": 0, "global_batch_size": 4},
     )
 
@@ -56,20 +45,6 @@ def test_without_the_flag_one_clear_error(tmp_path: Path, files: dict[str, Path]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def own_loss(model: torch.nn.Module, model_dir: Path, path: Path) -> float:
-    """The model's own `labels=` loss over the records of `path`, token-weighted like dstrain's eval."""
-    tokenizer = load_tokenizer(ModelConfig(path=str(model_dir), trust_remote_code=True))
-    total = count = 0.0
-    with torch.no_grad():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            example = tokenize_record(tokenizer, parse_text(line, "sft-rag"), DATA)
-            ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
-            n = int((labels[:, 1:] != IGNORE).sum())
-            total += float(model(input_ids=ids, labels=labels).loss) * n
-            count += n
-    return total / count
-
-
 def test_trains_against_its_own_logits(tmp_path: Path, files: dict[str, Path], remote: Path):
     proc = check(train_single(config(tmp_path, files, remote, trust_remote_code=True), cwd=tmp_path))
     warning = "warning: model.trust_remote_code: running modeling code from"
@@ -79,7 +54,7 @@ def test_trains_against_its_own_logits(tmp_path: Path, files: dict[str, Path], r
     steps = [r for r in rows if "loss" in r]
     base = AutoModelForCausalLM.from_pretrained(remote, dtype=torch.float32, trust_remote_code=True).eval()
     assert evals[0]["step"] == 0 and len(steps) == 3
-    want = own_loss(base, remote, files["eval"])
+    want = own_loss(base, remote, files["eval"], trust_remote_code=True)
     assert abs(evals[0]["eval_loss"] - want) <= REL * want, (evals[0], want)
-    first = own_loss(base, remote, files["train"])
+    first = own_loss(base, remote, files["train"], trust_remote_code=True)
     assert abs(steps[0]["loss"] - first) <= REL * first, (steps[0], first)
