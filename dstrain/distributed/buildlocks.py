@@ -14,7 +14,10 @@ as working directory). Such a lock is removed, and the op is rebuilt by the firs
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,26 @@ class Verdict:
     age_s: float
     removed: bool
     note: str
+
+
+def use_install_cache() -> Path:
+    """Give this DeepSpeed install its own JIT-op cache unless the user chose one (TORCH_EXTENSIONS_DIR).
+
+    torch's default cache, ~/.cache/torch_extensions/<python>_<device>/<op>, is shared by every install on
+    the machine. Two virtualenvs with their own DeepSpeed then rebuild each other's ops in turn: each build
+    writes build.ninja naming its own sources, the other install finds it stale and compiles again (about
+    50 s, before the first step). A subdirectory per DeepSpeed install path keeps one build per install.
+    Set in the environment, it reaches torch's extension loader at build time and the ranks' children.
+    """
+    chosen = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if chosen:
+        return Path(chosen)
+    spec = importlib.util.find_spec("deepspeed")
+    install = str(Path(spec.origin).resolve().parent) if spec and spec.origin else sys.prefix
+    tag = hashlib.sha256(install.encode()).hexdigest()[:12]
+    root = Path("~/.cache/torch_extensions").expanduser() / f"dstrain-{tag}"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+    return root
 
 
 def extensions_root() -> Path:

@@ -97,6 +97,7 @@ def open_process(cfg: RunConfig) -> DistEnv:
     # An output_dir that cannot hold the rank logs is reported by prepare(), with every other config problem.
     with contextlib.suppress(OSError):
         ranklog.start(Path(cfg.output_dir), env.rank, env.world_size)
+    buildlocks.use_install_cache()  # before any op loads: one JIT-op cache per DeepSpeed install
     if env.local_rank == 0:  # the build cache is per node; the other local ranks build only after rendezvous
         for verdict in buildlocks.clear_stale():
             print(f"warning: {verdict.note}", file=sys.stderr)
@@ -165,19 +166,43 @@ def build(
     from dstrain.model.build import build_model
     from dstrain.model.supervised import SupervisedLM
 
+    groups = start_sequence_parallel(cfg)
     peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds), prepared.ds)
     with agreed("the memory check"):  # fail on every rank at once
         table = memory.check(cfg, prepared.ds, prepared.plan.micro, env.world_size, peft_model)
+        if groups is not None:
+            check_sequence_parallel(prepared.ds, peft_model, groups)
     clock.lap("model build")
     lm = SupervisedLM(
-        peft_model, cfg.model.logits_chunk_tokens, cfg.model.head, cfg.model.router_aux_loss_coef
+        peft_model, cfg.model.logits_chunk_tokens, cfg.model.head, cfg.model.router_aux_loss_coef, groups
     )
     implementation = engine.choose_optimizer(prepared.ds, optimizer)
     if env.local_rank == 0:  # the op is built once per node; the other local ranks wait for it silently
         say_op_build(engine.optimizer_op(prepared.ds, implementation))
-    ds_engine = engine.create_engine(lm, prepared.ds, implementation)
+    ds_engine = engine.create_engine(lm, prepared.ds, implementation, mpu=groups)
     clock.lap("engine")
     return peft_model, ds_engine, table
+
+
+def start_sequence_parallel(cfg: RunConfig) -> Any:
+    """The sequence-parallel groups (a collective on every rank), None when train.sequence_parallel_size is 1."""
+    from dstrain.distributed import sequence
+
+    return sequence.start(cfg.train.sequence_parallel_size)
+
+
+def check_sequence_parallel(ds: dict[str, Any], peft_model: PeftModel, groups: Any) -> None:
+    """The ZeRO-3 bucket check, then the model switched to the Ulysses attention (model/ulysses.py)."""
+    from dstrain.distributed import sequence
+    from dstrain.model import ulysses
+
+    sequence.check_bucket(ds, [p for p in peft_model.parameters() if p.requires_grad])
+    ulysses.install(peft_model.get_base_model(), groups.get_sequence_parallel_group())
+
+
+def data_rank(cfg: RunConfig, rank: int) -> int:
+    """Which data-parallel share a rank reads: the ranks of one sequence-parallel group read the same."""
+    return rank // cfg.train.sequence_parallel_size
 
 
 def say_op_build(op: str | None) -> None:
@@ -230,10 +255,23 @@ def announce(
         sink.print(f"[yellow]warning:[/] {note}")
     if memory_table is not None:
         sink.print(memory_table)
+    if cfg.train.sequence_parallel_size > 1:
+        sink.print(sequence_line(cfg, prepared))
     if resume:
         sink.print(
             f"resuming from {resume.ckpt} at step {state.step} (epoch {state.epoch}, sample {state.cursor})"
         )
+
+
+def sequence_line(cfg: RunConfig, prepared: Prepared) -> str:
+    size = cfg.train.sequence_parallel_size
+    generation = (
+        "; generation eval runs whole prompts on each rank with sdpa" if cfg.train.eval_generate else ""
+    )
+    return (
+        f"sequence parallelism: {prepared.plan.world} group(s) of {size} ranks, each rank runs 1/{size} of "
+        f"every sequence (Ulysses attention){generation}"
+    )
 
 
 def wire(
@@ -251,7 +289,7 @@ def wire(
 
     ds_engine, peft_model = models
 
-    batches = open_batches(cfg, prepared, env.rank, start_step)
+    batches = open_batches(cfg, prepared, data_rank(cfg, env.rank), start_step)
     reference = reference_table(cfg, prepared, env, ds_engine, sink)
     return Run(
         train=cfg.train,
@@ -290,8 +328,8 @@ def reference_table(
         ds_engine,
         prepared.train,
         prepared.plan.micro,
-        env.rank,
-        env.world_size,
+        data_rank(cfg, env.rank),
+        prepared.plan.world,  # data-parallel ranks: a sequence-parallel group computes one share together
         prepared.tokenizer.pad_token_id,
         is_local_main=env.local_rank == 0,
     )
@@ -309,6 +347,12 @@ def generation_eval(cfg: RunConfig, prepared: Prepared, world: int) -> Generatio
     return GenerationEval(prepared.tokenizer, items, cfg.train.eval_max_new_tokens, synced)
 
 
+def data_ranks(plan: Any) -> str:
+    if plan.sequence == 1:
+        return f"world {plan.world}"
+    return f"{plan.world} data-parallel ranks (world {plan.devices} / sequence-parallel {plan.sequence})"
+
+
 def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
     from dstrain import __version__
     from dstrain.model.build import count_parameters
@@ -321,7 +365,7 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
     base = f" ({'4-bit NF4' if cfg.model.load_in_4bit else cfg.model.dtype} base)"
     return (
         f"dstrain: {cfg.model.path}{base} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
-        f"ZeRO-{zero_stage(prepared.ds)}, world {plan.world}, global batch {plan.global_batch} = micro "
-        f"{plan.micro} x accumulation {plan.accumulation} x world {plan.world}, {len(prepared.train)} train / "
+        f"ZeRO-{zero_stage(prepared.ds)}, world {plan.devices}, global batch {plan.global_batch} = micro "
+        f"{plan.micro} x accumulation {plan.accumulation} x {data_ranks(plan)}, {len(prepared.train)} train / "
         f"{len(prepared.eval)} eval samples, {prepared.total_steps} steps{skipped}; dstrain {__version__}"
     )

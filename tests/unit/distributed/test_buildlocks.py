@@ -1,5 +1,6 @@
 """An interrupted DeepSpeed op build must not hang every later run on the node."""
 
+import importlib.machinery
 import os
 import subprocess
 import time
@@ -66,3 +67,25 @@ def test_an_abandoned_lock_that_cannot_be_removed_is_one_clear_error(tmp_path, m
 def test_the_extensions_root_follows_torch_extensions_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert buildlocks.extensions_root() == tmp_path
+
+
+def test_each_deepspeed_install_gets_its_own_op_cache(monkeypatch):
+    """Two venvs must not rebuild each other's ops in the shared ~/.cache/torch_extensions."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # restored after the test, whatever the calls set
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    root = buildlocks.use_install_cache()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(root) and root.name.startswith("dstrain-")
+    assert buildlocks.extensions_root() == root
+    assert buildlocks.use_install_cache() == root  # the same install: the same cache, every call and rank
+
+    other = "/elsewhere/venv/lib/python3.11/site-packages/deepspeed/__init__.py"
+    fake = importlib.machinery.ModuleSpec("deepspeed", None, origin=other)
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(buildlocks.importlib.util, "find_spec", lambda name: fake)
+    assert buildlocks.use_install_cache() != root
+
+
+def test_a_chosen_op_cache_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert buildlocks.use_install_cache() == tmp_path
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
