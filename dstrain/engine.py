@@ -80,19 +80,24 @@ def optimizer_op(ds_config: dict[str, Any], implementation: str) -> str | None:
     return "fused_adam" if str(spec.get("type", "")).lower() in ("adam", "adamw") and not torch_adam else None
 
 
-def create_engine(module: nn.Module, ds_config: dict[str, Any], implementation: str) -> DeepSpeedEngine:
+def create_engine(
+    module: nn.Module, ds_config: dict[str, Any], implementation: str, mpu: Any = None
+) -> DeepSpeedEngine:
     """deepspeed.initialize over the trainable (LoRA) parameters; schedule (and with DEEPSPEED the
-    optimizer) from the JSON. With TORCH the JSON's optimizer block is replaced by the client optimizer."""
+    optimizer) from the JSON. With TORCH the JSON's optimizer block is replaced by the client optimizer.
+    `mpu`: the sequence-parallel groups (distributed/sequence.py), None without sequence parallelism."""
     import deepspeed
 
     trainable = [p for p in module.parameters() if p.requires_grad]
     if implementation == TORCH:
         config = {k: v for k, v in ds_config.items() if k != "optimizer"}
         engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=trainable, optimizer=torch_adamw(ds_config), config=config
+            model=module, model_parameters=trainable, optimizer=torch_adamw(ds_config), config=config, mpu=mpu
         )
         return engine
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=trainable, config=ds_config, mpu=mpu
+    )
     return engine
 
 

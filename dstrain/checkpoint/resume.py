@@ -36,6 +36,8 @@ MUTABLE = (
     "train.eval_max_new_tokens",
     "data.eval",
     "data.num_workers",
+    # the same samples per step with any N (the global batch counts samples); the checkpoint is gathered
+    "train.sequence_parallel_size",
     "data.packing",  # packing re-lays out the same micro batches: same samples, same loss
     "data.share_prompt",  # so does sharing a pair's prompt
     "data.prefetch",

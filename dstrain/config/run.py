@@ -127,6 +127,9 @@ class TrainConfig:
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
     # Before training, estimate memory per rank; over the device's capacity: error (stop), warn, or off.
     memory_check: Literal["error", "warn", "off"] = "error"
+    # Ulysses sequence parallelism: each sequence is split along its length over groups of this many
+    # consecutive ranks (distributed/sequence.py); 1 = off. Must divide the world size and the head count.
+    sequence_parallel_size: int = 1
 
 
 @dataclass
@@ -232,6 +235,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConf
 
 # Keys whose value must be >= 1, and >= 0 (check_values; tests check every one names a config key).
 AT_LEAST_ONE = (
+    "train.sequence_parallel_size",
     "lora.r",
     "data.shuffle_block",
     "data.shuffle_window",

@@ -24,15 +24,30 @@ PACKAGED_DIR = "ds_configs"
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """How one optimizer step's global batch is cut: global = micro x accumulation x world."""
+    """How one optimizer step's global batch is cut: global = micro x accumulation x world.
+
+    `world` counts data-parallel ranks: with sequence parallelism (train.sequence_parallel_size N) the
+    `sequence` ranks of a group share each micro batch, so `world` is the number of ranks / N.
+    """
 
     micro: int
     accumulation: int
     world: int
+    sequence: int = 1
 
     @property
     def global_batch(self) -> int:
         return self.micro * self.accumulation * self.world
+
+    @property
+    def devices(self) -> int:
+        """Every rank of the run (data-parallel ranks x sequence-parallel size)."""
+        return self.world * self.sequence
+
+
+def data_parallel_world(cfg: RunConfig, world: int) -> int:
+    """The ranks that read different micro batches: the world over the sequence-parallel size."""
+    return max(1, world // max(1, cfg.train.sequence_parallel_size))
 
 
 def find_ds_config(name: str) -> Path:
@@ -60,7 +75,8 @@ def load_ds_config(path: Path) -> dict[str, Any]:
 
 
 def plan_batch(ds: dict[str, Any], cfg: RunConfig, world: int, problems: list[str]) -> BatchPlan:
-    """Solve train_batch_size = micro x accumulation x world for the "auto" entries."""
+    """Solve train_batch_size = micro x accumulation x world for the "auto" entries (`world`: the
+    data-parallel ranks, see data_parallel_world)."""
     micro = ds.get("train_micro_batch_size_per_gpu", AUTO)
     accum = ds.get("gradient_accumulation_steps", AUTO)
     total = ds.get("train_batch_size", AUTO)
@@ -142,6 +158,41 @@ def resolve_zero(ds: dict[str, Any], hidden_size: int | None, problems: list[str
             zero[key] = value
 
 
+def resolve_sequence_parallel(ds: dict[str, Any], cfg: RunConfig, world: int, problems: list[str]) -> None:
+    """With train.sequence_parallel_size N > 1: N divides the world; the JSON carries N; ZeRO-3 reduces
+    gradients on the path that is right under sequence parallelism.
+
+    DeepSpeed 0.19.8's ZeRO-3 reduce-scatter path averages gradients over all ranks, not over the
+    data-parallel groups (gradients N times too small); its contiguous-gradient path does it right. So
+    reduce_scatter is set false and contiguous_gradients true (setup checks reduce_bucket_size against the
+    largest trainable tensor, which would otherwise still take the wrong path).
+    """
+    size = cfg.train.sequence_parallel_size
+    if size <= 1:
+        return
+    if world % size:
+        problems.append(
+            f"train.sequence_parallel_size={size} does not divide the world size {world}: use a divisor of it"
+        )
+    if cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2":
+        problems.append(
+            "train.sequence_parallel_size: a flat packed row (data.packing with flash_attention_2) cannot be "
+            "split along its length yet; use model.attn_implementation=sdpa, or set data.packing=false"
+        )
+    # read by DeepSpeedConfig where no mpu is given (zero.Init): data-parallel world = world / N
+    ds["sequence_parallel_size"] = size
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("stage", 0) != 3:
+        return
+    if zero.get("reduce_scatter") is True or zero.get("contiguous_gradients") is False:
+        problems.append(
+            "zero_optimization: ZeRO-3 with train.sequence_parallel_size > 1 needs reduce_scatter false and "
+            "contiguous_gradients true (DeepSpeed's reduce-scatter path scales gradients wrongly under "
+            "sequence parallelism); remove the two keys and dstrain sets them"
+        )
+    zero["reduce_scatter"], zero["contiguous_gradients"] = False, True
+
+
 def resolve_schedule(ds: dict[str, Any], total_steps: int, problems: list[str]) -> None:
     params = ds.get("scheduler", {}).get("params", {})
     fills: dict[str, Any] = {
@@ -182,12 +233,14 @@ def resolve_ds_config(
     """Return a copy of `raw` with every "auto" filled, or raise one ConfigError listing every problem."""
     ds = copy.deepcopy(raw)
     problems: list[str] = []
-    plan = plan_batch(ds, cfg, world, problems)
+    plan = plan_batch(ds, cfg, data_parallel_world(cfg, world), problems)
+    plan = BatchPlan(plan.micro, plan.accumulation, plan.world, cfg.train.sequence_parallel_size)
     ds["train_micro_batch_size_per_gpu"] = plan.micro
     ds["gradient_accumulation_steps"] = plan.accumulation
     ds["train_batch_size"] = plan.global_batch
     resolve_precision(ds, cfg, bf16_ok, fp16_ok, problems)
     resolve_zero(ds, hidden_size, problems)
+    resolve_sequence_parallel(ds, cfg, world, problems)
     resolve_schedule(ds, total_steps, problems)
     problems += check_qlora(cfg, ds)
     problems += [f'{key}: "auto" has no value dstrain can fill; set it explicitly' for key in find_autos(ds)]

@@ -14,6 +14,7 @@ from dstrain.data.batches import Example, MicroBatch
 from dstrain.data.loader import eval_batches
 from dstrain.data.pairs import PairExample
 from dstrain.distributed.collectives import all_reduce_sum
+from dstrain.distributed.sequence import rank_in_group
 from dstrain.distributed.stop import interruptible
 from dstrain.objectives.preference import score_pairs
 
@@ -39,13 +40,18 @@ def evaluate(
         return {"eval_loss": _evaluate_tokens(engine, batches)}
 
 
+def own_share(totals: torch.Tensor) -> torch.Tensor:
+    """Every rank of a sequence-parallel group holds the group's sums: only its first rank adds them."""
+    return totals if rank_in_group() == 0 else torch.zeros_like(totals)
+
+
 def _evaluate_tokens(engine: DeepSpeedEngine, batches: Iterator[MicroBatch]) -> float:
     """Mean NLL per supervised token."""
     totals = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         nll_sum, num_tokens = eng.forward(engine, batch.inputs)
         totals += torch.stack([nll_sum.double().cpu(), num_tokens.double().cpu()])
-    nll, tokens = all_reduce_sum(totals).tolist()
+    nll, tokens = all_reduce_sum(own_share(totals)).tolist()
     return nll / max(tokens, 1.0)
 
 
@@ -69,7 +75,7 @@ def _evaluate_pairs(
             valid.sum(),
         ]
         totals += torch.stack(row).double().cpu()
-    loss, nll, tokens, margin, correct, count = all_reduce_sum(totals).tolist()
+    loss, nll, tokens, margin, correct, count = all_reduce_sum(own_share(totals)).tolist()
     count = max(count, 1.0)
     return {
         "eval_loss": nll / max(tokens, 1.0) if objective.name == "sft" else loss / count,

@@ -33,6 +33,7 @@ from dstrain.data.loader import TokenizedCorpus, collate_micro
 from dstrain.data.pairs import PairExample, split_pair
 from dstrain.data.sharding import equal_rank_batches
 from dstrain.distributed.collectives import all_ranks_ok, all_reduce_sum
+from dstrain.distributed.sequence import rank_in_group
 
 TABLE_VERSION = 1
 
@@ -101,6 +102,8 @@ def compute_table(
             chosen, rejected = split_pair(reference.float().cpu())
             for row, index in enumerate(batch.indices):
                 table[index, 0], table[index, 1] = chosen[row], rejected[row]
+    if rank_in_group():  # a sequence-parallel group's ranks all hold its rows: its first rank adds them
+        table.zero_()
     return all_reduce_sum(table).cpu()
 
 

@@ -56,7 +56,7 @@ class Setup:
     stage: int
     world: int
     micro: int  # rows per micro batch (pairs count twice)
-    seq: int
+    seq: int  # tokens of a row on one rank (max_seq_len / sequence_parallel_size)
     compute_elem: int  # bytes per activation element (model dtype)
     checkpointing: bool
     lora_dropout: bool
@@ -223,15 +223,18 @@ def setup_from(cfg: Any, ds: dict[str, Any], micro: int, world: int, attention: 
 
     zero = ds.get("zero_optimization", {})
     pairs = cfg.objective.name != "sft"  # chosen and rejected: two rows' worth of tokens per pair
+    sequence = max(1, getattr(cfg.train, "sequence_parallel_size", 1))
     return Setup(
         stage=zero_stage(ds),
         world=world,
         micro=micro * (2 if pairs else 1),
-        seq=cfg.data.max_seq_len,
+        # sequence parallelism: each rank holds 1/N of every row's activations and logits (the Ulysses
+        # attention runs sdpa on 1/N of the heads, so no eager [seq, seq] scores)
+        seq=-(-cfg.data.max_seq_len // sequence),
         compute_elem=DTYPES[cfg.model.dtype].itemsize,
         checkpointing=cfg.model.gradient_checkpointing,
         lora_dropout=cfg.lora.dropout > 0,
-        eager_attention=(attention or cfg.model.attn_implementation) == "eager",
+        eager_attention=(attention or cfg.model.attn_implementation) == "eager" and sequence == 1,
         logits_chunk=cfg.model.logits_chunk_tokens,
         offload_optimizer=(zero.get("offload_optimizer") or {}).get("device") == "cpu",
         offload_param=(zero.get("offload_param") or {}).get("device") == "cpu",

@@ -15,12 +15,14 @@ from peft import PeftModel
 from torch import nn
 
 from dstrain.data.batches import IGNORE
+from dstrain.distributed import sequence
 from dstrain.errors import ConfigError
 from dstrain.model import moe
 from dstrain.model.exact import exact_logits, exact_target_logps
 from dstrain.model.families import HeadPath, choose_path
 from dstrain.model.head import SupervisedHead
 from dstrain.model.selfcheck import CHECK_POSITIONS, spread
+from dstrain.model.ulysses import plain_attention
 
 HEAD_FIX = "set model.head: exact (the model's own forward)"
 
@@ -46,6 +48,15 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return rows * labels.shape[1] + cols
 
 
+def row_sums(
+    token_logps: torch.Tensor, rows: torch.Tensor, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each answer row's summed log-prob [num_rows] (fp32) and count of labelled tokens [num_rows]."""
+    totals = torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device)
+    counts = torch.zeros(num_rows, dtype=torch.long, device=token_logps.device)
+    return totals.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))
+
+
 class SupervisedLM(nn.Module):
     def __init__(
         self,
@@ -53,9 +64,12 @@ class SupervisedLM(nn.Module):
         logits_chunk_tokens: int = 1024,
         head: str = "auto",
         router_aux_loss_coef: float | None = None,
+        groups: sequence.SequenceGroups | None = None,
     ) -> None:
         super().__init__()
         self.peft_model = peft_model
+        # sequence parallelism (distributed/sequence.py): each rank runs its slice of every row
+        self.groups = groups
         base = peft_model.get_base_model()
         self.path = choose_path(base, head)
         check_supported(base, self.path)
@@ -95,8 +109,11 @@ class SupervisedLM(nn.Module):
         model). `check` returns the self-check's numbers instead (selfcheck.py).
         """
         inputs = (input_ids, attention_mask, labels, position_ids, label_rows, label_index, varlen)
-        if check:
-            return self._check(*inputs)
+        if check:  # under sequence parallelism: whole rows on every rank, unsharded attention, no grad
+            with plain_attention(self.peft_model.get_base_model()):
+                return self._check(*inputs)
+        if self.groups is not None:
+            return self._sharded(inputs, pairs, policy, reference, aux)
         if not pairs:
             logps, index, router = self._labelled_logps(*inputs, router=aux)
             terms = (-logps.sum(), torch.full((), index.numel(), device=logps.device))
@@ -125,24 +142,35 @@ class SupervisedLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-prob of each labelled token [K] in fp32, their predicting positions [K] as flat indices,
         the weighted router loss, 0 unless `router` on an MoE model). `exact`: the model's own forward."""
-        base = self.peft_model.get_base_model()
         index = labelled_positions(labels) if label_index is None else label_index
         targets = labels.reshape(-1)[index + 1]
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            **(varlen or {}),
-            **moe.decoder_kwargs(base, self.aux_coef if router else 0.0),
-        }
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        logps, router_loss = self._decode(
+            kwargs | dict(varlen or {}), index, targets, labels.shape[1], router, exact
+        )
+        return logps, index, router_loss
+
+    def _decode(
+        self,
+        kwargs: dict[str, Any],
+        index: torch.Tensor,
+        targets: torch.Tensor,
+        width: int,
+        router: bool = False,
+        exact: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob of `targets` [K] at the flat hidden positions `index` [K] of rows `width` wide, the
+        weighted router loss): the decoder, then the chunked head (or the model's own forward: `exact`)."""
+        base = self.peft_model.get_base_model()
+        kwargs = kwargs | moe.decoder_kwargs(base, self.aux_coef if router else 0.0)
         if exact or self.head is None:
-            logits, outputs = exact_logits(base, index, labels.shape[1], kwargs)
+            logits, outputs = exact_logits(base, index, width, kwargs)
             logps = exact_target_logps(logits, targets)
         else:
             outputs = base.get_decoder()(**kwargs)
             hidden = outputs.last_hidden_state
             logps = self.head(hidden.reshape(-1, hidden.shape[-1])[index], targets)
-        return logps, index, self._router_loss(base, outputs, attention_mask, router)
+        return logps, self._router_loss(base, outputs, kwargs["attention_mask"], router)
 
     def _router_loss(
         self, base: nn.Module, outputs: Any, attention_mask: torch.Tensor | None, wanted: bool
@@ -168,10 +196,67 @@ class SupervisedLM(nn.Module):
             rows, num_rows = index // labels.shape[1], labels.shape[0]
         else:
             rows, num_rows = label_rows.reshape(-1)[index + 1], 2 * labels.shape[0]
-        totals = torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device)
-        counts = torch.zeros(num_rows, dtype=torch.long, device=token_logps.device)
-        totals = totals.index_add(0, rows, token_logps)
-        return totals, counts.index_add(0, rows, torch.ones_like(rows)), router_loss
+        return (*row_sums(token_logps, rows, num_rows), router_loss)
+
+    def _sharded(
+        self, inputs: tuple[Any, ...], pairs: bool, policy: bool, reference: bool, aux: bool
+    ) -> tuple[torch.Tensor | None, ...]:
+        """forward's terms under sequence parallelism: this rank runs its slice of every row, and each sum
+        is the group's (sequence.group_sum: gradient to this rank's own tokens), so every rank of a group
+        returns the values of the unsharded forward and DeepSpeed's gradient sum over the group is exact."""
+        groups = self.groups
+        group = groups.sp_group
+        rank = groups.get_sequence_parallel_rank()
+        piece = sequence.shard_batch(*inputs[:5], rank, groups.size)
+        if not pairs:
+            logps, index, router = self._slice_logps(piece, aux)
+            count = torch.full((), index.numel(), device=logps.device)
+            terms = (sequence.group_sum(-logps.sum(), group), sequence.group_total(count, group))
+            return (*terms, self._group_router(router)) if aux else terms
+        policy_logps = tokens = reference_logps = None
+        router = torch.zeros((), device=inputs[0].device)
+        if policy:
+            totals, counts, router = self._slice_rows(piece, aux)
+            policy_logps, tokens = sequence.group_sum(totals, group), sequence.group_total(counts, group)
+        if reference:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                totals, counts, _ = self._slice_rows(piece)
+            reference_logps, tokens = sequence.group_total(totals, group), sequence.group_total(counts, group)
+        terms = (policy_logps, reference_logps, tokens)
+        return (*terms, self._group_router(router)) if aux else terms
+
+    def _group_router(self, router: torch.Tensor) -> torch.Tensor:
+        """The mean of the group's router losses: each rank's covers its own slice of the tokens only, so
+        under sequence parallelism it approximates the unsharded value (not equal to it)."""
+        return sequence.group_sum(router, self.groups.sp_group) / self.groups.size
+
+    def _slice_logps(
+        self, piece: sequence.Slice, router: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_labelled_logps on a rank's slice: its targets are already shifted (sequence.shard_batch)."""
+        flat = piece.targets.reshape(-1)
+        index = (flat != IGNORE).nonzero().squeeze(-1)
+        kwargs: dict[str, Any] = {
+            "input_ids": piece.input_ids,
+            "attention_mask": piece.attention_mask,  # the whole sequence's (model/ulysses.py)
+            "position_ids": piece.position_ids,
+        }
+        if piece.padding is not None:
+            kwargs["sp_padding"] = piece.padding
+        logps, router_loss = self._decode(kwargs, index, flat[index], piece.targets.shape[1], router)
+        return logps, index, router_loss
+
+    def _slice_rows(
+        self, piece: sequence.Slice, router: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_row_logps on a rank's slice: this rank's part of each answer row's sum and count."""
+        logps, index, router_loss = self._slice_logps(piece, router)
+        batch, width = piece.targets.shape
+        if piece.target_rows is None:
+            rows, num_rows = index // width, batch
+        else:
+            rows, num_rows = piece.target_rows.reshape(-1)[index], 2 * batch
+        return (*row_sums(logps, rows, num_rows), router_loss)
 
     @torch.no_grad()
     def _check(self, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from dstrain.data.batches import MicroBatch
 from dstrain.data.prefetch import paused
 from dstrain.data.records import BadRecord
 from dstrain.distributed.collectives import all_reduce_sum
+from dstrain.distributed.sequence import rank_in_group
 from dstrain.distributed.stop import EvalInterrupted
 from dstrain.errors import DataError, TrainingError
 from dstrain.eval.generation import evaluate_generation
@@ -31,6 +32,7 @@ from dstrain.eval.reference import lookup
 from dstrain.metrics.device import device_stats, max_over_ranks, mfu
 from dstrain.metrics.meter import StepMeter
 from dstrain.model.selfcheck import verdict
+from dstrain.model.ulysses import plain_attention
 from dstrain.objectives.losses import sft_loss
 from dstrain.objectives.preference import mean_over_pairs, score_pairs
 from dstrain.training.phases import halt_if_requested, stop_agreed
@@ -48,7 +50,10 @@ def micro_step(run: Run, tally: Tally, meter: StepMeter) -> None:
     loss, router = micro_loss(run, batch, meter)
     eng.backward(run.engine, loss + router)
     eng.step(run.engine)
-    meter.add(loss, batch.tokens, batch.samples, waited, skipped=len(batch.bad))
+    # the ranks of a sequence-parallel group share one micro batch: its first rank counts it
+    counts = rank_in_group() == 0
+    tokens, samples = (batch.tokens, batch.samples) if counts else (0, 0)
+    meter.add(loss, tokens, samples, waited, skipped=len(batch.bad) if counts else 0)
     if run.moe:
         meter.add_router(router)
     if batch.bad:
@@ -133,7 +138,7 @@ def log_train(run: Run, tally: Tally, state: TrainerState, meter: StepMeter, ste
     state.tokens += row["tokens"]
     row.update(step=state.step, lr=eng.current_lr(run.engine), epoch=state.epoch)
     row.update(max_over_ranks(device_stats()))  # a collective: every rank logs the same steps
-    utilisation = mfu(row["tokens_per_s"], run.num_params, run.plan.world)
+    utilisation = mfu(row["tokens_per_s"], run.num_params, run.plan.devices)
     if utilisation is not None:
         row["mfu"] = utilisation
     row["tokens"] = state.tokens
@@ -161,7 +166,7 @@ def run_eval(run: Run, state: TrainerState) -> dict[str, float] | None:
         run.engine,
         run.eval_examples,
         plan.micro,
-        run.rank,
+        run.rank // plan.sequence,  # data-parallel rank: a sequence-parallel group evaluates one share
         plan.world,
         run.pad_id,
         run.objective,
@@ -169,9 +174,14 @@ def run_eval(run: Run, state: TrainerState) -> dict[str, float] | None:
         interrupted,
     )
     if run.generation:  # it uses the tokenizer, which the prefetch thread must not use meanwhile
-        with eng.evaluating(run.engine), paused(run.batches):
+        # whole prompts on every rank (unsharded sdpa under sequence parallelism): shared over all ranks
+        with (
+            eng.evaluating(run.engine),
+            paused(run.batches),
+            plain_attention(run.peft_model.get_base_model()),
+        ):
             result |= evaluate_generation(
-                run.peft_model, run.generation, plan.micro, run.rank, plan.world, interrupted
+                run.peft_model, run.generation, plan.micro, run.rank, plan.devices, interrupted
             )
     run.sink.log({"step": state.step, **result})
     note_best(state, run.train.best_metric, result)

@@ -17,7 +17,14 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from dstrain.config.run import RunConfig, dump_yaml
-from dstrain.config.zero import BatchPlan, find_ds_config, load_ds_config, plan_batch, resolve_ds_config
+from dstrain.config.zero import (
+    BatchPlan,
+    data_parallel_world,
+    find_ds_config,
+    load_ds_config,
+    plan_batch,
+    resolve_ds_config,
+)
 from dstrain.data.batches import Example
 from dstrain.data.index import index_file
 from dstrain.data.loader import TokenizedCorpus, steps_per_epoch
@@ -61,6 +68,8 @@ def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = Non
     `ds_source` replaces the ZeRO JSON file named by the config (a resumed run uses its checkpoint's copy).
     """
     problems = check_model_path(cfg.model)
+    if cfg.train.sequence_parallel_size > 1 and not problems:
+        problems += check_sequence_heads(cfg)
     raw = ds_source
     if raw is None:
         path = _collect(problems, find_ds_config, cfg.ds_config)
@@ -81,6 +90,33 @@ def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = Non
     if problems:
         raise ConfigError(problems, source="run")
     return raw
+
+
+def check_sequence_heads(cfg: RunConfig) -> list[str]:
+    """train.sequence_parallel_size against the model's attention (read from its config.json): heads that
+    split evenly, and no soft-capping or sliding window the Ulysses attention would leave out."""
+    from transformers import AutoConfig
+
+    from dstrain.distributed.sequence import check_heads
+    from dstrain.model.build import model_dir
+    from dstrain.model.ulysses import unsupported
+
+    try:
+        config = AutoConfig.from_pretrained(
+            str(model_dir(cfg.model)), trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        return [f"model.path: unreadable model config in {model_dir(cfg.model)} ({exc})"]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    problems = check_heads(heads, kv_heads, cfg.train.sequence_parallel_size)
+    if (why := unsupported(config)) is not None:
+        problems.append(
+            f"train.sequence_parallel_size: {cfg.model.path} uses {why}, which the sequence-parallel attention "
+            "(plain causal SDPA) does not compute; train it with sequence_parallel_size 1"
+        )
+    return problems
 
 
 def check_output_dir(path: Path) -> list[str]:
@@ -150,7 +186,9 @@ def prepare(
     train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=cfg.objective.name != "sft")
     eval_set = load_eval(tokenizer, cfg) if cfg.data.eval else []
     # preflight validated the JSON: the batch plan alone gives the schedule length, then resolve once.
-    per_epoch = steps_per_epoch(len(train), plan_batch(raw, cfg, world, problems=[]))
+    per_epoch = steps_per_epoch(
+        len(train), plan_batch(raw, cfg, data_parallel_world(cfg, world), problems=[])
+    )
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
     ds, plan = resolve_ds_config(raw, cfg, world, total, hidden_size(cfg.model), *device_precision())
     config_yaml = dump_yaml(cfg)
