@@ -11,6 +11,7 @@ records; ZeRO-2, micro 4 x 2 ranks, LoRA r16 all-linear, fp32 on CPU). Rows:
   dstrain-plain  data.group_by_length=false (the default before 0.2.0)
   hf             transformers.Trainer(deepspeed=<same dict>), dynamic padding
   hf-grouped     the same with HF's length grouping
+  trl            trl.SFTTrainer on the same records as prompt/completion pairs (its defaults)
 
 whole job: `deepspeed --num_gpus N ...` launch to exit, measured here around the launch. first step: process
 start to the end of optimizer step 1 on rank 0 (dstrain's startup_total_s; a callback in the HF worker).
@@ -37,6 +38,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dstrain-plain": ("dstrain", {"data.group_by_length": False}),
     "hf": ("sft-hf", {}),
     "hf-grouped": ("sft-hf", {"group_by_length": True}),
+    "trl": ("sft-trl", {}),
 }
 
 
@@ -84,10 +86,10 @@ def report(rows: dict[str, dict[str, Any] | None]) -> dict[str, str]:
     br.print_table("whole job at the defaults", ["variant", "whole job s", "first step s", "tokens/s"], table)
     ratios = {}
     ours = rows.get("dstrain")
-    for base in ("hf", "hf-grouped"):
+    for base in ("hf", "hf-grouped", "trl"):
         theirs = rows.get(base)
         if ours and theirs:
-            ratios[f"whole job hf/dstrain vs {base}"] = f"{theirs['wall_s'] / ours['wall_s']:.2f}x"
+            ratios[f"whole job {base}/dstrain"] = f"{theirs['wall_s'] / ours['wall_s']:.2f}x"
             if ours["first_step_s"] and theirs["first_step_s"]:
                 ratios[f"first step dstrain/{base}"] = f"{ours['first_step_s'] / theirs['first_step_s']:.2f}"
             ratios[f"tokens/s dstrain/{base}"] = f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
