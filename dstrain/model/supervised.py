@@ -77,6 +77,8 @@ class SupervisedLM(nn.Module):
         if self.path.kind == "chunked":
             self.head = SupervisedHead(base.get_output_embeddings(), logits_chunk_tokens, self.path.transform)
         self.aux_coef = moe.aux_coef(base, router_aux_loss_coef)
+        # found once: moe.decoder_kwargs walks the model's modules, too much for every forward
+        self.router_kwargs = moe.decoder_kwargs(base, self.aux_coef)
 
     def forward(
         self,
@@ -162,7 +164,7 @@ class SupervisedLM(nn.Module):
         """(log-prob of `targets` [K] at the flat hidden positions `index` [K] of rows `width` wide, the
         weighted router loss): the decoder, then the chunked head (or the model's own forward: `exact`)."""
         base = self.peft_model.get_base_model()
-        kwargs = kwargs | moe.decoder_kwargs(base, self.aux_coef if router else 0.0)
+        kwargs = kwargs | (self.router_kwargs if router else {})
         if exact or self.head is None:
             logits, outputs = exact_logits(base, index, width, kwargs)
             logps = exact_target_logps(logits, targets)
