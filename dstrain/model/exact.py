@@ -10,6 +10,7 @@ It is also the self-check's reference for the chunked head (selfcheck.py).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -20,7 +21,12 @@ from torch import nn
 
 def keeps_columns(base: nn.Module) -> bool:
     """Whether the model's forward can restrict its head to chosen columns (`logits_to_keep`)."""
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _takes_logits_to_keep(type(base).forward)
+
+
+@functools.cache  # one signature per model class, not one per forward
+def _takes_logits_to_keep(forward: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def exact_logits(
