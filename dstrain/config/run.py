@@ -27,7 +27,6 @@ ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll"]
 BestMetric = Literal["eval_loss", "eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1"]
 # Metrics where higher is better (the rest: lower is better).
 HIGHER_IS_BETTER = ("eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1")
-MIN_HEARTBEAT_TIMEOUT_S = 10
 DEFAULT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"
 
 
@@ -225,6 +224,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConf
     problems: list[str] = []
     cfg = build(RunConfig, raw, "", problems)
     if not problems:
+        from dstrain.config.checks import check_values  # the checks import this module's dataclasses
+
         problems.extend(check_values(cfg))
     if problems:
         raise ConfigError(problems, source=source)
@@ -232,37 +233,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConf
 
 
 # ------------------------------------------------------------------------------------------ semantics
-
-# Keys whose value must be >= 1, and >= 0 (check_values; tests check every one names a config key).
-AT_LEAST_ONE = (
-    "train.sequence_parallel_size",
-    "lora.r",
-    "data.shuffle_block",
-    "data.shuffle_window",
-    "data.length_group_window",
-    "lora.alpha",
-    "data.max_seq_len",
-    "train.log_every",
-    "train.keep_last",
-    "train.eval_max_new_tokens",
-    "distributed.rendezvous_timeout_s",
-    "distributed.collective_timeout_s",
-)
-AT_LEAST_ZERO = (
-    "data.max_passage_tokens",
-    "data.num_workers",
-    "data.prefetch",
-    "model.logits_chunk_tokens",
-    "data.max_eval_samples",
-    "train.max_steps",
-    "train.epochs",
-    "train.eval_every",
-    "train.save_every",
-    "train.global_batch_size",
-    "train.max_nonfinite_steps",
-    "train.eval_generate",
-    "distributed.heartbeat_timeout_s",
-)
 
 
 def config_paths(cls: type = RunConfig, prefix: str = "") -> list[str]:
@@ -276,115 +246,6 @@ def config_paths(cls: type = RunConfig, prefix: str = "") -> list[str]:
         else:
             paths.append(prefix + f.name)
     return paths
-
-
-def value_at(cfg: RunConfig, path: str) -> Any:
-    """The value of a dotted key ("data.max_seq_len") in `cfg`."""
-    node: Any = cfg
-    for part in path.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def check_values(cfg: RunConfig) -> list[str]:
-    """Range and cross-field checks that types alone cannot express."""
-    p: list[str] = []
-    for bound, paths in ((1, AT_LEAST_ONE), (0, AT_LEAST_ZERO)):
-        p += [f"{k}: must be >= {bound}, got {value_at(cfg, k)}" for k in paths if value_at(cfg, k) < bound]
-    if 0 < cfg.distributed.heartbeat_timeout_s < MIN_HEARTBEAT_TIMEOUT_S:
-        p.append(
-            f"distributed.heartbeat_timeout_s: must be 0 (off) or >= {MIN_HEARTBEAT_TIMEOUT_S}, got "
-            f"{cfg.distributed.heartbeat_timeout_s} (shorter would call a rank busy in a long step dead)"
-        )
-    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
-        p.append("train: set max_steps or epochs (both are 0, nothing would be trained)")
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        p.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
-    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
-        p.append(f"data.max_bad_fraction: must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    if cfg.data.max_passage_tokens >= cfg.data.max_seq_len:
-        p.append(
-            f"data.max_passage_tokens ({cfg.data.max_passage_tokens}) must be below data.max_seq_len "
-            f"({cfg.data.max_seq_len}) to leave room for the query and the answer"
-        )
-    for name in ("{passages}", "{query}"):
-        if name not in cfg.data.prompt_template:
-            p.append(f"data.prompt_template: must contain {name}")
-    if not cfg.data.train:
-        p.append("data.train: no training files given (a list of JSONL/Parquet paths or globs)")
-    if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
-        p.append(
-            f"lora.target_modules: a list of module names or 'all-linear', got {cfg.lora.target_modules!r}"
-        )
-    p += check_moe_keys(cfg)
-    if cfg.objective.name != "sft" and cfg.data.format != "preference":
-        p.append(
-            f"objective.name: '{cfg.objective.name}' needs preference data (chosen and rejected answers); "
-            f"data.format is '{cfg.data.format}': use objective.name=sft, or data.format=preference"
-        )
-    p += check_eval_metrics(cfg)
-    if cfg.objective.name != "sft" and cfg.data.packing:
-        p.append("data.packing: packs SFT rows only; set data.packing=false for preference objectives")
-    if not 0.0 <= cfg.objective.label_smoothing < 0.5:
-        p.append(f"objective.label_smoothing: must be in [0, 0.5), got {cfg.objective.label_smoothing}")
-    if cfg.objective.name == "ipo" and cfg.objective.label_smoothing:
-        p.append("objective.label_smoothing: IPO has no smoothed form; set it to 0 (conservative DPO is dpo)")
-    if cfg.objective.precompute_reference and cfg.objective.name not in ("dpo", "ipo", "dpo_nll"):
-        p.append(
-            f"objective.precompute_reference: '{cfg.objective.name}' uses no reference model; "
-            "it applies to dpo, ipo and dpo_nll"
-        )
-    if cfg.objective.beta <= 0:
-        p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
-    flash = cfg.model.attn_implementation == "flash_attention_2"
-    if cfg.data.share_prompt and cfg.data.format == "preference" and flash:
-        p.append(
-            "data.share_prompt: keeps the two answers apart with a 4D attention mask, which flash_attention_2 "
-            "does not take; use model.attn_implementation=sdpa (or eager), or set data.share_prompt=false"
-        )
-    if not cfg.output_dir.strip():
-        p.append("output_dir: must not be empty")
-    return p
-
-
-def check_moe_keys(cfg: RunConfig) -> list[str]:
-    """The MoE keys: an auxiliary-loss weight and the expert parameters LoRA adapts."""
-    p: list[str] = []
-    coef = cfg.model.router_aux_loss_coef
-    if coef is not None and not coef >= 0:  # `not >=` also catches NaN
-        p.append(
-            f"model.router_aux_loss_coef: must be >= 0, or unset for the model config's value; got {coef}"
-        )
-    blank = [name for name in cfg.lora.target_parameters if not name.strip()]
-    if blank:
-        p.append(
-            "lora.target_parameters: names of 3-D expert parameters (e.g. mlp.experts.gate_up_proj); "
-            f"got an empty name in {cfg.lora.target_parameters!r}"
-        )
-    if cfg.lora.target_parameters and cfg.lora.dropout:
-        p.append(
-            "lora.target_parameters: PEFT adapts 3-D expert weights without dropout; set lora.dropout=0 "
-            f"(got {cfg.lora.dropout})"
-        )
-    return p
-
-
-def check_eval_metrics(cfg: RunConfig) -> list[str]:
-    """The best metric must be one that the eval settings produce."""
-    p: list[str] = []
-    best, generate = cfg.train.best_metric, cfg.train.eval_generate
-    if generate and not cfg.data.eval:
-        p.append("train.eval_generate: generates answers for eval samples; give data.eval files")
-    if generate and cfg.data.format == "messages":
-        p.append(
-            "train.eval_generate: scores answers of sft-rag or preference eval data; messages data has no "
-            "single reference answer (set train.eval_generate=0)"
-        )
-    if best in ("eval_pref_acc", "eval_reward_margin") and cfg.data.format != "preference":
-        p.append(f"train.best_metric: {best} needs preference eval data; use eval_loss")
-    if best in ("eval_exact_match", "eval_token_f1") and not generate:
-        p.append(f"train.best_metric: {best} needs generated answers; set train.eval_generate (e.g. 64)")
-    return p
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -340,7 +340,8 @@ def test_listed_keys_name_real_config_fields():
     """Key lists spelled as strings (range checks, keys that may change on resume) against the dataclasses:
     a renamed or misspelled field fails here instead of silently never matching."""
     from dstrain.checkpoint.resume import MUTABLE
-    from dstrain.config.run import AT_LEAST_ONE, AT_LEAST_ZERO, config_paths
+    from dstrain.config.checks import AT_LEAST_ONE, AT_LEAST_ZERO
+    from dstrain.config.run import config_paths
 
     paths = config_paths()
     assert "data.max_seq_len" in paths and "output_dir" in paths and "data" not in paths

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dstrain.config.run import LoraConfig, ModelConfig, RunConfig, check_values
+from dstrain.config.checks import check_values
+from dstrain.config.run import LoraConfig, ModelConfig, RunConfig
 from dstrain.data.batches import IGNORE, Example
 from dstrain.data.pairs import PairExample
 from dstrain.eval.generation import (
