@@ -261,6 +261,8 @@ def announce(
         sink.print(
             f"resuming from {resume.ckpt} at step {state.step} (epoch {state.epoch}, sample {state.cursor})"
         )
+        if resume.schedule_note:
+            sink.print(resume.schedule_note)
 
 
 def sequence_line(cfg: RunConfig, prepared: Prepared) -> str:
