@@ -184,15 +184,22 @@ def repeated_record_files(root: Path) -> dict[str, Path]:
     return files
 
 
-def own_loss(model: torch.nn.Module, model_dir: Path, path: Path, trust_remote_code: bool = False) -> float:
+def own_loss(
+    model: torch.nn.Module,
+    model_dir: Path,
+    path: Path,
+    trust_remote_code: bool = False,
+    limits: dict[str, int] | None = None,
+) -> float:
     """The model's own `labels=` loss over the sft-rag records of `path`, token-weighted like dstrain's eval,
-    on the tokens dstrain's data path makes of them."""
+    on the tokens dstrain's data path makes of them (`limits`: the run's data limits, DATA_LIMITS unless
+    given)."""
     from dstrain.config.run import DataConfig
     from dstrain.data.batches import IGNORE, tokenize_record
     from dstrain.data.records import parse_text
 
     tokenizer = load_tokenizer(ModelConfig(path=str(model_dir), trust_remote_code=trust_remote_code))
-    data = DataConfig(**DATA_LIMITS)
+    data = DataConfig(**(limits or DATA_LIMITS))
     total = count = 0.0
     with torch.no_grad():
         for line in path.read_text(encoding="utf-8").splitlines():

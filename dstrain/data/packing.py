@@ -8,7 +8,8 @@ Packing here re-lays out the *same* micro batch (same samples, same loss) into f
 change what a step trains on, so the global data position, elastic resume and the loss stay exactly as
 without packing. Isolation needs a 4D block-diagonal causal mask: with sdpa attention, position ids that
 restart per sample alone do NOT stop a sample attending to the one before it (SPEC section 5). Position ids
-restart too, so each sample sees the positions it would see alone.
+restart too, so each sample sees the positions it would see alone. The block mask is for full-attention
+layers; SupervisedLM hands sliding-window layers the mask intersected with their window (model/windows.py).
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ def collate_flat(examples: Sequence[Example], pad_id: int) -> dict[str, object]:
     `max_length_q/k` are computed here, on the host, so no layer has to derive them from the position ids
     on the device (a sync per layer). transformers passes them from the model's keyword arguments to
     flash_attention_2, which then attends within each sample only. There is no padding at all.
+
+    Sliding windows need nothing here: transformers 5 hands each sliding layer's `sliding_window` w to
+    flash-attn's variable-length kernel as `window_size=(w - 1, w - 1)` with `causal=True` (when the flat row
+    is longer than w), which the kernel applies within each `cu_seq_lens` sequence: the window a sample has
+    in its own row. Not testable on CPU (flash-attn needs a CUDA GPU).
     """
     del pad_id  # nothing is padded: kept for the same signature as the other layouts
     features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]

@@ -8,7 +8,8 @@ reference model. Two layouts give the same per-answer results, answer rows chose
   the prompt's last token, repeated so each answer's first token is predicted from a position of its own
   branch. A 4D mask lets each branch see the shared prefix and itself only, and each branch's position ids
   continue from the prefix, so every answer token sees exactly what it would in its own row. On RAG data
-  the prompt (retrieved passages) is most of the tokens: the prompt runs once instead of twice.
+  the prompt (retrieved passages) is most of the tokens: the prompt runs once instead of twice. Sliding-
+  window layers get the branch mask intersected with their window in position terms (model/windows.py).
 """
 
 from __future__ import annotations

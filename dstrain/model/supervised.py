@@ -17,11 +17,11 @@ from torch import nn
 from dstrain.data.batches import IGNORE
 from dstrain.distributed import sequence
 from dstrain.errors import ConfigError
-from dstrain.model import moe
+from dstrain.model import moe, windows
 from dstrain.model.exact import exact_logits, exact_target_logps
 from dstrain.model.families import HeadPath, choose_path
 from dstrain.model.head import SupervisedHead
-from dstrain.model.selfcheck import CHECK_POSITIONS, spread
+from dstrain.model.selfcheck import CHECK_POSITIONS, own_rows, rebuilds_rows, spread
 from dstrain.model.ulysses import plain_attention
 
 HEAD_FIX = "set model.head: exact (the model's own forward)"
@@ -79,6 +79,7 @@ class SupervisedLM(nn.Module):
         self.aux_coef = moe.aux_coef(base, router_aux_loss_coef)
         # found once: moe.decoder_kwargs walks the model's modules, too much for every forward
         self.router_kwargs = moe.decoder_kwargs(base, self.aux_coef)
+        self.kinds = windows.layer_kinds(base.config)  # which layers slide: their masks (windows.py)
 
     def forward(
         self,
@@ -164,15 +165,26 @@ class SupervisedLM(nn.Module):
         """(log-prob of `targets` [K] at the flat hidden positions `index` [K] of rows `width` wide, the
         weighted router loss): the decoder, then the chunked head (or the model's own forward: `exact`)."""
         base = self.peft_model.get_base_model()
-        kwargs = kwargs | (self.router_kwargs if router else {})
+        inputs = self._with_layer_masks(kwargs) | (self.router_kwargs if router else {})
         if exact or self.head is None:
-            logits, outputs = exact_logits(base, index, width, kwargs)
+            logits, outputs = exact_logits(base, index, width, inputs)
             logps = exact_target_logps(logits, targets)
         else:
-            outputs = base.get_decoder()(**kwargs)
+            outputs = base.get_decoder()(**inputs)
             hidden = outputs.last_hidden_state
             logps = self.head(hidden.reshape(-1, hidden.shape[-1])[index], targets)
         return logps, self._router_loss(base, outputs, kwargs["attention_mask"], router)
+
+    def _with_layer_masks(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` with a 4-D record mask (packed rows, shared-prompt pairs) replaced by what each layer
+        kind needs: the window in sliding layers, an additive mask for eager attention (windows.py)."""
+        mask = kwargs["attention_mask"]
+        if mask is None or mask.dim() != 4:
+            return kwargs  # padded rows and the flat row: transformers builds each layer's mask itself
+        base = self.peft_model.get_base_model()
+        attention = getattr(base.config, "_attn_implementation", None) or "sdpa"
+        masks = windows.layer_masks(self.kinds, mask, kwargs["position_ids"], attention, base.dtype)
+        return kwargs | {"attention_mask": masks}
 
     def _router_loss(
         self, base: nn.Module, outputs: Any, attention_mask: torch.Tensor | None, wanted: bool
@@ -261,22 +273,36 @@ class SupervisedLM(nn.Module):
         return (*row_sums(logps, rows, num_rows), router_loss)
 
     @torch.no_grad()
-    def _check(self, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean |log p| difference between this run's path and the model's own forward, the largest
-        |logit| there, positions compared) at up to CHECK_POSITIONS supervised positions of this batch.
+    def _check(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        """The self-check's numbers at up to CHECK_POSITIONS supervised positions of this batch (selfcheck.py):
+        (mean |log p| difference between this run's path and the model's own forward on the same batch,
+        the same between that forward and each record's own padded row (0 for padded rows), the largest
+        |logit| there, positions compared).
 
-        Every rank runs the same forwards whatever its data (ZeRO-3 gathers in each), even with no labels.
+        Every rank runs the same forwards whatever its data (ZeRO-3 gathers in each), even with no labels:
+        how many is the run's config (the head path, the batch layout), never the data.
         """
-        labels, label_index = inputs[2], inputs[5]
+        input_ids, mask, labels, position_ids, label_rows, label_index, varlen = inputs
         index = labelled_positions(labels) if label_index is None else label_index
-        picked = index[spread(index.numel(), CHECK_POSITIONS)]
-        probe = (*inputs[:5], picked, inputs[6])
-        ours, _, _ = self._labelled_logps(*probe)
+        picked = index[spread(index.numel(), CHECK_POSITIONS).to(index.device)]
+        targets = labels.reshape(-1)[picked + 1]
+        ours, _, _ = self._labelled_logps(*inputs[:5], picked, varlen)
         base = self.peft_model.get_base_model()
-        kwargs = {"input_ids": inputs[0], "attention_mask": inputs[1], "position_ids": inputs[3], **inputs[6]}
-        logits, _ = exact_logits(base, picked, labels.shape[1], kwargs)
-        theirs = exact_target_logps(logits, labels.reshape(-1)[picked + 1])
+        rebuild = rebuilds_rows({"attention_mask": mask, "label_rows": label_rows, **varlen})
+        own, logits = ours, None
+        if self.head is not None or not rebuild:  # the exact path is the model's own forward on this batch
+            batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, **varlen}
+            logits, _ = exact_logits(base, picked, labels.shape[1], self._with_layer_masks(batch))
+            own = exact_target_logps(logits, targets)
+        rows = own
+        if rebuild:
+            ids, row_mask, row_index = own_rows(input_ids, position_ids, picked)
+            row_inputs = {"input_ids": ids, "attention_mask": row_mask}
+            logits, _ = exact_logits(base, row_index, ids.shape[1], row_inputs)
+            rows = exact_target_logps(logits, targets)
         count = torch.full((), picked.numel(), device=ours.device)
         if picked.numel() == 0:
-            return torch.zeros((), device=ours.device), torch.zeros((), device=ours.device), count
-        return (ours - theirs).abs().mean(), logits.float().abs().max(), count
+            zero = torch.zeros((), device=ours.device)
+            return zero, zero, zero, count
+        head_diff, rows_diff = (ours - own).abs().mean(), (own - rows).abs().mean()
+        return head_diff, rows_diff, logits.float().abs().max(), count

@@ -31,7 +31,7 @@ from dstrain.eval.loss import evaluate
 from dstrain.eval.reference import lookup
 from dstrain.metrics.device import device_stats, max_over_ranks, mfu
 from dstrain.metrics.meter import StepMeter
-from dstrain.model.selfcheck import verdict
+from dstrain.model import selfcheck
 from dstrain.model.ulysses import plain_attention
 from dstrain.objectives.losses import sft_loss
 from dstrain.objectives.normalize import StepUnits, host_units, pair_contribution, sft_contribution
@@ -119,16 +119,19 @@ def step_units(run: Run, batches: list[MicroBatch]) -> StepUnits | None:
 
 def check_head(run: Run, batch: MicroBatch) -> None:
     """The first-batch self-check (model/selfcheck.py), on every rank, agreed before anyone trains."""
-    if run.head_exact or run.param_dtype is None:
-        return  # the run's path is the model's own forward: nothing to compare
+    key = selfcheck.layout(batch.inputs)
+    if (run.head_exact and key is None) or run.param_dtype is None:
+        return  # the run's path is the model's own forward on padded rows: nothing to compare
     with eng.evaluating(run.engine), torch.no_grad():
-        diff, largest, count = eng.forward(run.engine, batch.inputs, check=True)
+        head, rows, largest, count = eng.forward(run.engine, batch.inputs, check=True)
     # the mean over every rank's positions, against the largest logit seen anywhere: one verdict for all
-    summed = all_reduce_sum(torch.stack([diff.double() * count, count.double()]).cpu()).tolist()
+    sums = torch.stack([head.double() * count, rows.double() * count, count.double()]).cpu()
+    summed = all_reduce_sum(sums).tolist()
     largest = max_over_ranks({"logit": float(largest)})["logit"]
-    positions = int(summed[1])
-    mean = summed[0] / positions if positions else 0.0
-    verdict(mean, largest, positions, run.param_dtype, run.model_name)
+    positions = int(summed[2])
+    head_mean, rows_mean = (total / positions if positions else 0.0 for total in summed[:2])
+    selfcheck.verdict(head_mean, largest, positions, run.param_dtype, run.model_name)
+    selfcheck.rows_verdict(rows_mean, largest, positions, run.param_dtype, run.model_name, key)
 
 
 def note_bad_records(run: Run, tally: Tally, bad: list[BadRecord]) -> None:

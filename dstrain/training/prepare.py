@@ -68,8 +68,8 @@ def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = Non
     `ds_source` replaces the ZeRO JSON file named by the config (a resumed run uses its checkpoint's copy).
     """
     problems = check_model_path(cfg.model)
-    if cfg.train.sequence_parallel_size > 1 and not problems:
-        problems += check_sequence_heads(cfg)
+    if not problems:
+        problems += check_attention(cfg)
     raw = ds_source
     if raw is None:
         path = _collect(problems, find_ds_config, cfg.ds_config)
@@ -92,21 +92,33 @@ def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = Non
     return raw
 
 
-def check_sequence_heads(cfg: RunConfig) -> list[str]:
-    """train.sequence_parallel_size against the model's attention (read from its config.json): heads that
-    split evenly, and no soft-capping or sliding window the Ulysses attention would leave out."""
+def check_attention(cfg: RunConfig) -> list[str]:
+    """The model's attention (read from its config.json) against what the run hands it: sequence-parallel
+    heads, and the 4-D record masks of packed rows and shared-prompt pairs (model/windows.py)."""
     from transformers import AutoConfig
 
-    from dstrain.distributed.sequence import check_heads
     from dstrain.model.build import model_dir
-    from dstrain.model.ulysses import unsupported
+    from dstrain.model.windows import mask_problems
 
+    sequence = cfg.train.sequence_parallel_size > 1
+    if not (sequence or cfg.data.packing or (cfg.data.share_prompt and cfg.data.format == "preference")):
+        return []
     try:
         config = AutoConfig.from_pretrained(
             str(model_dir(cfg.model)), trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         return [f"model.path: unreadable model config in {model_dir(cfg.model)} ({exc})"]
+    problems = check_sequence_heads(cfg, config) if sequence else []
+    return problems + mask_problems(cfg, config)
+
+
+def check_sequence_heads(cfg: RunConfig, config: Any) -> list[str]:
+    """train.sequence_parallel_size against the model's attention: heads that split evenly, and no
+    soft-capping or sliding window the Ulysses attention would leave out."""
+    from dstrain.distributed.sequence import check_heads
+    from dstrain.model.ulysses import unsupported
+
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

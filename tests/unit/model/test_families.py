@@ -97,12 +97,13 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def test_self_check_passes_on_the_right_head_and_names_the_model_on_a_wrong_one(monkeypatch):
-    diff, largest, count = granite_lm()(**batch(), check=True)
+    diff, rows, largest, count = granite_lm()(**batch(), check=True)
     assert int(count) == 16 and float(diff) < tolerance(torch.float32, float(largest))
+    assert float(rows) == 0.0  # padded rows: the batch is each record's own row
     verdict(float(diff), float(largest), int(count), torch.float32, "GraniteForCausalLM")
 
     monkeypatch.setitem(families.FAMILIES, "granite", families._plain)  # a table that forgot the scale
-    diff, largest, count = granite_lm()(**batch(), check=True)
+    diff, _, largest, count = granite_lm()(**batch(), check=True)
     with pytest.raises(ConfigError) as err:
         verdict(float(diff), float(largest), int(count), torch.float32, "GraniteForCausalLM")
     message = str(err.value)
@@ -112,7 +113,7 @@ def test_self_check_passes_on_the_right_head_and_names_the_model_on_a_wrong_one(
 def test_self_check_with_no_supervised_positions_still_runs_and_passes():
     empty = batch()
     empty["labels"][:] = -100
-    diff, _, count = granite_lm()(**empty, check=True)
+    diff, _, _, count = granite_lm()(**empty, check=True)
     assert int(count) == 0 and float(diff) == 0.0
     verdict(0.0, 0.0, 0, torch.float32, "GraniteForCausalLM")
 
