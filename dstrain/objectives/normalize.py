@@ -71,3 +71,14 @@ def pair_contribution(scores: PairScores, units: StepUnits, nll_weight: float = 
         nll_sum = (scores.chosen_nll * scores.chosen_tokens * scores.valid).sum()
         loss = loss + nll_weight * nll_sum / units.tokens.clamp(min=1).to(nll_sum.dtype)
     return loss
+
+
+def describe(name: str, normalization: str) -> str:
+    """The start-up line that says what a step's loss is averaged over."""
+    if normalization != "global":
+        return (
+            "loss: each micro batch's own mean, averaged over the step (objective.loss_normalization="
+            "micro_batch, as this run started)"
+        )
+    units = {"sft": "supervised tokens", "dpo_nll": "real pairs (its NLL term: chosen-answer tokens)"}
+    return f"loss: normalised over each global batch's {units.get(name, 'real pairs')} (objective.loss_normalization=global)"

@@ -4,6 +4,7 @@ Each resume runs on its own copy of one 12-step run saved at step 6, and the sta
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def resume(base: Path, name: str, steps: int, *options: str) -> tuple[dict[int, 
             shutil.rmtree(later)
     (run_dir / "checkpoints" / "latest").write_text(f"step-{SAVED:08d}\n")
     (run_dir / "metrics.jsonl").write_text("")
-    proc = check(dstrain("resume", str(run_dir), "--set", f"train.max_steps={steps}", *options, cwd=base.parent))
+    proc = check(
+        dstrain("resume", str(run_dir), "--set", f"train.max_steps={steps}", *options, cwd=base.parent)
+    )
     return lrs(run_dir), proc.stdout + proc.stderr
 
 
@@ -72,7 +75,7 @@ def test_stretch_continues_the_decay_over_the_new_length(base: Path, steps: int)
     assert sorted(got) == list(range(SAVED + 1, steps + 1))
     assert got[SAVED + 1] == pytest.approx(planned[SAVED + 1], rel=1e-12)  # continuous at the resume
     values = [got[step] for step in sorted(got)]
-    assert all(a > b for a, b in zip(values, values[1:], strict=False)), values  # decays, no re-warm
+    assert all(a > b for a, b in itertools.pairwise(values)), values  # decays, no re-warm
     assert values[-1] > 0
     if steps > PLANNED:
         assert got[PLANNED] > planned[PLANNED]  # spread over more steps: higher than the plan at its end

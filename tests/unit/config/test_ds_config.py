@@ -206,7 +206,10 @@ def test_scheduler_autos_filled_from_total_steps(total_steps: int):
 
 def test_cosine_auto_end_leaves_the_last_update_above_the_minimum():
     raw = _shipped()
-    raw["scheduler"] = {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": 2}}
+    raw["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {"total_num_steps": "auto", "warmup_num_steps": 2},
+    }
     ds, _ = resolve_ds_config(raw, _cfg(), 1, 20)
     assert ds["scheduler"]["params"]["total_num_steps"] == 22  # DeepSpeed's cosine ends one iteration early
 
