@@ -30,8 +30,8 @@ def note_bad_records(run: Run, tally: Tally, bad: list[BadRecord]) -> None:
         return
     tally.failed_records += [record for record in bad if record.fatal]
     for record in (record for record in bad if not record.fatal):
-        if record.index in tally.met_bad:
-            continue  # named when this process first met it: once per record, not once per epoch
+        if record.index in tally.met_bad or record.index in tally.known_bad:
+            continue  # named when first met (by this rank, or by any before the last log or the resume)
         tally.met_bad.add(record.index)
         message = f"warning: {record} (skipped: data.on_error=skip)"
         if run.rank == 0:
@@ -70,6 +70,7 @@ def check_bad_fraction(tally: Tally, limit: float) -> None:
     if fraction > limit:
         raise DataError(
             f"data.train: {tally.skipped_records} of {tally.records_seen} records were skipped as bad "
-            f"({fraction:.1%}), over data.max_bad_fraction={limit:.1%}; the warnings name them. "
+            f"({fraction:.1%}), over data.max_bad_fraction={limit:.1%}; the warnings name each once "
+            "(logs/rank-*.log in the run dir keep those of earlier attempts). "
             "Fix the data, or raise data.max_bad_fraction and `dstrain resume` the run."
         )
