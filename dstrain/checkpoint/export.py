@@ -14,6 +14,7 @@ overwritten.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from dstrain.checkpoint.state import ADAPTER_WEIGHTS, CONFIG
 from dstrain.config.run import RunConfig, config_from_dict
 from dstrain.errors import DstrainError
 
-ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_config.json")
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def run_config(ckpt: Path) -> RunConfig:
@@ -44,9 +45,22 @@ def check_out(out: Path) -> None:
 def export_adapter(ckpt: Path, cfg: RunConfig, tmp: Path) -> None:
     from dstrain.model.build import load_tokenizer
 
-    for name in ADAPTER_FILES:
-        shutil.copy2(ckpt / name, tmp / name)
+    shutil.copy2(ckpt / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
+    adapter_config = json.loads((ckpt / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    adapter_config["base_model_name_or_path"] = base_for(adapter_config.get("base_model_name_or_path"), cfg)
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True), encoding="utf-8")
     load_tokenizer(cfg.model).save_pretrained(str(tmp))
+
+
+def base_for(saved: object, cfg: RunConfig) -> object:
+    """The base an exported adapter names: the checkpoint's, if it is an absolute path that exists here;
+    else the run's model.path made absolute where it resolves (a checkpoint from before 0.2.0 kept a
+    relative path as given, and a 4-bit builtin a deleted temporary dir)."""
+    from dstrain.model.build import base_reference, model_dir
+
+    if isinstance(saved, str) and Path(saved).is_absolute() and Path(saved).exists():
+        return saved
+    return base_reference(str(model_dir(cfg.model)))
 
 
 def export_merged(ckpt: Path, cfg: RunConfig, tmp: Path) -> None:

@@ -7,6 +7,7 @@ whether each training file it recorded still matches its fingerprint (`dstrain.d
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from dstrain.checkpoint import layout
 from dstrain.checkpoint.load import check_readable_format, is_checkpoint_dir, read_json, verify
 from dstrain.config.run import HIGHER_IS_BETTER
 from dstrain.errors import CheckpointError
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name: what adapter_config.json names when it is no local path
 
 
 def target_dir(path: Path) -> Path:
@@ -69,6 +72,38 @@ def data_rows(ckpt: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**record, "status": file_status(record, base)} for record in files if isinstance(record, dict)]
 
 
+def base_info(ckpt: Path) -> dict[str, Any]:
+    """The base model adapter_config.json names, whether it is a model dir here, and how to load it if not
+    (or if it is dstrain's builtin, whose path is that of one install)."""
+    try:
+        name = read_json(ckpt / "adapter_config.json").get("base_model_name_or_path")
+        model_path = str(yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))["model"]["path"])
+    except (CheckpointError, OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return {"name_or_path": None, "found": False, "note": None}  # verify() names the unreadable file
+    found = isinstance(name, str) and (Path(name) / "config.json").is_file()
+    return {"name_or_path": name, "found": found, "note": base_note(str(name), model_path, found)}
+
+
+def base_note(name: str, model_path: str, found: bool) -> str | None:
+    load = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR), CKPT)"
+    if model_path.startswith("builtin:"):
+        return (
+            f"{model_path} ships inside the dstrain package: adapter_config.json names the copy of the "
+            "install that trained it; with dstrain installed, load the base anywhere with "
+            f"dstrain.model.build.load_base_model(ModelConfig(path={model_path!r})), then "
+            "PeftModel.from_pretrained(base, CKPT)"
+        )
+    relative = not Path(name).is_absolute()
+    if found and relative:
+        return f"{name} is a relative path (before 0.2.0): found from here only; `dstrain export` names it absolute"
+    if found:
+        return None
+    if HUB_ID.fullmatch(name) and relative:
+        return f"{name} is no local dir here: AutoPeftModelForCausalLM looks it up on the Hub; or {load}"
+    where = "a relative path (before 0.2.0)" if relative else "moved, or on another machine"
+    return f"the base {name} is not found here ({where}): load it with {load}"
+
+
 def format_info(ckpt: Path) -> dict[str, Any]:
     manifest = layout.read_manifest(ckpt) or {}
     number = layout.format_version(manifest.get("format"))
@@ -99,6 +134,7 @@ def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
         "best_checkpoint": state.get("best_checkpoint"),
         "versions": state.get("versions"),
         **format_info(ckpt),
+        "base": base_info(ckpt),
         "data": data_rows(ckpt, state),
         "files": file_rows(ckpt),
         "valid": not problems,
@@ -127,7 +163,11 @@ def render(info: dict[str, Any], console: Console) -> None:
         table.add_row("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     table.add_row("format", f"{info['format']} (written by dstrain {info['written_by'] or 'before 0.2.0'})")
     table.add_row("resume", info["resumable"])
+    base = info["base"]
+    table.add_row("base", f"{base['name_or_path']} ({'found' if base['found'] else 'not found here'})")
     console.print(table)
+    if base["note"]:
+        console.print(f"[yellow]note:[/] {base['note']}", soft_wrap=True)
     render_data(info["data"], console)
     files = Table("file", "bytes", "manifest")
     for row in info["files"]:

@@ -35,6 +35,11 @@ class TrainerState:
     cursor: int = 0
     train_samples: int = 0  # usable training samples; a resume on changed data would see another order
     nonfinite_steps: int = 0  # optimizer steps skipped because the loss or a gradient was NaN/inf
+    # Training records found bad at tokenisation and skipped (data.on_error=skip): their corpus indices, each
+    # once however many epochs drew it, and how many times one was drawn and skipped. Absent before 0.2.0
+    # (a resumed older run starts counting them afresh).
+    bad_records: list[int] = field(default_factory=list)
+    skipped_reads: int = 0
     best_metric: float | None = None
     best_step: int | None = None
     best_checkpoint: str | None = None

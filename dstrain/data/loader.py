@@ -76,7 +76,7 @@ class TokenizedCorpus(Dataset):
                 return replace(tokenize_pair(self.tokenizer, record, self.cfg), index=index)
             return tokenize_record(self.tokenizer, record, self.cfg)
         except ValueError as exc:
-            return BadRecord(*self.corpus.origin(index), str(exc))
+            return BadRecord(*self.corpus.origin(index), str(exc), index=index)
 
 
 def collate_micro(

@@ -3,6 +3,7 @@ the tokenizer's chat template, applied as each model family's template demands (
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 SEPARATOR = "\n"
+PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {passages}, {query}
 
 
 def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
@@ -62,10 +64,16 @@ def render_rag_prompt(
 ) -> str:
     """Fill the template; with `chat`, wrap it as the user turn of the tokenizer's chat template."""
     kept = fit_passages(tokenizer, passages, max_passage_tokens)
-    prompt = template.replace("{passages}", SEPARATOR.join(kept)).replace("{query}", query)
+    prompt = fill_template(template, passages=SEPARATOR.join(kept), query=query)
     if chat:
         prompt = render_chat(tokenizer, [_turn("user", prompt)], generation_prompt=True)
     return prompt
+
+
+def fill_template(template: str, **values: str) -> str:
+    """Each `{name}` of the template replaced by its value in one pass: a passage that says `{query}` (code and
+    documentation corpora do) or a query that says `{passages}` stays as written. Other braces stay too."""
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 # ------------------------------------------------------------------------------------ chat templates

@@ -48,6 +48,7 @@ class BadRecord:
     line: int
     reason: str
     fatal: bool = False  # not the record's fault but the run's (its file changed): never skipped
+    index: int = -1  # its number in the training corpus, when met at tokenisation (-1: found by the index)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.reason}"

@@ -36,8 +36,11 @@ def all_gather_bytes(blob: bytes) -> list[bytes]:
     sizes = [torch.zeros_like(size) for _ in range(world)]
     torch.distributed.all_gather(sizes, size)
     longest = max(int(s.item()) for s in sizes)
+    if longest == 0:
+        return [b""] * world
     mine = torch.zeros(longest, dtype=torch.uint8, device=device)
-    mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    if blob:  # torch.frombuffer refuses an empty buffer: a rank with nothing to say sends zeros only
+        mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
     parts = [torch.zeros_like(mine) for _ in range(world)]
     torch.distributed.all_gather(parts, mine)
     return [bytes(p[: int(s.item())].cpu().numpy()) for p, s in zip(parts, sizes, strict=True)]

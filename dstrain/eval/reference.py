@@ -47,6 +47,7 @@ def table_key(cfg: RunConfig, dataset: TokenizedCorpus) -> str:
         "max_passage_tokens": data.max_passage_tokens,
         "prompt_template": data.prompt_template,
         "chat_template": data.chat_template,
+        "prompt_fill": "one pass",  # before: a passage's literal {query} was replaced by the query
     }
     if data.chat_template:  # 2: answers as the template renders them, through its end-of-turn token
         depends["chat_answers"] = 2

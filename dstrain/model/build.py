@@ -53,6 +53,14 @@ def model_dir(cfg: ModelConfig) -> Path:
     return Path(cfg.path).expanduser()
 
 
+def base_reference(name_or_path: str) -> str:
+    """How adapter_config.json names the base (`base_model_name_or_path`): a local dir as an absolute path,
+    so `AutoPeftModelForCausalLM.from_pretrained(ckpt)` finds it from any directory (a relative one names
+    another dir there, then PEFT asks the Hub); a name that is no local path (a Hub id, org/name) as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.absolute()) if path.exists() else name_or_path
+
+
 def check_model_path(cfg: ModelConfig) -> list[str]:
     """Problems with model.path, found before any process group or weight load."""
     if cfg.path.startswith(BUILTIN_PREFIX):
@@ -309,6 +317,9 @@ def build_model(
         zero3_init(ds_config) if zero_stage == 3 and ds_config and not model_cfg.load_in_4bit else None
     )
     model = add_lora(load_base_model(model_cfg), lora_cfg)
+    # the dir itself, also for a builtin (the installed package's copy) or a 4-bit random init (which
+    # transformers knows by the temporary dir it was loaded back from)
+    model.peft_config["default"].base_model_name_or_path = base_reference(str(model_dir(model_cfg)))
     model.zero3_init = zero_init  # kept alive with the model: transformers and PEFT consult it later too
     if zero_stage == 3:  # before DeepSpeed wraps the model and installs its gathering hooks
         moe.register_leaf_modules(model)

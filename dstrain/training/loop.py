@@ -7,7 +7,6 @@ keeps) and `TrainerState` (what a checkpoint carries). The engine is only ever p
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -21,11 +20,10 @@ from dstrain.config.run import HIGHER_IS_BETTER
 from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import MicroBatch
 from dstrain.data.prefetch import paused
-from dstrain.data.records import BadRecord
 from dstrain.distributed.collectives import all_reduce_sum
 from dstrain.distributed.sequence import rank_in_group
 from dstrain.distributed.stop import EvalInterrupted
-from dstrain.errors import DataError, TrainingError
+from dstrain.errors import TrainingError
 from dstrain.eval.generation import evaluate_generation
 from dstrain.eval.loss import evaluate
 from dstrain.eval.reference import lookup
@@ -36,6 +34,12 @@ from dstrain.model.ulysses import plain_attention
 from dstrain.objectives.losses import sft_loss
 from dstrain.objectives.normalize import StepUnits, host_units, pair_contribution, sft_contribution
 from dstrain.objectives.preference import mean_over_pairs, score_pairs
+from dstrain.training.bad_records import (
+    check_bad_fraction,
+    count_skipped,
+    fail_on_bad_records,
+    note_bad_records,
+)
 from dstrain.training.phases import halt_if_requested, stop_agreed
 from dstrain.training.session import Run, Tally
 
@@ -134,42 +138,6 @@ def check_head(run: Run, batch: MicroBatch) -> None:
     selfcheck.rows_verdict(rows_mean, largest, positions, run.param_dtype, run.model_name, key)
 
 
-def note_bad_records(run: Run, tally: Tally, bad: list[BadRecord]) -> None:
-    """Records that could not be tokenised: reported by the rank that read them, then failed or skipped."""
-    if run.data.on_error == "fail":
-        tally.failed_records += bad
-        return
-    tally.failed_records += [record for record in bad if record.fatal]
-    for record in (record for record in bad if not record.fatal):
-        message = f"warning: {record} (skipped: data.on_error=skip)"
-        if run.rank == 0:
-            run.sink.print(f"[yellow]{message}[/]")
-        else:
-            print(f"[rank {run.rank}] {message}", file=sys.stderr)
-
-
-def fail_on_bad_records(tally: Tally, output_dir: Path, step: int) -> None:
-    """Every rank raises together (the step's flags said some rank met a bad record under on_error=fail)."""
-    mine = "\n".join(f"  {record}" for record in tally.failed_records)
-    found = f"\n{mine}" if mine else " on another rank (its message names the record)"
-    raise DataError(
-        f"data.train: step {step} met record(s) it cannot train on{found}\n"
-        "Fix or remove them (or raise data.max_seq_len for over-long prompts), or continue past over-long "
-        f"prompts with `dstrain resume {output_dir} --set data.on_error=skip --set "
-        "data.max_bad_fraction=0.01`; the last checkpoint is intact."
-    )
-
-
-def check_bad_fraction(tally: Tally, limit: float) -> None:
-    fraction = tally.skipped_records / max(1, tally.records_seen)
-    if fraction > limit:
-        raise DataError(
-            f"data.train: {tally.skipped_records} of {tally.records_seen} records were skipped as bad "
-            f"({fraction:.1%}), over data.max_bad_fraction={limit:.1%}; the warnings above name them. "
-            "Fix the data, or raise data.max_bad_fraction and `dstrain resume` the run."
-        )
-
-
 def due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
@@ -187,8 +155,8 @@ def log_train(run: Run, tally: Tally, state: TrainerState, meter: StepMeter, ste
         row["mfu"] = utilisation
     row["tokens"] = state.tokens
     row["samples"] = state.samples
-    tally.skipped_records += row.pop("skipped_now")
-    row["skipped_records"] = tally.skipped_records
+    count_skipped(tally, state, row.pop("skipped_now"))  # a collective when some rank skipped a record
+    row["skipped_records"], row["skipped_reads"] = tally.skipped_records, state.skipped_reads
     row["cleaned_records"] = tally.cleaned_records
     row["skipped_steps"] = state.nonfinite_steps
     norm = eng.grad_norm(run.engine)

@@ -60,12 +60,21 @@ class Run:
 
 @dataclass
 class Tally:
-    """Counts the loop updates as it goes (not in the checkpoint: the index recounts them on resume)."""
+    """Counts the loop updates as it goes; what a resume needs of them is in the trainer state (bad_records)."""
 
-    skipped_records: int = 0  # bad training records dropped under data.on_error=skip (index + tokenising)
-    records_seen: int = 0  # good + bad training records, the base of data.max_bad_fraction
+    index_bad: int = 0  # records the index found bad: never drawn, recounted by the index on resume
+    records_seen: int = 0  # distinct training records, good and bad: the base of data.max_bad_fraction
+    # corpus indices of records bad at tokenisation (training/bad_records.py): all ranks' since the run began,
+    # merged at logged steps (the state's bad_records), and those this process met (each named once)
+    known_bad: set[int] = field(default_factory=set)
+    met_bad: set[int] = field(default_factory=set)
     failed_records: list[BadRecord] = field(default_factory=list)  # this step's, under data.on_error=fail
     nonfinite_in_a_row: int = 0
     cleaned_records: int = 0  # training records data.clean changed (Unicode NFC, control characters, ...)
     head_checked: bool = False  # the first-batch self-check ran (model/selfcheck.py)
     step_lrs: list[float] = field(default_factory=list)  # each param group's LR in the last step's update
+
+    @property
+    def skipped_records(self) -> int:
+        """Distinct bad training records skipped so far (index + tokenisation), each once whatever the epochs."""
+        return self.index_bad + len(self.known_bad)

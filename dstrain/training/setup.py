@@ -81,8 +81,9 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
         sink.close()  # a W&B run finished, the progress bar stopped, before the stop or error is said
         raise
     tally = Tally(
-        skipped_records=prepared.skipped,
+        index_bad=prepared.skipped,
         records_seen=len(prepared.train) + prepared.skipped,
+        known_bad=set(state.bad_records),  # a resumed run goes on counting where its checkpoint stopped
         cleaned_records=prepared.train.corpus.num_cleaned,
     )
     return run, tally, state

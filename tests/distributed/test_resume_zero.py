@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from dstrain.checkpoint.layout import verify_checkpoint
@@ -28,6 +29,7 @@ from tests.helpers import (
     ulps_at_largest,
     write_config,
 )
+from tests.integration.test_data_runtime import with_long_records
 
 pytestmark = pytest.mark.distributed
 
@@ -110,13 +112,26 @@ def assert_elastic_match(fork: Path, full: Path) -> None:
 
 
 def test_elastic_two_ranks_to_one(tmp_path: Path, small_data: dict):
+    # with records skipped as bad: met by one rank or the other, merged over ranks, carried by the checkpoint
+    with_long_records(small_data["train"], (5, 20, 40, 60))
     cfg = make_config(tmp_path, small_data, "full", "zero2", dropout=0.0)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"].update(on_error="skip", max_bad_fraction=0.1, group_by_length=False)
+    cfg.write_text(yaml.safe_dump(raw))
     check(train_deepspeed(cfg, cwd=tmp_path))
     fork = fork_at_middle(tmp_path / "full", "on_one")
     proc = check(dstrain("resume", str(fork), cwd=tmp_path))
     assert "world 1, global batch 8 = micro 4 x accumulation 2 x world 1" in proc.stdout
     assert json.loads((fork / FINAL / "trainer_state.json").read_text())["world_size"] == 1
     assert_elastic_match(fork, tmp_path / "full")
+    skipped = {
+        run: [(r["skipped_records"], r["skipped_reads"]) for r in metrics(run) if "loss" in r]
+        for run in (fork, tmp_path / "full")
+    }
+    assert skipped[fork] == skipped[tmp_path / "full"]
+    assert 0 < skipped[fork][MIDDLE - 1][0] < skipped[fork][-1][0], (
+        "bad records met before and after the resume"
+    )
 
 
 def test_elastic_one_rank_to_two(tmp_path: Path, small_data: dict):

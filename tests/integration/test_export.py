@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 
+from dstrain.checkpoint.report import base_info
 from dstrain.config.run import ModelConfig
 from dstrain.model.build import load_base_model
 from tests.helpers import check, dstrain, train_single, ulps_at_largest, write_config
@@ -53,6 +54,25 @@ def test_adapter_export_loads_in_peft(trained: Path, tmp_path: Path):
     with torch.no_grad():
         logits = model(input_ids=probe()).logits
     assert torch.equal(logits, reference_logits(trained / "checkpoints" / "step-00000004"))
+    assert torch.equal(auto_peft_logits(out), logits)  # and by itself, with the base it names
+
+
+def test_a_builtin_runs_adapter_loads_by_itself_from_any_directory(
+    trained: Path, tmp_path: Path, monkeypatch
+):
+    # adapter_config.json names the installed package's copy of builtin:tiny, which transformers loads
+    ckpt = trained / "checkpoints" / "step-00000004"
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(auto_peft_logits(ckpt), reference_logits(ckpt))
+    base = base_info(ckpt)  # what `dstrain inspect` shows: where the base is, and how to load it elsewhere
+    assert base["found"] and "builtin:tiny" in base["note"] and "load_base_model" in base["note"]
+
+
+def auto_peft_logits(adapter: Path) -> torch.Tensor:
+    """The adapter loaded with the base its adapter_config.json names, as PEFT users load one."""
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=probe()).logits
 
 
 def test_merged_export_loads_in_transformers_with_the_same_logits(trained: Path, tmp_path: Path):

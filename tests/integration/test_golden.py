@@ -69,6 +69,10 @@ def test_golden_inspect_and_export(src: Path, tmp_path: Path):
     assert [row["status"] for row in info["data"]] == ["matches"]
     check(dstrain("export", "run", "--out", "exported", cwd=work))
     assert (work / "exported" / "adapter_model.safetensors").is_file()
+    # the checkpoint names its base as the run gave it (relative, before 0.2.0); the export, absolute
+    assert info["base"]["name_or_path"] == "model" and "from here only" in info["base"]["note"]
+    exported = json.loads((work / "exported" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == str(work / "model")
     (work / "data" / "train.jsonl").write_text("{}\n")
     info = json.loads(dstrain("inspect", "run", "--json", cwd=work).stdout)
     assert info["data"][0]["status"].startswith("changed (sampled-sha256:")

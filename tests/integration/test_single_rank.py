@@ -28,6 +28,7 @@ CONTRACT_FIELDS = {
     "data_wait_s",
     "mem_gb",
     "skipped_records",
+    "skipped_reads",
     "skipped_steps",
     "samples_per_s",
     "step_time_s",

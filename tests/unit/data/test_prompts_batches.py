@@ -122,6 +122,28 @@ def test_render_fills_the_template(tokenizer):
     assert custom == f"Q: {QUERY} | C: {PASSAGES[0]}"
 
 
+CODE_PASSAGE = 'url = f"/search?q={query}&n={n}"  # formats {query} and {passages} itself'
+TEMPLATE_QUERY = "Why does my template print {passages} literally?"
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (DEFAULT_TEMPLATE, f"Background:\n{CODE_PASSAGE}\n\nQuestion: {TEMPLATE_QUERY}\nAnswer:"),
+        ("Q: {query} | C: {passages}", f"Q: {TEMPLATE_QUERY} | C: {CODE_PASSAGE}"),
+    ],
+)
+def test_placeholders_inside_the_data_stay_as_written(tokenizer, template, expected):
+    # one pass over the template: a value is never searched for placeholders (either order of the two)
+    assert render_rag_prompt(tokenizer, template, TEMPLATE_QUERY, (CODE_PASSAGE,), 10_000) == expected
+    # the path training, eval, generation and the reference pass tokenise prompts by
+    cfg = DataConfig(max_seq_len=512, max_passage_tokens=256, prompt_template=template)
+    example = tokenize_record(tokenizer, RagRecord(TEMPLATE_QUERY, (CODE_PASSAGE,), "a"), cfg)
+    start = example.labels.index(next(label for label in example.labels if label != IGNORE))
+    text = tokenizer.decode(example.input_ids[:start], skip_special_tokens=True)
+    assert CODE_PASSAGE in text and TEMPLATE_QUERY in text
+
+
 def test_render_with_chat_template_wraps_a_user_turn(tokenizer):
     prompt = render_rag_prompt(tokenizer, DEFAULT_TEMPLATE, QUERY, PASSAGES, 10_000, chat=True)
     plain = render_rag_prompt(tokenizer, DEFAULT_TEMPLATE, QUERY, PASSAGES, 10_000)

@@ -180,6 +180,9 @@ def trained_checkpoint(tmp_path_factory, tokenizer):
 def test_saved_adapter_loads_in_peft_on_a_fresh_4bit_base_and_reproduces_logits(trained_checkpoint):
     ckpt, batch, logits = trained_checkpoint
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in ckpt.iterdir()}
+    # the builtin's own dir, whatever dir transformers loaded the 4-bit base from
+    named = json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(model_dir(qlora_cfg("fp32")))
     reloaded = PeftModel.from_pretrained(load_base_model(qlora_cfg("fp32")), str(ckpt)).eval()
     with torch.no_grad():
         again = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -172,7 +172,7 @@ def test_a_nonfinite_update_that_was_applied_stops_at_once(tmp_path, peft_model,
 
 
 def test_bad_records_over_the_limit_stop_the_run_with_counts():
-    tally = Tally(skipped_records=3, records_seen=100)
+    tally = Tally(index_bad=3, records_seen=100)
     loop.check_bad_fraction(tally, 0.05)
     with pytest.raises(DataError, match=r"3 of 100 records .*3\.0%.*max_bad_fraction=1\.0%"):
         loop.check_bad_fraction(tally, 0.01)
