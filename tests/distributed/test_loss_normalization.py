@@ -78,7 +78,16 @@ def ds_json(root: Path, micro: int) -> Path:
 SPLITS = (("m8", 1, 8, 1), ("m2a4", 1, 2, 1), ("r2m2a2", 2, 2, 1), ("sp2", 2, 2, 2))
 
 
+LAUNCHED: dict[tuple[str, str], dict] = {}  # one launch per (objective, split), shared by the tests
+
+
 def launch(root: Path, objective: str, split: tuple[str, int, int, int]) -> dict:
+    if (objective, split[0]) not in LAUNCHED:
+        LAUNCHED[objective, split[0]] = run_split(root, objective, split)
+    return LAUNCHED[objective, split[0]]
+
+
+def run_split(root: Path, objective: str, split: tuple[str, int, int, int]) -> dict:
     name, ranks, micro, sequence = split
     preference = objective != "sft"
     data = root / f"{objective}.jsonl"
@@ -156,7 +165,7 @@ def transformers_sft() -> tuple[float, float]:
     batch = collate(examples, pad)
     loss = model(**batch).loss  # the model's own mean over every labelled token of the batch
     loss.backward()
-    return float(loss), grad_norm(model)
+    return float(loss.detach()), grad_norm(model)
 
 
 def answer_logps(model: torch.nn.Module, rows: list, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +194,7 @@ def transformers_pairs(objective: str) -> tuple[float, float]:
     if objective == "dpo_nll":
         loss = loss + NLL_WEIGHT * (-pol_c.sum() / n_c.sum())
     loss.backward()
-    return float(loss), grad_norm(model)
+    return float(loss.detach()), grad_norm(model)
 
 
 # ------------------------------------------------------------------------------------------------ tests
