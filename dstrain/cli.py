@@ -104,6 +104,14 @@ def resume(
     ] = None,
     num_gpus: NumGpus = None,
     hostfile: Hostfile = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--schedule",
+            help="keep | stretch: the LR schedule after a changed train.max_steps/epochs (default: stretch "
+            "when the length changed); same as --set train.resume_schedule=...",
+        ),
+    ] = None,
 ) -> None:
     """Continue a run from its checkpoint, on the same or another number of ranks (same global batch)."""
     from dstrain.checkpoint.load import find_checkpoint
@@ -114,6 +122,8 @@ def resume(
         fail(exc)
     for note in found.notes:
         typer.echo(f"warning: {note}", err=True)
+    if schedule is not None:
+        overrides = [*(overrides or []), f"train.resume_schedule={schedule}"]
     # Every rank gets the checkpoint chosen here, so all of them load the same one.
     launch(["--resume", str(found.path), *set_args(overrides)], num_gpus, hostfile)
 

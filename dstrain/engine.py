@@ -83,21 +83,28 @@ def optimizer_op(ds_config: dict[str, Any], implementation: str) -> str | None:
 def create_engine(
     module: nn.Module, ds_config: dict[str, Any], implementation: str, mpu: Any = None
 ) -> DeepSpeedEngine:
-    """deepspeed.initialize over the trainable (LoRA) parameters; schedule (and with DEEPSPEED the
-    optimizer) from the JSON. With TORCH the JSON's optimizer block is replaced by the client optimizer.
+    """deepspeed.initialize over the trainable (LoRA) parameters; with DEEPSPEED the optimizer from the JSON,
+    with TORCH the JSON's optimizer block replaced by the client optimizer. The JSON's scheduler runs as a
+    `PlannedSchedule` (training/schedule.py: update k uses iteration k, per-group LR ratios kept).
     `mpu`: the sequence-parallel groups (distributed/sequence.py), None without sequence parallelism."""
     import deepspeed
 
+    from dstrain.training.schedule import quiet_deepspeed, schedule_factory
+
     trainable = [p for p in module.parameters() if p.requires_grad]
-    if implementation == TORCH:
-        config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    schedule = schedule_factory(ds_config.get("scheduler"))
+    dropped = {"scheduler"} | ({"optimizer"} if implementation == TORCH else set())
+    config = {k: v for k, v in ds_config.items() if k not in dropped}
+    optimizer = torch_adamw(ds_config) if implementation == TORCH else None
+    with quiet_deepspeed():
         engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=trainable, optimizer=torch_adamw(ds_config), config=config, mpu=mpu
+            model=module,
+            model_parameters=trainable,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=config,
+            mpu=mpu,
         )
-        return engine
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=trainable, config=ds_config, mpu=mpu
-    )
     return engine
 
 
@@ -162,8 +169,19 @@ def step_applied(engine: DeepSpeedEngine) -> bool:
 
 
 def current_lr(engine: DeepSpeedEngine) -> float:
+    """The LR of the first param group, which the engine's next update will use."""
     lrs = engine.get_lr()
     return float(lrs[0]) if lrs else 0.0
+
+
+def current_lrs(engine: DeepSpeedEngine) -> list[float]:
+    """Every param group's LR, as the engine's next update will use them."""
+    return [float(lr) for lr in engine.get_lr()]
+
+
+def lr_schedule(engine: DeepSpeedEngine) -> Any:
+    """The engine's `training.schedule.PlannedSchedule`, None when the ZeRO JSON names no scheduler."""
+    return engine.lr_scheduler
 
 
 def grad_norm(engine: DeepSpeedEngine) -> float | None:

@@ -31,6 +31,7 @@ MUTABLE = (
     "train.save_every",
     "train.keep_last",
     "train.max_nonfinite_steps",
+    "train.resume_schedule",  # what a changed length does to the LR schedule (said at start-up)
     "train.wandb_project",
     "train.eval_generate",
     "train.eval_max_new_tokens",
@@ -61,6 +62,8 @@ class ResumePoint:
     notes: list[str]
     format: int = 2  # the checkpoint's format: 1 holds no optimizer state (warm start)
     optimizer: str | None = None  # the Adam implementation the run used (dstrain.engine); None: choose anew
+    planned_steps: int = 0  # the run's length before this resume's overrides (0: unknown)
+    schedule_note: str = ""  # what the resume does with the LR schedule (training.restore), said at start-up
 
     @property
     def warm_start(self) -> bool:
@@ -118,6 +121,7 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
         )
     raw["output_dir"] = str(ckpt.parent.parent)
     keep_written_behaviour(raw)
+    snapshot = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
     # Elastic resume keeps the global batch: pin it, so a new world size changes only the accumulation.
     raw.setdefault("train", {})["global_batch_size"] = state.global_batch
@@ -134,7 +138,21 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
                 "a new train.max_steps/epochs does not stretch it"
             )
     optimizer = None if found.format == 1 else recorded_optimizer(ckpt)
-    return cfg, ResumePoint(ckpt, state, elastic_ds_source(given, resolved), notes, found.format, optimizer)
+    ds_source = elastic_ds_source(given, resolved)
+    point = ResumePoint(
+        ckpt, state, ds_source, notes, found.format, optimizer, planned_length(snapshot, state)
+    )
+    return cfg, point
+
+
+def planned_length(snapshot: dict[str, Any], state: TrainerState) -> int:
+    """The run's length in steps as its checkpoint's config planned it (max_steps, else epochs of the
+    usable samples it recorded); 0 where the snapshot cannot tell."""
+    train = snapshot.get("train") or {}
+    if train.get("max_steps"):
+        return int(train["max_steps"])
+    per_epoch = state.train_samples // state.global_batch if state.global_batch else 0
+    return int(train.get("epochs") or 0) * per_epoch
 
 
 def recorded_optimizer(ckpt: Path) -> str:
@@ -155,6 +173,9 @@ def keep_written_behaviour(raw: dict[str, Any]) -> None:
         return
     if "version" not in raw:
         raw.setdefault("data", {}).setdefault("clean", False)
+    # Before objective.loss_normalization existed, each micro batch's loss was its own mean.
+    if isinstance(raw.get("objective", {}), dict):
+        raw.setdefault("objective", {}).setdefault("loss_normalization", "micro_batch")
     # Every snapshot names every key; one without group_by_length predates it, when records ran in
     # shuffled order (the default became true later): its data order, and so its losses, stay as they were.
     raw.setdefault("data", {}).setdefault("group_by_length", False)
@@ -162,10 +183,17 @@ def keep_written_behaviour(raw: dict[str, Any]) -> None:
 
 def elastic_ds_source(ds_source: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
     """The ZeRO JSON as first given, with the micro batch the run used and accumulation left to the planner
-    (the global batch is pinned): a new world size changes only the accumulation."""
+    (the global batch is pinned): a new world size changes only the accumulation. The scheduler keeps the
+    numbers its "auto" entries were given at the start: a new length re-plans nothing silently
+    (train.resume_schedule decides, training.restore says it)."""
     raw = copy.deepcopy(ds_source)
     raw["train_micro_batch_size_per_gpu"] = resolved.get("train_micro_batch_size_per_gpu", "auto")
     raw["gradient_accumulation_steps"] = "auto"
+    params = (raw.get("scheduler") or {}).get("params") or {}
+    planned = ((resolved.get("scheduler") or {}).get("params")) or {}
+    for key, value in params.items():
+        if value == "auto" and key in planned:
+            params[key] = planned[key]
     return raw
 
 

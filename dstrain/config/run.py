@@ -103,6 +103,10 @@ class ObjectiveConfig:
     label_smoothing: float = 0.0  # dpo: conservative DPO's assumed rate of flipped preference labels
     simpo_gamma: float = 0.5  # simpo: target reward margin (TRL's convention)
     nll_weight: float = 1.0  # dpo_nll: weight of the chosen answer's NLL term
+    # What a step's loss is normalised over: "global" = the whole global batch (SFT: its supervised tokens;
+    # preference objectives: its real pairs), whatever the split into micro batches, accumulation and ranks;
+    # "micro_batch" = each micro batch's own mean, averaged (what snapshots written before the key keep).
+    loss_normalization: Literal["global", "micro_batch"] = "global"
     # dpo/ipo/dpo_nll: score every training pair under the reference once, before step 1 (cached, reused by
     # later epochs, resumes and runs on the same data); each step then runs the policy forward only
     precompute_reference: bool = False
@@ -129,6 +133,10 @@ class TrainConfig:
     # Ulysses sequence parallelism: each sequence is split along its length over groups of this many
     # consecutive ranks (distributed/sequence.py); 1 = off. Must divide the world size and the head count.
     sequence_parallel_size: int = 1
+    # The LR schedule of a resumed run whose train.max_steps/epochs changed: keep = the original plan;
+    # stretch = its decay continues from the current LR to its end value over the new length (no re-warm);
+    # auto = keep when the length is unchanged, stretch when it changed. Said at start-up.
+    resume_schedule: Literal["auto", "keep", "stretch"] = "auto"
 
 
 @dataclass

@@ -193,10 +193,22 @@ def resolve_sequence_parallel(ds: dict[str, Any], cfg: RunConfig, world: int, pr
     zero["reduce_scatter"], zero["contiguous_gradients"] = False, True
 
 
-def resolve_schedule(ds: dict[str, Any], total_steps: int, problems: list[str]) -> None:
-    params = ds.get("scheduler", {}).get("params", {})
+# Iterations from the last update's to the end of each decay: DeepSpeed's linear decay reaches its minimum
+# at total_num_steps, its cosine one iteration earlier. "auto" ends the plan just after the last update, so
+# that update still trains above the minimum (update k uses iteration k: training/schedule.py).
+END_AFTER_LAST = {"WarmupDecayLR": 1, "WarmupCosineLR": 2}
+
+
+def resolve_schedule(
+    ds: dict[str, Any], total_steps: int, problems: list[str], check_length: bool = True
+) -> None:
+    """Fill the scheduler's "auto" numbers from the run's length and the optimizer's LR; with
+    `check_length`, an explicit total_num_steps shorter than the run is a problem (its tail would train at
+    the minimum LR without a word). A resume keeps the plan it started with (checkpoint/resume.py)."""
+    scheduler = ds.get("scheduler") or {}
+    params = scheduler.get("params", {})
     fills: dict[str, Any] = {
-        "total_num_steps": total_steps,
+        "total_num_steps": total_steps + END_AFTER_LAST.get(scheduler.get("type", ""), 1),
         "warmup_num_steps": max(1, math.ceil(0.05 * total_steps)),  # 5% warmup when "auto"
         "cos_min_ratio": 0.0,
     }
@@ -208,6 +220,19 @@ def resolve_schedule(ds: dict[str, Any], total_steps: int, problems: list[str]) 
         problems.append(f"optimizer.params.lr: must be a non-negative number, got {lr!r}")
     else:
         fills["warmup_max_lr"] = lr
+    explicit = params.get("total_num_steps")
+    if (
+        check_length
+        and isinstance(explicit, int)
+        and not isinstance(explicit, bool)
+        and explicit < total_steps
+    ):
+        problems.append(
+            f"scheduler.params.total_num_steps={explicit} in the ZeRO JSON is shorter than the run "
+            f"({total_steps} steps): its last {total_steps - explicit} steps would train at the schedule's "
+            "minimum LR. Set it to \"auto\" (the run's length), or to at least the run's length, or lower "
+            "train.max_steps/epochs"
+        )
     for key, value in fills.items():
         if params.get(key) == AUTO:
             params[key] = value
@@ -229,8 +254,11 @@ def resolve_ds_config(
     hidden_size: int | None = None,
     bf16_ok: bool = True,
     fp16_ok: bool = True,
+    check_length: bool = True,
 ) -> tuple[dict[str, Any], BatchPlan]:
-    """Return a copy of `raw` with every "auto" filled, or raise one ConfigError listing every problem."""
+    """Return a copy of `raw` with every "auto" filled, or raise one ConfigError listing every problem.
+    `check_length`: compare explicit scheduler step counts with `total_steps` (off on resume: the
+    checkpoint's plan is kept, or stretched, by choice)."""
     ds = copy.deepcopy(raw)
     problems: list[str] = []
     plan = plan_batch(ds, cfg, data_parallel_world(cfg, world), problems)
@@ -241,7 +269,7 @@ def resolve_ds_config(
     resolve_precision(ds, cfg, bf16_ok, fp16_ok, problems)
     resolve_zero(ds, hidden_size, problems)
     resolve_sequence_parallel(ds, cfg, world, problems)
-    resolve_schedule(ds, total_steps, problems)
+    resolve_schedule(ds, total_steps, problems, check_length)
     problems += check_qlora(cfg, ds)
     problems += [f'{key}: "auto" has no value dstrain can fill; set it explicitly' for key in find_autos(ds)]
     if problems:

@@ -58,12 +58,13 @@ def _evaluate_tokens(engine: DeepSpeedEngine, batches: Iterator[MicroBatch]) -> 
 def _evaluate_pairs(
     engine: DeepSpeedEngine, batches: Iterator[MicroBatch], objective: ObjectiveConfig
 ) -> dict[str, float]:
-    """eval_loss is the objective's mean loss per pair (for sft: NLL per chosen token), plus pair metrics."""
+    """eval_loss is the objective's mean loss per pair (for sft: NLL per chosen token; dpo_nll's NLL term per
+    chosen token of the whole set, as training normalises it over the global batch), plus pair metrics."""
     # [loss sum, chosen nll sum, chosen tokens, margin sum, correct, pairs]
     totals = torch.zeros(6, dtype=torch.float64)
     for batch in batches:
         policy, reference, tokens = eng.forward(engine, batch.inputs, pairs=True)
-        scores = score_pairs(objective, policy, reference, tokens)
+        scores = score_pairs(objective, policy, reference, tokens, batch_nll=False)
         valid = scores.valid
         chosen_tokens = tokens[: len(valid)] * valid
         row = [
@@ -77,8 +78,15 @@ def _evaluate_pairs(
         totals += torch.stack(row).double().cpu()
     loss, nll, tokens, margin, correct, count = all_reduce_sum(own_share(totals)).tolist()
     count = max(count, 1.0)
+    per_token_nll = nll / max(tokens, 1.0)
+    if objective.name == "sft":
+        eval_loss = per_token_nll
+    else:
+        eval_loss = loss / count + (
+            objective.nll_weight * per_token_nll if objective.name == "dpo_nll" else 0.0
+        )
     return {
-        "eval_loss": nll / max(tokens, 1.0) if objective.name == "sft" else loss / count,
+        "eval_loss": eval_loss,
         "eval_pref_acc": correct / count,
         "eval_reward_margin": margin / count,
     }

@@ -10,12 +10,21 @@ from dstrain.distributed.collectives import all_reduce_sum
 
 
 class StepMeter:
-    """Sums per-micro-batch loss and token counts as tensors; `.collect()` is the one host sync per log."""
+    """Sums per-micro-batch loss and token counts as tensors; `.collect()` is the one host sync per log.
 
-    def __init__(self) -> None:
+    `per_step` (objective.loss_normalization=global): each micro batch adds its share of the step's loss
+    (objectives/normalize.py), so a step's loss is the sum over its micro batches and ranks, and the logged
+    loss is the mean over the logged steps whose loss was finite (`end_step`). Otherwise each micro batch
+    adds its own mean and the logged loss is the mean over micro batches with a finite loss.
+    """
+
+    def __init__(self, per_step: bool = False) -> None:
+        self.per_step = per_step
         self.reset()
 
     def reset(self) -> None:
+        self.step_sum: torch.Tensor | None = None  # per_step: this step's shares, until end_step
+        self.finite_steps = 0  # per_step: logged steps whose loss was finite on every rank
         self.loss_sum: torch.Tensor | None = None
         self.nonfinite: torch.Tensor | None = None  # micro batches of the current step with a NaN/inf loss
         self.finite: torch.Tensor | None = None  # micro batches since the last log with a finite loss
@@ -43,12 +52,29 @@ class StepMeter:
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
         self.finite = (1.0 - bad) if self.finite is None else self.finite + (1.0 - bad)
         loss = torch.where(finite, loss, torch.zeros_like(loss))  # a skipped step must not poison the mean
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        if self.per_step:
+            self.step_sum = loss if self.step_sum is None else self.step_sum + loss
+        else:
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.tokens += tokens
         self.micro_batches += 1
         self.samples += samples
         self.skipped += skipped
         self.data_wait_s += data_wait_s
+
+    def wait(self, seconds: float) -> None:
+        """Time spent waiting for a step's micro batches."""
+        self.data_wait_s += seconds
+
+    def end_step(self, nonfinite: bool) -> None:
+        """The step is done and every rank knows whether its loss was finite anywhere (per_step: a skipped
+        step's shares leave the logged mean, as a non-finite micro batch does without per_step)."""
+        if not self.per_step or self.step_sum is None:
+            return
+        if not nonfinite:
+            self.loss_sum = self.step_sum if self.loss_sum is None else self.loss_sum + self.step_sum
+            self.finite_steps += 1
+        self.step_sum = None
 
     def add_pairs(
         self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, valid: torch.Tensor
@@ -72,6 +98,8 @@ class StepMeter:
 
     def collect(self, steps: int) -> dict[str, float]:
         """Reduce over ranks: loss is the mean micro-batch loss, tokens/samples are global sums."""
+        if self.loss_sum is None:  # per_step, and no logged step had a finite loss
+            self.loss_sum = torch.zeros(())
         device = self.loss_sum.device
         counts = [self.tokens, self.micro_batches, self.samples, self.data_wait_s, self.skipped]
         local = torch.cat(
@@ -88,8 +116,10 @@ class StepMeter:
         router = {"router_aux_loss": reduced[-1] / micro} if self.router is not None and micro else {}
         elapsed = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         ranks = micro / max(1, self.micro_batches)
+        if self.per_step:  # the steps' sums of shares, over ranks: the same step count on every rank
+            finite = self.finite_steps
         return {
-            # over micro batches with a finite loss (a skipped NaN step does not drag the mean); None if none
+            # over steps (micro batches) with a finite loss: a skipped NaN step does not drag the mean; None if none
             "loss": loss_sum / finite if finite else None,
             "tokens": int(tokens),
             "samples": int(samples),

@@ -23,16 +23,27 @@ class PairScores:
     margin: torch.Tensor  # [B] implicit DPO reward margin beta * ((pc - rc) - (pr - rr)), for every objective
     chosen_nll: torch.Tensor  # [B] mean NLL per chosen-answer token
     valid: torch.Tensor  # [B] 1.0 for real pairs, 0.0 for filler pairs (no answer tokens)
+    chosen_tokens: torch.Tensor  # [B] supervised tokens of each chosen answer
 
 
 def score_pairs(
-    objective: ObjectiveConfig, policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor
+    objective: ObjectiveConfig,
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    tokens: torch.Tensor,
+    batch_nll: bool = True,
 ) -> PairScores:
-    """Per-pair terms from per-row log-probs [2B] of the policy and the adapter-disabled reference."""
+    """Per-pair terms from per-row log-probs [2B] of the policy and the adapter-disabled reference.
+
+    `batch_nll`: dpo_nll's loss carries this batch's chosen-answer NLL (TRL's batch arithmetic); without it
+    the pair terms are DPO's alone and the caller adds the NLL normalised its own way (objectives/normalize).
+    """
     (pc, pr), (rc, rr), (tc, tr) = split_pair(policy), split_pair(reference), split_pair(tokens)
     valid = (tc > 0).float()
     chosen_nll = -pc / tc.clamp(min=1)
     name = "dpo" if objective.name == "sft" else objective.name  # an SFT run still reports DPO's view
+    if name == "dpo_nll" and not batch_nll:
+        name = "dpo"
     terms = preference_loss(
         name,
         pc,
@@ -48,7 +59,7 @@ def score_pairs(
         chosen_nll=chosen_nll,
     )
     margin = objective.beta * ((pc - rc) - (pr - rr)).detach()
-    return PairScores(terms.loss, terms.chosen_rewards, terms.rejected_rewards, margin, chosen_nll, valid)
+    return PairScores(terms.loss, terms.chosen_rewards, terms.rejected_rewards, margin, chosen_nll, valid, tc)
 
 
 def mean_over_pairs(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

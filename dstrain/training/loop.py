@@ -32,6 +32,7 @@ from dstrain.metrics.meter import StepMeter
 from dstrain.model import selfcheck
 from dstrain.model.ulysses import plain_attention
 from dstrain.objectives.losses import sft_loss
+from dstrain.objectives.normalize import StepUnits, host_units, pair_contribution, sft_contribution
 from dstrain.objectives.preference import mean_over_pairs, score_pairs
 from dstrain.training.bad_records import (
     check_bad_fraction,
@@ -43,33 +44,45 @@ from dstrain.training.phases import halt_if_requested, stop_agreed
 from dstrain.training.session import Run, Tally
 
 
-def micro_step(run: Run, tally: Tally, meter: StepMeter) -> None:
-    """One micro batch: fetch (timed), forward, backward, and an optimizer step at the boundary."""
-    started = time.perf_counter()
-    batch = next(run.batches)
-    waited = time.perf_counter() - started
+def micro_step(run: Run, tally: Tally, meter: StepMeter, batch: MicroBatch, units: StepUnits | None) -> None:
+    """One micro batch: forward, backward, and an optimizer step at the boundary (DeepSpeed decides).
+
+    `units`: the step's global-batch denominators (objective.loss_normalization=global), None for the
+    per-micro-batch mean."""
     if not tally.head_checked:
         check_head(run, batch)
         tally.head_checked = True
-    loss, router = micro_loss(run, batch, meter)
+    loss, logged, router = micro_loss(run, batch, meter, units)
     eng.backward(run.engine, loss + router)
     eng.step(run.engine)
     # the ranks of a sequence-parallel group share one micro batch: its first rank counts it
     counts = rank_in_group() == 0
     tokens, samples = (batch.tokens, batch.samples) if counts else (0, 0)
-    meter.add(loss, tokens, samples, waited, skipped=len(batch.bad) if counts else 0)
+    if units is not None and not counts:
+        logged = torch.zeros_like(logged)  # the group's first rank holds the group's share of the step loss
+    meter.add(logged, tokens, samples, 0.0, skipped=len(batch.bad) if counts else 0)
     if run.moe:
         meter.add_router(router)
     if batch.bad:
         note_bad_records(run, tally, batch.bad)
 
 
-def micro_loss(run: Run, batch: MicroBatch, meter: StepMeter) -> tuple[torch.Tensor, torch.Tensor]:
-    """The objective's loss of one micro batch (SFT's NLL per token, or the mean preference loss per pair)
-    and the MoE router's weighted load-balancing loss of its policy pass (0 for a dense model)."""
+def micro_loss(
+    run: Run, batch: MicroBatch, meter: StepMeter, units: StepUnits | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the loss to backward, this micro batch's term of the logged step loss, the MoE router's weighted
+    load-balancing loss of its policy pass, 0 for a dense model).
+
+    With `units` (global normalisation, objectives/normalize.py) the logged term is the micro batch's share
+    of the global batch's loss and the backward loss is that times `units.scale`; without, both are the
+    micro batch's own mean (SFT's NLL per token, or the mean preference loss per pair)."""
     if run.objective.name == "sft":
         nll_sum, num_tokens, router = eng.forward(run.engine, batch.inputs, aux=True)
-        return sft_loss(nll_sum, num_tokens), router
+        if units is None:
+            loss = sft_loss(nll_sum, num_tokens)
+            return loss, loss, router
+        share = sft_contribution(nll_sum, units)
+        return share * units.scale, share, router
     if run.reference_table is None:
         policy, reference, tokens, router = eng.forward(run.engine, batch.inputs, pairs=True, aux=True)
     else:
@@ -77,9 +90,35 @@ def micro_loss(run: Run, batch: MicroBatch, meter: StepMeter) -> tuple[torch.Ten
             run.engine, batch.inputs, pairs=True, reference=False, aux=True
         )
         reference = lookup(run.reference_table, batch.indices, policy)
-    scores = score_pairs(run.objective, policy, reference, tokens)
+    scores = score_pairs(run.objective, policy, reference, tokens, batch_nll=units is None)
     meter.add_pairs(scores.chosen_rewards, scores.rejected_rewards, scores.margin, scores.valid)
-    return mean_over_pairs(scores.loss, scores.valid), router
+    if units is None:
+        loss = mean_over_pairs(scores.loss, scores.valid)
+        return loss, loss, router
+    nll_weight = run.objective.nll_weight if run.objective.name == "dpo_nll" else 0.0
+    share = pair_contribution(scores, units, nll_weight)
+    return share * units.scale, share, router
+
+
+def fetch_step(run: Run) -> tuple[list[MicroBatch], float]:
+    """The micro batches of one optimizer step, read before its first forward, and the time spent waiting."""
+    started = time.perf_counter()
+    batches = [next(run.batches) for _ in range(run.plan.accumulation)]
+    return batches, time.perf_counter() - started
+
+
+def step_units(run: Run, batches: list[MicroBatch]) -> StepUnits | None:
+    """The global batch's token and pair counts: this rank's, counted on the host, summed over the ranks in
+    one small all-reduce that stays on the device (no host sync). None under micro-batch normalisation."""
+    if run.objective.loss_normalization != "global":
+        return None
+    pairs = run.objective.name != "sft"
+    counts = [host_units(batch.inputs, pairs) for batch in batches]
+    local = [sum(c[0] for c in counts), sum(c[1] for c in counts)]
+    if rank_in_group() != 0:  # a sequence-parallel group reads one share of the batch: count it once
+        local = [0, 0]
+    tokens, pair_count = all_reduce_sum(torch.tensor(local, dtype=torch.int64))
+    return StepUnits(tokens, pair_count, run.plan.accumulation * run.plan.world)
 
 
 def check_head(run: Run, batch: MicroBatch) -> None:
@@ -107,7 +146,9 @@ def log_train(run: Run, tally: Tally, state: TrainerState, meter: StepMeter, ste
     """Reduce the meter over ranks (the one host sync of a logged step) and write the row to every sink."""
     row = meter.collect(steps)
     state.tokens += row["tokens"]
-    row.update(step=state.step, lr=eng.current_lr(run.engine), epoch=state.epoch)
+    # the LR this step's update used, and the epoch its samples came from (state.epoch is the next step's)
+    lr = tally.step_lrs[0] if tally.step_lrs else eng.current_lr(run.engine)
+    row.update(step=state.step, lr=lr, epoch=max(0, state.step - 1) // run.steps_per_epoch)
     row.update(max_over_ranks(device_stats()))  # a collective: every rank logs the same steps
     utilisation = mfu(row["tokens_per_s"], run.num_params, run.plan.devices)
     if utilisation is not None:
@@ -225,11 +266,18 @@ def on_nonfinite(run: Run, tally: Tally, state: TrainerState) -> None:
 
 def optimizer_step(run: Run, tally: Tally, state: TrainerState, meter: StepMeter) -> bool:
     """The micro batches of one optimizer step, then the cross-rank decisions on it; True if a stop was asked."""
-    for _ in range(run.plan.accumulation):
-        micro_step(run, tally, meter)
+    batches, waited = fetch_step(run)
+    meter.wait(waited)
+    units = step_units(run, batches)
+    tally.step_lrs = eng.current_lrs(
+        run.engine
+    )  # what this step's update uses (the scheduler moves after it)
+    for batch in batches:
+        micro_step(run, tally, meter, batch, units)
     stop, nonfinite, failed = step_flags(
         run.stop.requested, meter.take_nonfinite(), len(tally.failed_records)
     )
+    meter.end_step(nonfinite)
     advance_position(state, run.plan, run.steps_per_epoch)
     if failed:
         fail_on_bad_records(tally, run.output_dir, state.step)
@@ -277,7 +325,7 @@ def fit(run: Run, tally: Tally, state: TrainerState) -> TrainerState:
     Stops early, with a checkpoint, when a rank was asked to stop (see `dstrain.distributed.stop`).
     """
     cfg, total = run.train, run.total_steps
-    meter, since_log = StepMeter(), 0
+    meter, since_log = StepMeter(per_step=run.objective.loss_normalization == "global"), 0
     if state.step >= total:
         run.sink.print(
             f"nothing to train: the run is at step {state.step} of train.max_steps/epochs ({total} steps); "

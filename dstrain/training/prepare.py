@@ -202,7 +202,10 @@ def prepare(
         len(train), plan_batch(raw, cfg, data_parallel_world(cfg, world), problems=[])
     )
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
-    ds, plan = resolve_ds_config(raw, cfg, world, total, hidden_size(cfg.model), *device_precision())
+    # a resume keeps its checkpoint's schedule numbers by choice (train.resume_schedule): not compared here
+    ds, plan = resolve_ds_config(
+        raw, cfg, world, total, hidden_size(cfg.model), *device_precision(), check_length=ds_source is None
+    )
     config_yaml = dump_yaml(cfg)
     clock.lap("data index")
     return Prepared(

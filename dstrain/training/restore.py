@@ -68,13 +68,38 @@ def new_state(world_size: int, prepared: Prepared) -> TrainerState:
 def restore(
     resume: ResumePoint, ds_engine: object, peft_model: object, prepared: Prepared, rank: int, world: int
 ) -> TrainerState:
-    """Load optimizer, scheduler and RNG state into the new engine (a collective) and continue the state."""
+    """Load optimizer, scheduler and RNG state into the new engine (a collective) and continue the state;
+    the LR schedule is then kept or stretched for the run's (new) length."""
+    if resume.warm_start:
+        state = warm_start(resume, ds_engine, peft_model, prepared, rank, world)
+    else:
+        state = restore_full(resume, ds_engine, peft_model, prepared, rank, world)
+    resume.schedule_note = plan_schedule(resume, ds_engine, prepared)
+    return state
+
+
+def plan_schedule(resume: ResumePoint, ds_engine: object, prepared: Prepared) -> str:
+    """Keep or stretch the restored LR schedule (train.resume_schedule); the line that says which."""
+    from dstrain import engine
+    from dstrain.training.schedule import apply_on_resume
+
+    return apply_on_resume(
+        engine.lr_schedule(ds_engine),
+        prepared.cfg.train.resume_schedule,
+        resume.state.step,
+        resume.planned_steps,
+        prepared.total_steps,
+    )
+
+
+def restore_full(
+    resume: ResumePoint, ds_engine: object, peft_model: object, prepared: Prepared, rank: int, world: int
+) -> TrainerState:
+    """Format 2: optimizer moments, scheduler, counters and per-rank RNG, exactly as saved."""
     from dstrain.checkpoint import load, optim
     from dstrain.checkpoint.rng import restore_rng, seed_everything
 
     saved = resume.state
-    if resume.warm_start:
-        return warm_start(resume, ds_engine, peft_model, prepared, rank, world)
     with agreed(f"reading {resume.ckpt}"):  # before any collective: no rank left waiting
         tensors, sched = load.read_optimizer(resume.ckpt)
         rng = load.read_rng(resume.ckpt, rank) if world == saved.world_size else None
@@ -138,20 +163,20 @@ def torch_scalar(value: int) -> Any:
 
 
 def warm_schedule(fresh: dict[str, Any], ds: dict[str, Any], saved: TrainerState) -> dict[str, Any]:
-    """The scheduler state of a fresh engine moved to `saved.step`: the same DeepSpeed scheduler, stepped as
-    many times on a stand-in optimizer, gives the learning rate an uninterrupted run would use next."""
+    """The scheduler state of a fresh engine moved to `saved.step`: the run's schedule (training/schedule.py),
+    stepped as many times on a stand-in optimizer, gives the LR an uninterrupted run would use next."""
     import torch
-    from deepspeed.runtime import lr_schedules
+
+    from dstrain.training.schedule import PlannedSchedule
 
     sched = dict(fresh, optimizer_step=0, global_steps=saved.step, global_samples=saved.samples)
     spec = ds.get("scheduler")
     if not spec or fresh.get("scheduler") is None:
         return sched
-    groups = len(fresh["param_group_lr"])
     stand_in = torch.optim.SGD(
-        [{"params": [torch.nn.Parameter(torch.zeros(1))]} for _ in range(groups)], lr=0
+        [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in fresh["param_group_lr"]]
     )
-    scheduler = getattr(lr_schedules, spec["type"])(stand_in, **spec.get("params", {}))
+    scheduler = PlannedSchedule(stand_in, spec, start=False)
     scheduler.load_state_dict(fresh["scheduler"])
     for _ in range(saved.step):
         scheduler.step()

@@ -72,6 +72,7 @@ class Tally:
     nonfinite_in_a_row: int = 0
     cleaned_records: int = 0  # training records data.clean changed (Unicode NFC, control characters, ...)
     head_checked: bool = False  # the first-batch self-check ran (model/selfcheck.py)
+    step_lrs: list[float] = field(default_factory=list)  # each param group's LR in the last step's update
 
     @property
     def skipped_records(self) -> int:

@@ -250,7 +250,10 @@ def announce(
     """Rank 0's start-up lines: warnings of the resume, what is trained, the memory estimate, where from."""
     for note in resume.notes if resume else []:
         sink.print(f"[yellow]warning:[/] {note}")
+    from dstrain.objectives.normalize import describe as loss_line
+
     sink.print(describe(cfg, prepared, peft_model))
+    sink.print(loss_line(cfg.objective.name, cfg.objective.loss_normalization))
     sink.print(model_facts.head_line(cfg, peft_model))
     if note := model_facts.router_note(cfg, peft_model):
         sink.print(f"[yellow]warning:[/] {note}")
@@ -262,6 +265,8 @@ def announce(
         sink.print(
             f"resuming from {resume.ckpt} at step {state.step} (epoch {state.epoch}, sample {state.cursor})"
         )
+        if resume.schedule_note:
+            sink.print(resume.schedule_note)
 
 
 def sequence_line(cfg: RunConfig, prepared: Prepared) -> str:

@@ -138,7 +138,8 @@ def test_inspect_names_format_writer_and_warm_start(tmp_path: Path, capsys: pyte
 
 
 def test_warm_schedule_continues_the_lr_schedule():
-    """The LR an uninterrupted run uses after `step` steps: DeepSpeed's scheduler stepped as many times."""
+    """The LR an uninterrupted run uses after `step` steps: the run's scheduler stepped as many times, from
+    where a fresh engine's starts (DeepSpeed's own count -1 here: its alignment is kept)."""
     from dstrain.checkpoint.state import TrainerState
     from dstrain.training.restore import warm_schedule
 
@@ -147,9 +148,26 @@ def test_warm_schedule_continues_the_lr_schedule():
     fresh = {"optimizer_step": 0, "global_steps": 0, "global_samples": 0, "param_group_lr": [0.0]}
     fresh["scheduler"] = {"last_batch_iteration": -1}
     sched = warm_schedule(fresh, ds, TrainerState(step=5, samples=20))
-    assert sched["scheduler"] == {"last_batch_iteration": 4}
+    assert sched["scheduler"] == {"last_batch_iteration": 4, "stretch": None}
     assert sched["param_group_lr"] == [pytest.approx(4 / 10 * 1e-3)]
     assert (sched["optimizer_step"], sched["global_steps"], sched["global_samples"]) == (0, 5, 20)
+
+
+def test_warm_schedule_from_a_planned_start_gives_the_next_updates_lr():
+    """A fresh engine today starts its schedule at iteration 1 (update k uses iteration k): after 5 steps the
+    next update, the 6th, uses iteration 6 of the linear warmup."""
+    from dstrain.checkpoint.state import TrainerState
+    from dstrain.training.restore import warm_schedule
+    from dstrain.training.schedule import PlannedSchedule, stand_in_optimizer
+
+    params = {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 10, "total_num_steps": 101}
+    spec = {"type": "WarmupDecayLR", "params": {**params, "warmup_type": "linear"}}
+    start = PlannedSchedule(stand_in_optimizer(1e-3), spec)
+    fresh = {"optimizer_step": 0, "global_steps": 0, "global_samples": 0, "param_group_lr": start.get_lr()}
+    fresh["scheduler"] = start.state_dict()
+    sched = warm_schedule(fresh, {"scheduler": spec}, TrainerState(step=5, samples=20))
+    assert sched["scheduler"]["last_batch_iteration"] == 6
+    assert sched["param_group_lr"] == [pytest.approx(6 / 10 * 1e-3)]
 
 
 def test_a_snapshot_without_a_schema_version_keeps_the_text_as_0_1_0_read_it():

@@ -47,9 +47,11 @@ def _minimal(**over) -> dict:
     return ds
 
 
-def _problems(raw: dict, cfg: RunConfig | None = None, world: int = 1, **kw) -> list[str]:
+def _problems(
+    raw: dict, cfg: RunConfig | None = None, world: int = 1, total_steps: int = 100, **kw
+) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        resolve_ds_config(raw, cfg or _cfg(), world, 100, **kw)
+        resolve_ds_config(raw, cfg or _cfg(), world, total_steps, **kw)
     return info.value.problems
 
 
@@ -195,10 +197,30 @@ def test_bad_zero_stage():
 def test_scheduler_autos_filled_from_total_steps(total_steps: int):
     ds, _ = resolve_ds_config(_shipped(), _cfg(), 1, total_steps)
     params = ds["scheduler"]["params"]
-    assert params["total_num_steps"] == total_steps
+    # the decay ends one iteration after the last update's (training/schedule.py): no update at the minimum
+    assert params["total_num_steps"] == total_steps + 1
     assert params["warmup_num_steps"] == max(1, -(-total_steps * 5 // 100))
     assert params["warmup_max_lr"] == ds["optimizer"]["params"]["lr"] == 2e-4
     assert params["warmup_min_lr"] == 0.0  # explicit values are kept
+
+
+def test_cosine_auto_end_leaves_the_last_update_above_the_minimum():
+    raw = _shipped()
+    raw["scheduler"] = {
+        "type": "WarmupCosineLR",
+        "params": {"total_num_steps": "auto", "warmup_num_steps": 2},
+    }
+    ds, _ = resolve_ds_config(raw, _cfg(), 1, 20)
+    assert ds["scheduler"]["params"]["total_num_steps"] == 22  # DeepSpeed's cosine ends one iteration early
+
+
+def test_an_explicit_total_shorter_than_the_run_is_refused_naming_both():
+    raw = _shipped()
+    raw["scheduler"]["params"]["total_num_steps"] = 50
+    problems = _problems(raw, total_steps=80)
+    assert any("total_num_steps=50" in p and "(80 steps)" in p for p in problems), problems
+    resolve_ds_config(raw, _cfg(), 1, 80, check_length=False)  # a resume keeps its plan by choice
+    resolve_ds_config(raw, _cfg(), 1, 50)  # as long as the run: the user asked for it
 
 
 def test_explicit_scheduler_values_are_kept():
