@@ -13,6 +13,8 @@ own `deepspeed --num_gpus N` launch:
                     rejected in one row: the prompt is computed once), reference = the policy with its adapter
                     disabled (dstrain's default)
   dstrain-unshared  the same with data.share_prompt=false (2 rows per pair, as TRL)
+  dstrain-micro     the same as dstrain with objective.loss_normalization=micro_batch (the cost of the
+                    global-batch normalisation)
   trl               trl.DPOTrainer(ref_model=None) with a LoRA peft_config: the reference is the policy with
                     the adapter disabled, 2 rows per pair
 
@@ -41,6 +43,7 @@ import bench_workload as bw
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dstrain": ("dstrain", {"data.share_prompt": True}),
     "dstrain-unshared": ("dstrain", {"data.share_prompt": False}),
+    "dstrain-micro": ("dstrain", {"data.share_prompt": True, "objective.loss_normalization": "micro_batch"}),
     "trl": ("dpo-trl", {}),
 }
 

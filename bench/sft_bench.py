@@ -11,6 +11,8 @@ r16 all-linear, fp32 (CPU) or bf16 (--dtype bf16 on GPU). Each row is its own `d
   dstrain          deepspeed --module dstrain.train, data.group_by_length=true, model.logits_chunk_tokens
                    (loss and head only at the answer positions)
   dstrain-plain    the same without length grouping (what group_by_length alone buys)
+  dstrain-micro    the same with objective.loss_normalization=micro_batch (what normalising the loss over
+                   the global batch costs: a host count and one small all-reduce per step)
   hf               transformers.Trainer(deepspeed=<same dict>), PEFT LoRA, labels -100 on the prompt
   hf-grouped       the same with train_sampling_strategy="group_by_length" (HF's length grouping)
   hf-liger         the same with use_liger_kernel=True: Liger's Triton kernels, its fused linear
@@ -44,6 +46,12 @@ import bench_workload as bw
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dstrain": ("dstrain", {"data.group_by_length": True}),
     "dstrain-plain": ("dstrain", {"data.group_by_length": False}),
+    # the loss as each micro batch's own mean (objective.loss_normalization before issue 27): what the
+    # global-batch normalisation costs is dstrain / dstrain-micro
+    "dstrain-micro": (
+        "dstrain",
+        {"data.group_by_length": True, "objective.loss_normalization": "micro_batch"},
+    ),
     "hf": ("sft-hf", {}),
     "hf-grouped": ("sft-hf", {"group_by_length": True}),
     "hf-liger": ("sft-hf", {"use_liger_kernel": True}),
