@@ -101,6 +101,8 @@ def exported_source(kind: str, path: Path, config: Path | None, overrides: list[
             model["dtype"] = dtype
     elif config is None:
         model["path"] = adapter_base(path)
+    # the config's data.train is required of a run; an eval reads only --data
+    raw.setdefault("data", {}).setdefault("train", ["(not read by dstrain eval)"])
     apply_overrides(raw, overrides)
     if kind == MERGED:
         raw["model"]["path"] = str(path)  # the dir is the model, whatever else was said
