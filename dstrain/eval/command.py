@@ -78,7 +78,10 @@ def evaluate_source(args: argparse.Namespace) -> tuple[dict[str, Any], DistEnv]:
     if args.generate < 0:
         raise DstrainError(f"--generate must be 0 or more, got {args.generate}")
     source = find_source(Path(args.path), args.config, args.overrides)
+    for note in source.notes:  # broken newer checkpoints passed over
+        print(f"warning: {note}", file=sys.stderr)
     cfg = eval_config(source.cfg, args.data, args.format)
+    files = data_files(cfg)  # a missing file is said as such, before any record is read
     if source.kind == MERGED and cfg.data.format == "preference":
         raise DstrainError(
             f"{source.path} is a merged model: preference metrics compare it with the base it came from, which "
@@ -92,15 +95,20 @@ def evaluate_source(args: argparse.Namespace) -> tuple[dict[str, Any], DistEnv]:
         metrics = score(replace(source, cfg=cfg), tokenizer, examples, args.generate, env)
     report = {
         "source": describe(replace(source, cfg=cfg)),
-        "data": [str(p) for p in data_files(cfg)],
+        "data": [str(p) for p in files],
         "records": len(examples),
         "generated": min(args.generate, len(examples)),
         "world_size": env.world_size,
         "metrics": metrics,
         "logged": logged_metrics(source, cfg),
     }
+    if cfg.data.max_eval_samples and len(examples) == cfg.data.max_eval_samples:
+        report["note"] = (
+            f"the first {len(examples)} records only (data.max_eval_samples in the config); "
+            "--set data.max_eval_samples=0 scores them all"
+        )
     if env.is_main:
-        report["report"] = str(write_report(report, args.out or default_report_path(source.path, cfg)))
+        report["report"] = str(write_report(report, args.out or default_report_path(source.path, files)))
     return report, env
 
 
@@ -214,10 +222,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def default_report_path(evaluated: Path, cfg: RunConfig) -> Path:
+def default_report_path(evaluated: Path, files: list[Path]) -> Path:
     """`<dir>.eval-<first data file's stem>.json` beside the evaluated dir (inside it would break a
     checkpoint's manifest check)."""
-    stem = data_files(cfg)[0].stem
+    stem = files[0].stem
     return evaluated.parent / f"{evaluated.name}.eval-{stem}.json"
 
 
@@ -261,6 +269,8 @@ def show(report: dict[str, Any], as_json: bool, out: Any) -> None:
     console.print(
         f"{report['records']} records of {data} ({source['data']['format']}); report {report['report']}"
     )
+    if "note" in report:
+        console.print(f"note: {report['note']}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ class EvalSource:
     cfg: RunConfig
     micro: int  # rows per forward: the run's micro batch where it is known
     step: int | None = None  # a checkpoint's step
-    run_dir: Path | None = None  # the run a checkpoint belongs to (its metrics.jsonl)
+    run_dir: Path | None = (
+        None  # the run a checkpoint belongs to (its metrics.jsonl), unless --set changed it
+    )
     notes: list[str] = field(default_factory=list)
 
 
@@ -86,7 +88,8 @@ def checkpoint_source(path: Path, overrides: list[str]) -> EvalSource:
     cfg = config_from_dict(raw, source=f"{ckpt}/config.yaml")
     micro = load.read_ds_resolved(ckpt).get("train_micro_batch_size_per_gpu", DEFAULT_MICRO)
     step = load.read_trainer_state(ckpt).step
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    # its metrics.jsonl is compared with only when nothing was changed with --set
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" and not overrides else None
     return EvalSource(CHECKPOINT, ckpt, cfg, int(micro), step, run_dir, list(found.notes))
 
 

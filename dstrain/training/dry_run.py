@@ -49,6 +49,7 @@ def render(report: DryRun, console: Console) -> None:
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(plan_table(report))
+    console.print(lr_table(report))
     console.print(data_table(report))
     console.print(memory_table(report))
     console.print("dry run: nothing was trained or written; `dstrain train` without --dry-run starts it")
@@ -89,11 +90,16 @@ def steps_text(steps: list[int]) -> str:
     return f"{', '.join(map(str, steps[:3]))}, ..., {', '.join(map(str, steps[-2:]))} ({len(steps)} in all)"
 
 
+def two_columns(title: str) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False, show_edge=False)
+    table.add_column("what", overflow="fold")
+    table.add_column("value", overflow="fold")
+    return table
+
+
 def plan_table(report: DryRun) -> Table:
     plan, train = report.plan, report.cfg.train
-    table = Table(title="plan", title_justify="left", show_header=False, show_edge=False)
-    table.add_column("what")
-    table.add_column("value")
+    table = two_columns("plan")
     ranks = f"world {plan.data_parallel}"
     if plan.sequence_parallel > 1:
         ranks = f"{plan.data_parallel} data-parallel ranks (sequence-parallel {plan.sequence_parallel})"
@@ -101,40 +107,44 @@ def plan_table(report: DryRun) -> Table:
         "global batch",
         f"{plan.global_batch} = micro {plan.micro} x accumulation {plan.accumulation} x {ranks}",
     )
+    epochs = f"{plan.epochs:g} epoch{'' if plan.epochs == 1 else 's'}"
     table.add_row(
         "steps",
-        f"{plan.total_steps} ({plan.epochs:g} epochs of {plan.steps_per_epoch} steps, "
-        f"{plan.train_samples} samples)",
+        f"{plan.total_steps} ({epochs} of {plan.steps_per_epoch} steps, {plan.train_samples} samples)",
     )
     table.add_row("warmup / decay", f"{plan.warmup_steps} / {plan.decay_steps} steps")
-    table.add_row("lr", ", ".join(f"step {s}: {lr:.3g}" for s, lr in plan.lr.items()))
     table.add_row("eval at", steps_text(plan.eval_steps))
     table.add_row("save at", f"{steps_text(plan.save_steps)} (keep_last {train.keep_last})")
     return table
 
 
+def lr_table(report: DryRun) -> Table:
+    table = Table(title="learning rate of each step's update", title_justify="left", show_edge=False)
+    table.add_column("step", justify="right")
+    table.add_column("lr", justify="right")
+    for step, lr in report.plan.lr.items():
+        table.add_row(str(step), f"{lr:.4g}")
+    return table
+
+
 def data_table(report: DryRun) -> Table:
     data = report.data
-    table = Table(title="data", title_justify="left", show_header=False, show_edge=False)
-    table.add_column("what")
-    table.add_column("value")
+    sampled = f"{data.sampled} of {data.records}" if data.sampled < data.records else f"all {data.records}"
+    table = two_columns(f"data (token lengths: {sampled} records, as the run tokenises them)")
     for f in data.files:
         cleaned = f", {f.cleaned} changed by cleaning" if f.cleaned else ""
         table.add_row(f.path, f"{f.records} records, {f.bad} bad{cleaned}")
     table.add_row("eval set", f"{data.eval_records} records")
-    sampled = f"{data.sampled} of {data.records} records" if data.sampled < data.records else "all records"
     for part, p in data.lengths.items():
-        table.add_row(f"{part} tokens", f"p50 {p.p50}, p90 {p.p90}, p99 {p.p99}, max {p.max} ({sampled})")
+        table.add_row(f"{part} tokens", f"p50 {p.p50}, p90 {p.p90}, p99 {p.p99}, max {p.max}")
     if data.passages_cut is not None and data.cut_tokens is not None:
         cut = data.cut_tokens
-        by = f": by p50 {cut.p50}, p90 {cut.p90}, max {cut.max} tokens" if data.passages_cut else ""
+        by = f", by p50 {cut.p50} / p90 {cut.p90} / max {cut.max} tokens" if data.passages_cut else ""
         table.add_row(
-            f"passages cut to {data.max_passage_tokens} tokens",
+            f"passages cut to {data.max_passage_tokens}",
             f"{data.passages_cut} of {data.sampled - data.over_long} prompts{by}",
         )
-    table.add_row(
-        "over-long records", f"{data.over_long} of {data.sampled} (bad records the run skips or fails on)"
-    )
+    table.add_row("over-long records", f"{data.over_long} of {data.sampled} (the run skips or fails on them)")
     return table
 
 

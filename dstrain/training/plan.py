@@ -105,15 +105,15 @@ def launch_world(num_gpus: int | None, hostfile: Path | None, world_size: int | 
         return Launch(num_gpus, f"--num-gpus {num_gpus}", num_gpus, here=True)
     if world_size is not None:
         return Launch(world_size, f"--world-size {world_size}", world_size, here=False)
-    return Launch(1, "one local process (no --num-gpus/--hostfile)", 1, here=True)
+    return Launch(1, "one local process: no --num-gpus or --hostfile", 1, here=True)
 
 
 def read_hostfile(path: Path) -> dict[str, int]:
     """host -> slots, parsed by DeepSpeed's own launcher code."""
-    from deepspeed.launcher.runner import fetch_hostfile
-
     if not path.is_file():
         raise DstrainError(f"--hostfile {path}: no such file")
+    from deepspeed.launcher.runner import fetch_hostfile
+
     try:
         with quiet_deepspeed():  # it logs the bad text before raising; the message below says it once
             pool = fetch_hostfile(str(path))
