@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from dstrain.errors import DstrainError
 from dstrain.model.memory import gib
 from dstrain.training.dry_run import dry_run
+from dstrain.training.plan import launch_world
 from tests.helpers import REPO, assert_clean_failure, check, dstrain, make_small_data, write_config
 
 
@@ -77,6 +79,8 @@ def test_dry_run_errors_are_one_clear_message(config: Path, tmp_path: Path):
         cwd=tmp_path,
     )
     assert_clean_failure(bad, "batch sizes do not add up", "world size 16")
-    missing = dstrain("train", "--config", str(config), "--dry-run", "--hostfile", "nowhere", cwd=tmp_path)
-    assert_clean_failure(missing, "--hostfile nowhere: no such file")
     assert not (tmp_path / "runs").exists()
+    with pytest.raises(DstrainError, match="--hostfile nowhere: no such file"):
+        launch_world(None, Path("nowhere"), None)
+    with pytest.raises(DstrainError, match="--world-size stands for --num-gpus/--hostfile"):
+        launch_world(2, None, 16)
