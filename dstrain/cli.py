@@ -154,7 +154,10 @@ def resume(
 @app.command("eval")
 def evaluate(
     paths: Annotated[
-        list[str], typer.Argument(help="a run dir, checkpoint, exported adapter dir or merged model dir")
+        list[str],
+        typer.Argument(
+            metavar="PATH", help="a run dir, checkpoint, exported adapter dir or merged model dir"
+        ),
     ],
     data: Annotated[list[str], typer.Option("--data", help="eval file(s) or globs: --data a.jsonl b.jsonl")],
     format: Annotated[str | None, typer.Option("--format", help="preference | sft-rag | messages")] = None,
