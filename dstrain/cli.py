@@ -65,24 +65,57 @@ def train(
     ] = None,
     num_gpus: NumGpus = None,
     hostfile: Hostfile = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="plan the run (steps, LR, data, memory per rank); train nothing")
+    ] = False,
+    world_size: Annotated[
+        int | None, typer.Option("--world-size", help="with --dry-run: plan for this many ranks")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print one JSON object")] = False,
 ) -> None:
     """Train. Without --config: the bundled demo (tiny model, sample RAG data, runs/demo/)."""
+    if dry_run or world_size is not None or as_json:
+        plan_run(config, overrides or [], ds_config, (num_gpus, hostfile, world_size), as_json, dry_run)
     args = (["--config", str(config)] if config else []) + set_args(overrides)
     args += ["--ds-config", ds_config] if ds_config else []
     launch(args, num_gpus, hostfile)
+
+
+def plan_run(
+    config: Path | None,
+    overrides: list[str],
+    ds_config: str | None,
+    flags: tuple[int | None, Path | None, int | None],
+    as_json: bool,
+    dry_run: bool,
+) -> None:
+    from dstrain.training.dry_run import dry_run as plan
+
+    if not dry_run:
+        fail(
+            DstrainError(
+                "--world-size and --json go with --dry-run (a run's world size comes from the launcher)"
+            )
+        )
+    try:
+        raise typer.Exit(plan(config, overrides, ds_config, flags, as_json))
+    except DstrainError as exc:
+        fail(exc)
 
 
 def set_args(overrides: list[str] | None) -> list[str]:
     return [arg for item in overrides or [] for arg in ("--set", item)]
 
 
-def launch(args: list[str], num_gpus: int | None, hostfile: Path | None) -> None:
-    """Run `python -m dstrain.train ARGS` in this process, or on every rank through the deepspeed launcher."""
+def launch(
+    args: list[str], num_gpus: int | None, hostfile: Path | None, module: str = "dstrain.train"
+) -> None:
+    """Run `python -m MODULE ARGS` in this process, or on every rank through the deepspeed launcher."""
     args = [*args, "--debug"] if DEBUG["on"] else args
     if num_gpus is not None or hostfile is not None:
         from dstrain.distributed.launcher import launcher_command, run_launcher
 
-        cmd = launcher_command(num_gpus, hostfile, args)
+        cmd = launcher_command(num_gpus, hostfile, args, module)
         if shutil.which(cmd[0]) is None:
             fail(
                 DstrainError(
@@ -91,9 +124,9 @@ def launch(args: list[str], num_gpus: int | None, hostfile: Path | None) -> None
             )
         typer.echo(f"launching: {shlex.join(cmd)}", err=True)
         raise typer.Exit(run_launcher(cmd))
-    from dstrain.train import main as train_main
+    import importlib
 
-    raise typer.Exit(train_main(args))
+    raise typer.Exit(importlib.import_module(module).main(args))
 
 
 @app.command()
@@ -126,6 +159,32 @@ def resume(
         overrides = [*(overrides or []), f"train.resume_schedule={schedule}"]
     # Every rank gets the checkpoint chosen here, so all of them load the same one.
     launch(["--resume", str(found.path), *set_args(overrides)], num_gpus, hostfile)
+
+
+@app.command("eval")
+def evaluate(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="PATH", help="a run dir, checkpoint, exported adapter dir or merged model dir"
+        ),
+    ],
+    data: Annotated[list[str], typer.Option("--data", help="eval file(s) or globs: --data a.jsonl b.jsonl")],
+    format: Annotated[str | None, typer.Option("--format", help="preference | sft-rag | messages")] = None,
+    generate: Annotated[int, typer.Option("--generate", help="greedy answers (EM/F1) for N records")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="report path (default: next to PATH)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="run YAML for an adapter/model dir")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE (repeatable)")] = None,
+    num_gpus: NumGpus = None,
+) -> None:
+    """Score a checkpoint on eval data: eval_loss, preference accuracy/margin, EM/F1 with --generate."""
+    # `--data a b` leaves b among the positional arguments: every one after PATH is another data file
+    args = [paths[0], "--data", *data, *paths[1:], *set_args(overrides)]
+    args += (["--format", format] if format else []) + (["--generate", str(generate)] if generate else [])
+    args += (["--json"] if as_json else []) + (["--out", str(out)] if out else [])
+    args += ["--config", str(config)] if config else []
+    launch(args, num_gpus, None, module="dstrain.eval.command")
 
 
 @app.command()

@@ -108,6 +108,28 @@ def create_engine(
     return engine
 
 
+class LocalEngine(nn.Module):
+    """The module alone, run as the engine runs it, for evaluation without DeepSpeed (`dstrain eval`): its
+    floating-point parameters cast to the run's fp16/bf16 (buffers kept, as DeepSpeed 0.19's engine casts
+    them) and moved to this rank's device. `forward` and `evaluating` take it in the engine's place."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.runtime.engine import CASTABLE_DTYPES
+
+        super().__init__()
+        self.module = module
+        if dtype in (torch.float16, torch.bfloat16):
+            for param in module.parameters():
+                if param.dtype in CASTABLE_DTYPES and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+        self.device = torch.device(get_accelerator().current_device_name())
+        module.to(self.device)
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.module(**inputs)
+
+
 def optimizer_implementation(engine: DeepSpeedEngine) -> str:
     """TORCH or DEEPSPEED: which one this engine's (ZeRO-wrapped) optimizer is."""
     opt = engine.optimizer

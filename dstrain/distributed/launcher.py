@@ -11,8 +11,11 @@ import subprocess
 from pathlib import Path
 
 
-def launcher_command(num_gpus: int | None, hostfile: Path | None, entry_args: list[str]) -> list[str]:
-    """The deepspeed launcher line that runs `python -m dstrain.train` on every rank."""
+def launcher_command(
+    num_gpus: int | None, hostfile: Path | None, entry_args: list[str], module: str = "dstrain.train"
+) -> list[str]:
+    """The deepspeed launcher line that runs `python -m MODULE` (dstrain.train, or dstrain eval's
+    dstrain.eval.command) on every rank."""
     cmd = ["deepspeed"]
     if hostfile is not None:
         cmd += ["--hostfile", str(hostfile)]
@@ -22,7 +25,7 @@ def launcher_command(num_gpus: int | None, hostfile: Path | None, entry_args: li
         from dstrain.distributed.env import free_port
 
         cmd += ["--master_port", str(free_port())]
-    return [*cmd, "--module", "dstrain.train", *entry_args]
+    return [*cmd, "--module", module, *entry_args]
 
 
 def run_launcher(cmd: list[str]) -> int:

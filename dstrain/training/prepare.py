@@ -62,10 +62,14 @@ def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
     return None
 
 
-def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None) -> dict[str, Any]:
+def preflight(
+    cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None, planning: bool = False
+) -> dict[str, Any]:
     """Check every file the run needs and the batch arithmetic; raise one ConfigError listing all problems.
 
     `ds_source` replaces the ZeRO JSON file named by the config (a resumed run uses its checkpoint's copy).
+    `planning` (`dstrain train --dry-run`): output_dir is checked but not created, and the precision is not
+    checked against this machine's accelerator (the job may run on another kind of machine).
     """
     problems = check_model_path(cfg.model)
     if not problems:
@@ -80,8 +84,9 @@ def preflight(cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = Non
         _collect(problems, expand_paths, cfg.data.eval, "data.eval")
     if raw is not None:
         # A dry run of the resolution with a placeholder schedule: batch and precision problems surface now.
-        _collect(problems, lambda: resolve_ds_config(raw, cfg, world, 1, None, *device_precision()))
-    problems += check_output_dir(Path(cfg.output_dir))
+        precision = (True, True) if planning else device_precision()
+        _collect(problems, lambda: resolve_ds_config(raw, cfg, world, 1, None, *precision))
+    problems += check_output_dir(Path(cfg.output_dir), create=not planning)
     if cfg.train.wandb_project and importlib.util.find_spec("wandb") is None:
         problems.append(
             "train.wandb_project is set but wandb is not installed: `pip install wandb`, or set "
@@ -131,8 +136,15 @@ def check_sequence_heads(cfg: RunConfig, config: Any) -> list[str]:
     return problems
 
 
-def check_output_dir(path: Path) -> list[str]:
-    """output_dir must be creatable and writable now, not discovered unwritable at the first save."""
+def check_output_dir(path: Path, create: bool = True) -> list[str]:
+    """output_dir must be creatable and writable now, not discovered unwritable at the first save.
+
+    Without `create`, the nearest directory that exists must let this user create the rest."""
+    if not create:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            return []
+        return [f"output_dir: cannot create {path} ({existing} is not a writable directory)"]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -160,18 +172,22 @@ def index_split(patterns: list[str], what: str, cfg: RunConfig) -> Corpus:
     return corpus
 
 
-def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example] | list[PairExample]:
-    """The eval set, tokenised up front (it is read at every eval); over-long records are bad records too."""
+def load_eval(
+    tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, what: str = "data.eval"
+) -> list[Example] | list[PairExample]:
+    """The eval set, tokenised up front (it is read at every eval); over-long records are bad records too.
+
+    `what` names the files in messages (`dstrain eval` reads them from --data)."""
     # Preference data is always evaluated as pairs: preference accuracy is reported whatever the objective.
     pairs = cfg.data.format == "preference"
-    dataset = TokenizedCorpus(index_split(cfg.data.eval, "data.eval", cfg), tokenizer, cfg.data, pairs)
+    dataset = TokenizedCorpus(index_split(cfg.data.eval, what, cfg), tokenizer, cfg.data, pairs)
     limit = min(len(dataset), cfg.data.max_eval_samples or len(dataset))
     items = [dataset[i] for i in range(limit)]
     examples = [item for item in items if not isinstance(item, BadRecord)]
     bad = [item for item in items if isinstance(item, BadRecord)]
-    check_bad(len(examples), bad, len(bad), cfg.data.on_error, cfg.data.max_bad_fraction, "data.eval")
+    check_bad(len(examples), bad, len(bad), cfg.data.on_error, cfg.data.max_bad_fraction, what)
     if not examples:
-        raise DataError("data.eval: every record was skipped as bad; fix the eval file or drop data.eval")
+        raise DataError(f"{what}: every record was skipped as bad; fix the eval file or drop data.eval")
     return examples
 
 
@@ -180,20 +196,29 @@ def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def prepare(
-    cfg: RunConfig, world: int, ds_source: dict[str, Any] | None = None, clock: StartupClock | None = None
-) -> Prepared:
-    """Check everything (one ConfigError), load the tokenizer, index the data, resolve the ZeRO JSON.
-
-    `clock` books the checks and tokenizer as "config", the data index and eval set as "data index"."""
-    clock = clock or StartupClock()
-    raw = preflight(cfg, world, ds_source)
-    tokenizer = load_tokenizer(cfg.model)
-    clock.lap("config")
+def check_chat_template(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     needs_template = cfg.data.format == "messages" or cfg.data.chat_template
     if needs_template and not getattr(tokenizer, "chat_template", None):
         why = "data.format=messages" if cfg.data.format == "messages" else "data.chat_template=true"
         raise ConfigError([f"{why} needs a chat template, and the tokenizer of {cfg.model.path} has none"])
+
+
+def prepare(
+    cfg: RunConfig,
+    world: int,
+    ds_source: dict[str, Any] | None = None,
+    clock: StartupClock | None = None,
+    planning: bool = False,
+) -> Prepared:
+    """Check everything (one ConfigError), load the tokenizer, index the data, resolve the ZeRO JSON.
+
+    `clock` books the checks and tokenizer as "config", the data index and eval set as "data index".
+    `planning`: for `dstrain train --dry-run`, which creates nothing (see preflight)."""
+    clock = clock or StartupClock()
+    raw = preflight(cfg, world, ds_source, planning)
+    tokenizer = load_tokenizer(cfg.model)
+    clock.lap("config")
+    check_chat_template(cfg, tokenizer)
     corpus = index_split(cfg.data.train, "data.train", cfg)
     train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=cfg.objective.name != "sft")
     eval_set = load_eval(tokenizer, cfg) if cfg.data.eval else []
@@ -202,9 +227,10 @@ def prepare(
         len(train), plan_batch(raw, cfg, data_parallel_world(cfg, world), problems=[])
     )
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    precision = (True, True) if planning else device_precision()
     # a resume keeps its checkpoint's schedule numbers by choice (train.resume_schedule): not compared here
     ds, plan = resolve_ds_config(
-        raw, cfg, world, total, hidden_size(cfg.model), *device_precision(), check_length=ds_source is None
+        raw, cfg, world, total, hidden_size(cfg.model), *precision, check_length=ds_source is None
     )
     config_yaml = dump_yaml(cfg)
     clock.lap("data index")
