@@ -140,14 +140,20 @@ FIRST_BUILD_S = {"cpu_adam": 50, "fused_adam": 50, "deepspeed_shm_comm": 30}
 
 
 def op_build_dir(op: str, root: Path | None = None) -> Path:
-    """The directory torch's JIT builder uses for `op` (torch.utils.cpp_extension._get_build_directory)."""
+    """The directory torch's JIT builder uses for `op` (torch.utils.cpp_extension._get_build_directory):
+    TORCH_EXTENSIONS_DIR/<op> when that variable is set (as use_install_cache sets it), else
+    ~/.cache/torch_extensions/<python>_<device>/<op>."""
     import sys
 
     import torch
 
+    if root is None and os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / op
+    if root is not None:
+        return root / op
     cuda = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
     folder = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{cuda}"
-    return (root or extensions_root()) / folder / op
+    return extensions_root() / folder / op
 
 
 def op_needs_build(op: str, root: Path | None = None) -> bool:

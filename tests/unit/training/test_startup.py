@@ -88,6 +88,21 @@ def test_a_first_build_is_announced_with_its_rough_length(fresh_machine, capsys)
     assert str(fresh_machine) in out
 
 
+@pytest.mark.parametrize("chosen", [True, False])
+def test_the_build_dir_is_where_torch_builds(tmp_path, monkeypatch, chosen: bool):
+    """torch's own rule (cpp_extension._get_build_directory): TORCH_EXTENSIONS_DIR/<op> when set (as
+    use_install_cache sets it), else the default root's <python>_<device>/<op>."""
+    from torch.utils import cpp_extension
+
+    if chosen:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    else:
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+        monkeypatch.setattr(buildlocks, "extensions_root", lambda: tmp_path)
+    assert buildlocks.op_build_dir("cpu_adam") == Path(cpp_extension._get_build_directory("cpu_adam", False))
+
+
 def cache(op: str, sources: Path) -> Path:
     """A built library in the cache, with the build.ninja naming the sources it was built from."""
     built = buildlocks.op_build_dir(op)
