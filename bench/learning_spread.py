@@ -11,8 +11,9 @@ own run) under each kernel variant, in child processes whose environment picks t
   lowered   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 (with --lowered;
             on an AVX-512 CPU it is an AVX2 machine as far as torch, MKL and oneDNN can tell)
 
-Each variant is checked before it runs: a child reports the capability torch picked, and a variant the CPU
-cannot honour (torch falls back silently) is refused with that reason.
+Each variant is checked before it runs: the CPU must have its instructions (torch 2.13 takes
+ATEN_CPU_CAPABILITY=avx512 on an AVX2-only CPU and dies of SIGILL in the first kernel), and a child must
+report the capability asked for; a variant that fails either is refused with that reason.
 
 Run:  python bench/learning_spread.py [--seeds 5] [--variants default,avx2,avx512] [--lowered]
                                       [--objectives sft,dpo_nll] [--jobs 2] [--out bench/results]
@@ -58,6 +59,8 @@ VARIANTS = {
         "ONEDNN_MAX_CPU_ISA": "AVX2",
     },
 }
+# The CPU flags each ATen capability needs (torch's own check for AVX-512: F, BW, VL, DQ).
+NEEDS = {"default": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 # The metric each test asserts first, the other it reports, and the bar the test sets today (its asserts).
 METRICS = {"sft": ("eval_exact_match", "eval_token_f1"), "dpo_nll": ("eval_pref_acc", "eval_reward_margin")}
 BARS = {"sft": ("eval_exact_match", 0.8), "dpo_nll": ("eval_pref_acc", 0.7)}
@@ -97,8 +100,11 @@ def picked_capability(name: str) -> str:
 
 def check_variants(names: list[str]) -> dict[str, str]:
     """Each variant's picked capability; exit naming every variant this CPU cannot honour."""
-    picked = {name: picked_capability(name) for name in names}
-    wrong = [
+    flags = cpu_flags()
+    missing = {name: NEEDS[VARIANTS[name]["ATEN_CPU_CAPABILITY"]] - flags for name in names}
+    wrong = [f"{name}: the CPU lacks {' '.join(sorted(lack))}" for name, lack in missing.items() if lack]
+    picked = {name: picked_capability(name) for name in names if not missing[name]}
+    wrong += [
         f"{name}: asked ATEN_CPU_CAPABILITY={VARIANTS[name]['ATEN_CPU_CAPABILITY']}, torch picked {got}"
         for name, got in picked.items()
         if got.lower() != VARIANTS[name]["ATEN_CPU_CAPABILITY"]
@@ -175,7 +181,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    avx512 = "avx512f" in cpu_flags()
+    avx512 = not NEEDS["avx512"] - cpu_flags()
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--variants", default="default,avx2" + (",avx512" if avx512 else ""))
     parser.add_argument("--lowered", action="store_true", help="add the lowered variant (see above)")
