@@ -63,7 +63,7 @@ def test_deadline_kills_a_grandchild_in_its_own_session(tmp_path):
     outcome = run_with_deadline([sys.executable, "-c", SPAWNER, str(pidfile), "300"], 3, tmp_path / "log")
     grandchild = wait_for_pid(pidfile)
     assert outcome.timed_out and outcome.code is None
-    assert outcome.seconds < 15
+    assert outcome.seconds < 120  # hang guard, not a speed test: without the deadline the child runs 300 s
     assert not alive(grandchild), "the grandchild outlived the deadline"
     assert outcome.survivors == []
     assert "cut at its deadline" in outcome.status

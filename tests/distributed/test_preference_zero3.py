@@ -17,6 +17,7 @@ REL_TOL = 1e-5
 MARGIN_ABS_TOL = 1e-6
 
 
+@pytest.mark.numerics
 def test_dpo_zero3_two_ranks_match_one_rank(tmp_path):
     files = {
         "train": subset(asset("data", "preference_train.jsonl"), tmp_path / "train.jsonl", 64),

@@ -9,13 +9,13 @@ both stages (1-rank ZeRO-2 and ZeRO-3 agree far below the tolerance). Launches a
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from dstrain.config.demo import asset
@@ -31,11 +31,14 @@ from tests.helpers import (
     write_config,
 )
 from tests.helpers import run as run_launch
+from tests.numerics import assert_state_close, assert_steps_close
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.numerics]
 
 STEPS, MIDDLE = 5, 3
-REL_TOL = 1e-5  # fp32; measured below 3e-7 (the group's partial sums are added in another order)
+# fp32; the group's partial sums are added in another order: per-step metrics measured below 3e-7 relative.
+# The adapter is compared by norm, not entry by entry (tests/numerics.py says why).
+REL_TOL = 1e-5
 KEYS = ("loss", "grad_norm", "eval_loss", "eval_exact_match", "eval_token_f1", "reward_margin")
 
 
@@ -120,28 +123,31 @@ def rows(run_dir: Path) -> dict[int, dict]:
 
 
 def assert_same_curve(run: Path, ref: Path, steps: range = range(1, STEPS + 1), tokens: bool = True) -> None:
-    """Per-step metrics equal; `tokens`: also the token counts (not across pair layouts: padded pair rows
-    count the prompt twice)."""
+    """Per-step metrics equal within fp32 rounding; `tokens`: also the token counts (not across pair
+    layouts: padded pair rows count the prompt twice)."""
     got, want = rows(run), rows(ref)
+    for key in KEYS:
+        expected = {step: want[step][key] for step in steps if key in want[step]}
+        # margins are beta x differences of log-prob sums near -50: fp32 rounding of those, ~1e-7
+        abs_tol = 1e-6 if "margin" in key else 0.0
+        actual = {step: got[step].get(key, math.nan) for step in expected}
+        assert_steps_close(actual, expected, f"{run.name} vs {ref.name}: {key}", REL_TOL, abs_tol)
     for step in steps:
-        for key in KEYS:
-            if key in want[step]:
-                # margins are beta x differences of log-prob sums near -50: fp32 rounding of those, ~1e-7
-                tolerance = 1e-6 if "margin" in key else 1e-7
-                assert got[step][key] == pytest.approx(want[step][key], rel=REL_TOL, abs=tolerance), (
-                    step,
-                    key,
-                )
         if tokens and "tokens" in want[step]:  # each token counted once, by the first rank of its group
-            assert got[step]["tokens"] == want[step]["tokens"]
+            assert got[step]["tokens"] == want[step]["tokens"], (
+                step,
+                got[step]["tokens"],
+                want[step]["tokens"],
+            )
 
 
 def assert_same_adapter(run: Path, ref: Path) -> None:
+    """The whole of each adapter tensor, by norm: the group adds its partial sums in another order, and
+    an entry near zero carries the rounding of the terms that cancelled into it (issue 32: one of 1,024
+    entries off by 2e-7, relative 1.3e-4, on an AVX-512 machine)."""
     final = f"checkpoints/step-{STEPS:08d}/adapter_model.safetensors"
     got, want = load_file(str(run / final)), load_file(str(ref / final))
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        torch.testing.assert_close(got[key], value, rtol=REL_TOL, atol=1e-7)
+    assert_state_close(got, want, REL_TOL, f"{run.name} vs {ref.name}: final adapter")
 
 
 @pytest.mark.parametrize("ds", ["zero2", "zero3"])

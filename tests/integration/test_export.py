@@ -75,6 +75,7 @@ def auto_peft_logits(adapter: Path) -> torch.Tensor:
         return model(input_ids=probe()).logits
 
 
+@pytest.mark.numerics
 def test_merged_export_loads_in_transformers_with_the_same_logits(trained: Path, tmp_path: Path):
     out = tmp_path / "merged"
     check(
@@ -99,7 +100,11 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(trained: Path,
     reference = reference_logits(trained / "checkpoints" / "step-00000004")
     tolerance = ulps_at_largest(reference, MERGE_ULPS)
     torch.testing.assert_close(logits, reference, rtol=0, atol=tolerance)
-    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    # the same greedy token wherever the reference's best two are further apart than the merge may move
+    # them (a near tie may break either way on another CPU's rounding)
+    best, second = reference.topk(2, dim=-1).values.unbind(-1)
+    clear = best - second > 2 * tolerance
+    assert clear.any() and torch.equal(logits.argmax(-1)[clear], reference.argmax(-1)[clear])
     base = load_base_model(ModelConfig(dtype="fp32")).eval()
     with torch.no_grad():
         moved = (base(input_ids=probe()).logits - reference).abs().max().item()

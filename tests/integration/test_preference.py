@@ -66,6 +66,7 @@ def test_sft_on_preference_data_reports_preference_accuracy(tmp_path, pref_data)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # NLL of the chosen answers falls
 
 
+@pytest.mark.numerics
 def test_precomputed_reference_matches_the_inline_reference_and_is_reused(tmp_path, pref_data):
     objective = "dpo"
     inline = pref_config(tmp_path, pref_data, "inline", objective)

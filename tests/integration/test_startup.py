@@ -50,6 +50,7 @@ def test_it_says_its_optimizer_and_its_start_up_phases(plain_run):
     assert sched["optimizer_implementation"] == "torch"
 
 
+@pytest.mark.numerics
 def test_a_checkpoint_of_either_optimizer_resumes_on_the_one_it_records(plain_run, tmp_path):
     """A checkpoint without the record (written before dstrain chose) continues on DeepSpeed's FusedAdam from
     the same moments: the losses follow the torch run's to fp32 rounding (bitwise only on the same one)."""

@@ -46,6 +46,7 @@ def test_adam_without_decoupled_decay_is_torch_adam():
     assert type(opt) is torch.optim.AdamW and opt.defaults["foreach"] and opt.defaults["lr"] == 2e-4
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_torch_adamw_matches_deepspeeds_fused_adam(weight_decay: float):
     """Twenty steps on the same gradients: equal to fp32 rounding (a few ulps), not bitwise."""

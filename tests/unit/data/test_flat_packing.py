@@ -65,6 +65,7 @@ def test_one_row_with_sequence_boundaries():
     assert labelled == [8, 9, 10, 12, 13, 19, 20, 21]
 
 
+@pytest.mark.numerics
 def test_flat_row_loss_equals_separate_forwards(varlen_model):
     lm = SupervisedLM(varlen_model)
     flat = collate_micro(EXAMPLES, 0, flat=True)

@@ -68,6 +68,7 @@ def test_packed_batch_layout(examples):
     assert int((batch["position_ids"] > 0).sum()) + len(examples) == real
 
 
+@pytest.mark.numerics
 def test_packed_samples_see_nothing_of_each_other(model, examples):
     """Each sample's logits inside a packed row equal its logits run alone (SPEC 5: position ids alone fail)."""
     base = model.get_base_model()
@@ -103,6 +104,7 @@ def test_packed_samples_see_nothing_of_each_other(model, examples):
     assert not torch.allclose(leaky, packed, atol=1e-3)
 
 
+@pytest.mark.numerics
 def test_packed_loss_equals_padded_loss(model, examples):
     """Packing re-lays out the same micro batch: the summed NLL and the supervised token count are unchanged."""
     lm = SupervisedLM(model)

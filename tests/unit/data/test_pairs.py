@@ -188,6 +188,7 @@ def test_split_pair():
         split_pair(torch.tensor([1.0, 2.0, 3.0]))
 
 
+@pytest.mark.numerics
 def test_one_concatenated_forward_matches_each_sequence_alone(tokenizer, model, pairs):
     batch = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)
     lengths = batch["attention_mask"].sum(dim=1)

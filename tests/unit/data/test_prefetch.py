@@ -40,7 +40,7 @@ def test_it_fetches_ahead_but_no_further_than_its_depth():
             yield i
 
     fetched = Prefetcher(source(), depth=2)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # hang guard, not a speed test: the thread fills the queue at once
     while len(taken) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.05)

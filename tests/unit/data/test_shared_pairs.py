@@ -54,6 +54,7 @@ def test_layout_prefix_then_two_branches(pairs, tokenizer):
     assert mask[rejected_at + 1, rejected_at]  # and its own branch
 
 
+@pytest.mark.numerics
 def test_every_answer_scores_as_in_its_own_row(lm, pairs, tokenizer):
     shared = collate_shared_pairs(pairs, pad_id=tokenizer.pad_token_id)
     padded = collate_pairs(pairs, pad_id=tokenizer.pad_token_id)
@@ -66,6 +67,7 @@ def test_every_answer_scores_as_in_its_own_row(lm, pairs, tokenizer):
     torch.testing.assert_close(reference_s, reference_p, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_gradients_match_the_padded_layout(lm, pairs, tokenizer):
     grads = []
     for batch in (

@@ -15,6 +15,7 @@ from dstrain.model.head import target_logps
 from dstrain.model.selfcheck import spread, tolerance, verdict
 from dstrain.model.supervised import SupervisedLM
 from tests.families import family_config
+from tests.numerics import assert_tensors_close
 
 TRANSFORMS = [
     PLAIN,
@@ -118,6 +119,7 @@ def test_self_check_with_no_supervised_positions_still_runs_and_passes():
     verdict(0.0, 0.0, 0, torch.float32, "GraniteForCausalLM")
 
 
+@pytest.mark.numerics
 def test_exact_path_gives_the_chunked_heads_loss_and_gradients():
     lm = granite_lm()
     exact = SupervisedLM(lm.peft_model, head="exact")
@@ -129,7 +131,8 @@ def test_exact_path_gives_the_chunked_heads_loss_and_gradients():
         grads = [p.grad.clone() for p in module.peft_model.parameters() if p.requires_grad]
         results.append((nll.detach(), torch.cat([g.flatten() for g in grads])))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    # the gradients as a whole, by norm: an entry near zero carries the rounding of what cancelled into it
+    assert_tensors_close(results[1][1], results[0][1], 1e-5, "exact path vs chunked head: LoRA gradients")
 
 
 def test_spread_picks_first_last_and_between():

@@ -31,6 +31,7 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, labels
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
 def test_aux_loss_is_the_models_own(name: str):
     model = tiny(name)

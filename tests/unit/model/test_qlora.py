@@ -177,6 +177,7 @@ def trained_checkpoint(tmp_path_factory, tokenizer):
     return save_like_a_run(model, raw, out), batch, logits
 
 
+@pytest.mark.numerics
 def test_saved_adapter_loads_in_peft_on_a_fresh_4bit_base_and_reproduces_logits(trained_checkpoint):
     ckpt, batch, logits = trained_checkpoint
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in ckpt.iterdir()}
@@ -195,6 +196,7 @@ def test_saved_adapter_loads_in_peft_on_a_fresh_4bit_base_and_reproduces_logits(
     assert (base - logits).abs().max().item() > 1000 * tolerance  # the adapter matters
 
 
+@pytest.mark.numerics
 def test_merged_export_folds_the_adapter_into_the_unquantised_base(trained_checkpoint, tmp_path):
     ckpt, batch, _ = trained_checkpoint
     used, notes = export_checkpoint(ckpt, tmp_path / "merged", merge=True)
