@@ -39,6 +39,7 @@ STEPS, MIDDLE = 5, 3
 # fp32; the group's partial sums are added in another order: per-step metrics measured below 3e-7 relative.
 # The adapter is compared by norm, not entry by entry (tests/numerics.py says why).
 REL_TOL = 1e-5
+ADAPTER_REL_TOL = 1e-3  # see assert_same_adapter
 KEYS = ("loss", "grad_norm", "eval_loss", "eval_exact_match", "eval_token_f1", "reward_margin")
 
 
@@ -144,10 +145,14 @@ def assert_same_curve(run: Path, ref: Path, steps: range = range(1, STEPS + 1), 
 def assert_same_adapter(run: Path, ref: Path) -> None:
     """The whole of each adapter tensor, by norm: the group adds its partial sums in another order, and
     an entry near zero carries the rounding of the terms that cancelled into it (issue 32: one of 1,024
-    entries off by 2e-7, relative 1.3e-4, on an AVX-512 machine)."""
+    entries off by 2e-7, relative 1.3e-4, on an AVX-512 machine). Adam divides each entry's moment by
+    sqrt(v) + eps, so an entry whose gradient is near eps turns the gradient's last-bit rounding into a
+    visible change of its update: the CI machine measured 1.5e-4 for one whole lora_B tensor, while the
+    curve matched within REL_TOL. The curve is the tight check of the gradient; this one catches an
+    adapter saved from the wrong shard or step."""
     final = f"checkpoints/step-{STEPS:08d}/adapter_model.safetensors"
     got, want = load_file(str(run / final)), load_file(str(ref / final))
-    assert_state_close(got, want, REL_TOL, f"{run.name} vs {ref.name}: final adapter")
+    assert_state_close(got, want, ADAPTER_REL_TOL, f"{run.name} vs {ref.name}: final adapter")
 
 
 @pytest.mark.parametrize("ds", ["zero2", "zero3"])
