@@ -21,9 +21,10 @@ TCPStore, or torchrun's agent store) over a connection of its own:
   once;
 - the main thread, failing in a collective, asks for the verdict and reports it (`explain`); if the main
   thread is stuck instead (NCCL, gloo waiting on a frozen rank of another node), the watchdog prints the
-  verdict and exits the process after `GRACE_S`, so the launcher takes the job down.
-So a frozen or dead rank ends the job within `timeout_s` + `INTERVAL_S` + `GRACE_S` (+ the launcher's own
-polling, 1 s), whichever rank it is (README, "Timeouts and failures"; BENCHMARKS.md has the measured times).
+  verdict and exits the process (at once for a rank frozen on another node, else after `GRACE_S`), so the
+  launcher takes the job down.
+So a frozen rank ends the job within `timeout_s` + 2 `INTERVAL_S`, and the launcher's own reaction (it polls
+every second), whichever rank it is (README, "Timeouts and failures"; BENCHMARKS.md has the measured times).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ if TYPE_CHECKING:
 
 INTERVAL_S = 1.0
 FAST_S = 5.0
-# For the main thread to fail in its collective and report the verdict itself: a peer killed here fails it
-# at once; a frozen peer on another node never does, and then this is time added to every ending.
+# For the main thread to fail in its collective and report the verdict itself (a peer killed here, or one
+# that died, fails it at once).
 GRACE_S = 3.0
 STORE_OP_TIMEOUT_S = 10.0
 # What a store that refuses or drops connections says (torch's DistNetworkError): its server is gone.
@@ -227,12 +228,14 @@ class Heartbeat:
     def _fire(self, verdict: Verdict) -> None:
         self.verdict = verdict.text
         self.found.set()
-        for rank in verdict.frozen:  # its collectives with this rank then fail at once, naming no one
-            if rank in self._peers:
-                kill(self._peers[rank])
-        # The main thread normally fails in its next collective and reports the verdict itself; if it is
-        # stuck in one that never returns (NCCL, or gloo on a frozen rank of another node), end it from here.
-        if self._stopped.wait(GRACE_S) or self.exiting:
+        local = [self._peers[r] for r in verdict.frozen if r in self._peers]
+        for member in local:  # its collectives with this rank then fail at once, naming no one
+            kill(member)
+        # The main thread normally fails in its next collective and reports the verdict itself. A rank frozen
+        # on another node never fails it (gloo and NCCL wait out the collective timeout): end the process
+        # from here, at once then.
+        grace = 0.0 if verdict.frozen and not local else GRACE_S
+        if self._stopped.wait(grace) or self.exiting:
             return
         prefix = f"[rank {self.env.rank}] " if self.env.rank else ""
         ranklog.error(f"{prefix}error: {verdict.text}. Stopping this rank; the job cannot go on.")
