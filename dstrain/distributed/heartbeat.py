@@ -264,6 +264,8 @@ def process_state(member: Member) -> str | None:
             return None
     except psutil.NoSuchProcess:
         return None
+    except psutil.AccessDenied:  # cannot tell (a hardened /proc): never a reason to call a rank dead
+        return "running"
     return "stopped" if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP) else "running"
 
 

@@ -165,3 +165,27 @@ def test_collective_timeout_with_every_rank_alive_names_the_knob(server, tmp_pat
     assert "waited longer than distributed.collective_timeout_s (5 s) although every rank is alive" in message
     assert f"127.0.0.1:{port}" in message and "RuntimeError: Timed out waiting 5000ms" in message
     assert failures.diagnose(ValueError("a bug, not a collective"), DistributedConfig()) is None
+
+
+def test_collective_timeout_without_the_heartbeat_is_one_message(monkeypatch):
+    from dstrain.config.run import DistributedConfig
+    from dstrain.distributed import failures
+
+    monkeypatch.setattr(failures, "in_multi_rank_group", lambda: True)  # a 2-rank job, heartbeat_timeout_s: 0
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    previous = signal.getsignal(signal.SIGTERM)
+    gloo = RuntimeError(
+        "[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation"
+    )
+    try:
+        error = failures.diagnose(gloo, DistributedConfig(collective_timeout_s=5, heartbeat_timeout_s=0))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert error is not None
+    message = str(error)
+    assert (
+        "waited longer than distributed.collective_timeout_s (5 s) (process group at 10.0.0.7:29500)"
+        in message
+    )
+    assert "heartbeat_timeout_s is 0, so no rank was watched" in message
