@@ -12,7 +12,8 @@ Reported: the median step time over the steps after the first `--skip` (warm-up)
 
 Frozen rank: a 2-rank job (the bundled demo, `distributed.heartbeat_timeout_s=--timeout`, no saves) has one
 rank stopped with SIGSTOP once step 5 is logged, as `kill -STOP` would; reported is the time from the
-SIGSTOP to the exit of the launcher(s) that must end (on two nodes: the other node's), and the error line.
+SIGSTOP to the exit of the other rank and of the launcher(s) that must end (on two nodes: the other node's),
+the machine's load average, and the error line.
 
     python bench/heartbeat_bench.py --freeze --timeout 10 --repeats 2
 
@@ -35,8 +36,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"on": 90, "off": 0}
@@ -125,8 +129,23 @@ def rank_pid(out: Path, rank: int) -> int:
     return int(re.findall(r"pid (\d+) =====", (out / "logs" / f"rank-{rank:05d}.log").read_text())[-1])
 
 
-def freeze_once(work: Path, name: str, nodes: int, rank: int, timeout_s: int) -> tuple[float, str]:
-    """Seconds from the SIGSTOP to the end of the launchers that must end, and the error line they printed."""
+def when_ranks_end(pids: list[int], since: float, ended: list[float]) -> None:
+    """Appends the seconds from `since` until every process in `pids` has exited (a zombie has)."""
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    while not all(gone(pid) for pid in pids):
+        time.sleep(0.05)
+    ended.append(time.monotonic() - since)
+
+
+def freeze_once(work: Path, name: str, nodes: int, rank: int, timeout_s: int) -> tuple[float, float, str]:
+    """Seconds from the SIGSTOP to the exit of the other rank(s) and to the end of the launchers that must
+    end, and the error line they printed."""
     out = work / name
     jobs = freeze_jobs(out, nodes, timeout_s)
     try:
@@ -137,8 +156,10 @@ def freeze_once(work: Path, name: str, nodes: int, rank: int, timeout_s: int) ->
                     f"{name}: the job ended or stalled before step 5:\n{jobs[0].communicate()[1][-3000:]}"
                 )
             time.sleep(0.2)
+        others, ranks_ended = [rank_pid(out, r) for r in (0, 1) if r != rank], []
         os.kill(rank_pid(out, rank), signal.SIGSTOP)
         frozen_at = time.monotonic()
+        threading.Thread(target=when_ranks_end, args=(others, frozen_at, ranks_ended), daemon=True).start()
         ending = jobs if nodes == 1 else [jobs[1 - rank]]  # a frozen node's launcher waits on its rank
         output = "".join(part for job in ending for part in job.communicate(timeout=HANG_GUARD_S))
         took = time.monotonic() - frozen_at
@@ -148,7 +169,8 @@ def freeze_once(work: Path, name: str, nodes: int, rank: int, timeout_s: int) ->
                 os.killpg(job.pid, signal.SIGKILL)
             job.communicate()
     lines = [line for line in output.splitlines() if "error:" in line]
-    return took, lines[0] if len(lines) == 1 else f"{len(lines)} error lines: {lines}"
+    line = lines[0] if len(lines) == 1 else f"{len(lines)} error lines: {lines}"
+    return (ranks_ended[0] if ranks_ended else float("nan")), took, line
 
 
 def freeze_bench(args: argparse.Namespace) -> None:
@@ -156,9 +178,14 @@ def freeze_bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="dstrain-freeze-bench-") as tmp:
         for name, (nodes, rank) in FREEZE_CASES.items():
             for repeat in range(args.repeats):
-                took, line = freeze_once(Path(tmp), f"n{nodes}-r{rank}-{repeat}", nodes, rank, args.timeout)
+                load = os.getloadavg()[0]
+                ranks, took, line = freeze_once(
+                    Path(tmp), f"n{nodes}-r{rank}-{repeat}", nodes, rank, args.timeout
+                )
                 print(
-                    f"{name}: {took:.1f} s from SIGSTOP to the end (bound {bound} s)\n    {line}", flush=True
+                    f"{name}: the other rank exited {ranks:.1f} s after the SIGSTOP, the job ended {took:.1f} s "
+                    f"after it (bound {bound} s; load average {load:.1f})\n    {line}",
+                    flush=True,
                 )
 
 

@@ -1,5 +1,6 @@
-"""A rank that dies or freezes mid-step takes the whole job down, on every launcher, within a bound, with a
-message that names it. The ranks are real processes, killed with real signals while they train."""
+"""A rank that dies mid-step takes the whole job down, on every launcher, within a bound, with a message
+that names it. The ranks are real processes, killed with real signals while they train. (A rank that
+freezes: test_frozen.py.)"""
 
 from __future__ import annotations
 
