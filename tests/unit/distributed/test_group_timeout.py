@@ -39,20 +39,21 @@ def rank_main(rank: int, port: int, outcome) -> None:
     began = time.monotonic()
     try:
         torch.distributed.all_reduce(values, group=group)
-        outcome.put(("returned", time.monotonic() - began))
+        outcome.send(("returned", time.monotonic() - began))
     except RuntimeError as exc:
-        outcome.put((str(exc), time.monotonic() - began))
+        outcome.send((str(exc), time.monotonic() - began))  # a pipe: sent before the os._exit below
     os._exit(0)
 
 
 def test_a_later_group_times_out_after_the_collective_timeout():
     context, port = multiprocessing.get_context("fork"), free_port()
-    outcome = context.Queue()
+    received, outcome = context.Pipe(duplex=False)
     ranks = [context.Process(target=rank_main, args=(r, port, outcome), daemon=True) for r in (0, 1)]
     for process in ranks:
         process.start()
     try:
-        message, waited = outcome.get(timeout=120)  # hang guard: torch's own default would be 30 min
+        assert received.poll(120), "no outcome"  # hang guard: torch's own default would be 30 min
+        message, waited = received.recv()
     finally:
         for process in ranks:
             for sig in (signal.SIGCONT, signal.SIGKILL):
