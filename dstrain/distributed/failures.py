@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import traceback
@@ -46,25 +47,48 @@ def report_stop(exc: StopRequested) -> None:
 def diagnose(exc: BaseException, timeouts: DistributedConfig) -> DistributedError | None:
     """The real cause of a failure in a multi-rank run, or None when it is not a distributed failure."""
     watch = heartbeat.current()
-    if watch is None or not is_comm_failure(exc):
+    if not is_comm_failure(exc) or (watch is None and not in_multi_rank_group()):
         return None
     signal.signal(
         signal.SIGTERM, signal.SIG_IGN
     )  # the launcher SIGTERMs a dead rank's survivors: report first
-    verdict = watch.explain(exc)
+    verdict = watch.explain(exc) if watch is not None else None
     cause = short_cause(exc)
     ranklog.log_traceback(exc)  # the collective that broke, for the log; the console gets the message
     if verdict is not None:
         return DistributedError(f"{verdict}. (This rank then failed: {cause})")
     if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
-        where = f"{watch.env.master_addr}:{watch.env.master_port}"
-        return DistributedError(
-            f"rank {watch.env.rank}: a collective waited longer than distributed.collective_timeout_s "
-            f"({timeouts.collective_timeout_s} s) although every rank is alive (process group at {where}): "
-            "one rank is slower than the others by more than that (a long save, eval or data stall). Raise "
-            f"distributed.collective_timeout_s, or look for the slow rank in RUN_DIR/logs. ({cause})"
+        where = (
+            f"{watch.env.master_addr}:{watch.env.master_port}"
+            if watch
+            else f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         )
+        return DistributedError(collective_timeout(timeouts, where, watched=watch is not None, cause=cause))
     return None
+
+
+def collective_timeout(timeouts: DistributedConfig, where: str, watched: bool, cause: str) -> str:
+    said = (
+        f"rank {env_rank()}: a collective waited longer than distributed.collective_timeout_s "
+        f"({timeouts.collective_timeout_s} s)"
+    )
+    if watched:
+        return (
+            f"{said} although every rank is alive (process group at {where}): one rank is slower than the "
+            "others by more than that (a long save, eval or data stall). Raise distributed.collective_timeout_s, "
+            f"or look for the slow rank in RUN_DIR/logs. ({cause})"
+        )
+    return (
+        f"{said} (process group at {where}); distributed.heartbeat_timeout_s is 0, so no rank was watched: "
+        "one rank is frozen, dead, or slower than the others by more than that. Its log in RUN_DIR/logs stops "
+        f"first; set distributed.heartbeat_timeout_s to have it named. ({cause})"
+    )
+
+
+def in_multi_rank_group() -> bool:
+    import torch.distributed
+
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def is_comm_failure(exc: BaseException) -> bool:

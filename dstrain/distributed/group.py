@@ -42,11 +42,28 @@ def init_process_group(
     backend = accelerator.communication_backend_name()
     rendezvous.join(env, backend, rendezvous_timeout_s, collective_timeout_s)
     timeout = datetime.timedelta(seconds=collective_timeout_s)
+    bound_later_groups(timeout)
     # torch.distributed is up: DeepSpeed adopts the group (and sets up its CPU shared-memory all-reduce).
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     if accelerator.device_name() == "cpu" and env.world_size > 1:
         release_shm_name(env)
     return env
+
+
+def bound_later_groups(timeout: datetime.timedelta) -> None:
+    """Give the process groups created later without a timeout the run's collective timeout.
+
+    DeepSpeed reduces gradients on its own copy of the world group (`groups._clone_world_group`, a
+    `new_group` without a timeout), and builds expert and sequence groups the same way: torch gives such a
+    group its default (30 min on gloo, 10 min on NCCL), not the default group's, so a collective stuck on a
+    frozen rank ignored `distributed.collective_timeout_s`. torch reads the default from these two module
+    attributes each time it builds a group.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if distributed_c10d.default_pg_nccl_timeout is not None:  # None: torch built without NCCL
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def release_shm_name(env: DistEnv) -> None:

@@ -11,25 +11,35 @@ TCPStore, or torchrun's agent store) over a connection of its own:
   silence (the launcher kills the survivors 30 s after such a death, too soon for a heartbeat timeout);
 - a counter that stops moving for `timeout_s` means a dead or frozen rank; once any rank has reported a
   failure (its collective broke, or it raised), `FAST_S` of silence is enough to tell who died first;
-- rank 0 writes the verdict under `abort`, every rank picks it up; a store that stops answering means rank
-  0 (which serves it) is gone;
+- rank 0 writes the verdict under `abort`, every rank picks it up; a store that refuses or drops
+  connections means rank 0 (which serves it) is gone, one that takes requests but answers none for
+  `timeout_s` means rank 0 is frozen;
+- no store call waits without a bound (deadlinestore.py): a frozen rank 0 keeps its sockets open and never
+  answers, and a watchdog stuck in its store would notice nothing;
+- a rank declared frozen is killed (SIGKILL) by its peers on the same node: a stopped process cannot act on
+  the launcher's SIGTERM, and the launcher waits 30 s before its SIGKILL. Its peers' collectives then fail at
+  once;
 - the main thread, failing in a collective, asks for the verdict and reports it (`explain`); if the main
-  thread is stuck instead (NCCL, a frozen peer), the watchdog prints the verdict and exits the process
-  after `GRACE_S`, so the launcher takes the job down.
+  thread is stuck instead (NCCL, gloo waiting on a frozen rank of another node), the watchdog prints the
+  verdict and exits the process (at once for a rank frozen on another node, else after `GRACE_S`), so the
+  launcher takes the job down.
+So a frozen rank ends the job within `timeout_s` + 2 `INTERVAL_S`, and the launcher's own reaction (it polls
+every second), whichever rank it is (README, "Timeouts and failures"; BENCHMARKS.md has the measured times).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dstrain.distributed import ranklog
-from dstrain.distributed.rendezvous import connect_store, key_prefix
+from dstrain.distributed import ranklog, verdicts
+from dstrain.distributed.deadlinestore import DeadlineStore, StoreUnresponsive
+from dstrain.distributed.rendezvous import Member, connect_store, key_prefix, member_key, uses_agent_store
+from dstrain.distributed.verdicts import Verdict
 from dstrain.errors import DistributedError
 
 if TYPE_CHECKING:
@@ -37,8 +47,12 @@ if TYPE_CHECKING:
 
 INTERVAL_S = 1.0
 FAST_S = 5.0
-GRACE_S = 10.0
+# For the main thread to fail in its collective and report the verdict itself (a peer killed here, or one
+# that died, fails it at once).
+GRACE_S = 3.0
 STORE_OP_TIMEOUT_S = 10.0
+# What a store that refuses or drops connections says (torch's DistNetworkError): its server is gone.
+GONE_MARKERS = ("refused", "reset", "broken pipe", "closed", "eof")
 
 
 class Heartbeat:
@@ -49,14 +63,29 @@ class Heartbeat:
         self.found = threading.Event()
         self.exiting = False  # the main thread is reporting its own failure: never exit under it
         self._stopped = threading.Event()
-        self._store = connect_store(env, STORE_OP_TIMEOUT_S, serve=False)
+        self._store = DeadlineStore(lambda: connect_store(env, STORE_OP_TIMEOUT_S, serve=False))
         self._watched = list(range(env.world_size)) if env.rank == 0 else [0]
-        self._store.set(self._key("host", env.rank), socket.gethostname())
-        self._store.set(self._key("pid", env.rank), str(os.getpid()))
-        self._peers: dict[int, int] | None = None  # rank -> pid of the other ranks on this host
-        for rank in self._watched:  # create the counters, so reading them never blocks on a missing key
-            self._store.add(self._key("beat", rank), 0)
+        self.members = self._register()
+        here = self.members[env.rank]
+        # the ranks on this node: whose death the process table shows at once, and whom this rank may kill
+        self._peers = {r: m for r, m in enumerate(self.members) if r != env.rank and m.node == here.node}
         self._thread = threading.Thread(target=self._run, name="dstrain-heartbeat", daemon=True)
+
+    def _register(self) -> list[Member]:
+        """Every rank's host and pid (registered at the rendezvous, so all are there); create the counters,
+        so reading them never waits for a missing key."""
+        keys = [member_key(r) for r in range(self.env.world_size)]
+        try:
+            members = [
+                Member.decode(raw)
+                for raw in self._store.call("multi_get", keys, deadline_s=STORE_OP_TIMEOUT_S)
+            ]
+            for rank in self._watched:
+                self._store.call("add", self._key("beat", rank), 0, deadline_s=STORE_OP_TIMEOUT_S)
+        except StoreUnresponsive as exc:
+            where = f"{self.env.master_addr}:{self.env.master_port}"
+            raise DistributedError(f"rank {self.env.rank}: the rendezvous store at {where} {exc}") from exc
+        return members
 
     def _key(self, what: str, rank: int | None = None) -> str:
         return f"{self.prefix}{what}" if rank is None else f"{self.prefix}{what}/{rank}"
@@ -76,13 +105,13 @@ class Heartbeat:
     # ------------------------------------------------------------------------------------ main thread
 
     def report(self, exc: BaseException) -> None:
-        """Tell the other ranks why this rank is failing (best effort: the store may be gone)."""
+        """Tell the other ranks why this rank is failing (best effort, bounded: the store may be gone)."""
         self.exiting = True
         summary = f"{type(exc).__name__}: {exc}".strip().splitlines()
         try:
             self._store.set(self._key("error", self.env.rank), summary[0][:500] if summary else "")
             self._store.add(self._key("failures"), 1)
-        except Exception:  # rank 0, and its store, may already be gone
+        except Exception:  # rank 0, and its store, may already be gone or frozen
             pass
 
     def explain(self, exc: BaseException) -> str | None:
@@ -100,29 +129,31 @@ class Heartbeat:
             try:
                 verdict = self._beat(last_seen)
                 failing_since = None
-            except Exception as exc:  # any store failure: rank 0 may be gone
+            except StoreUnresponsive as exc:  # open connection, no answer: rank 0 paused, or frozen
+                verdict = self._vanished_peers() or self._store_frozen(exc.since)
+            except Exception as exc:  # the store refuses or fails requests: rank 0 may be gone
                 if self._stopped.is_set():
                     return
                 failing_since = failing_since or time.monotonic()
                 verdict = self._vanished_peers()
                 if not verdict and time.monotonic() - failing_since < FAST_S:
                     continue
-                verdict = verdict or self._store_lost(exc)
+                verdict = verdict or self._store_lost(exc, time.monotonic() - failing_since)
             if verdict:
                 self._fire(verdict)
                 return
 
-    def _beat(self, last_seen: dict[int, tuple[int, float]]) -> str | None:
+    def _beat(self, last_seen: dict[int, tuple[int, float]]) -> Verdict | None:
         store = self._store
         store.add(self._key("beat", self.env.rank), 1)
         if store.check([self._key("abort")]):
-            return store.get(self._key("abort")).decode()
+            return Verdict.decode(store.get(self._key("abort")))
         verdict = self._dead_peers() or self._silent_or_failed(last_seen)
         if verdict:
-            store.set(self._key("abort"), verdict)
+            store.set(self._key("abort"), verdict.encode())
         return verdict
 
-    def _silent_or_failed(self, last_seen: dict[int, tuple[int, float]]) -> str | None:
+    def _silent_or_failed(self, last_seen: dict[int, tuple[int, float]]) -> Verdict | None:
         store, now = self._store, time.monotonic()
         counts = store.multi_get([self._key("beat", r) for r in self._watched])
         for rank, raw in zip(self._watched, counts, strict=True):
@@ -135,98 +166,79 @@ class Heartbeat:
         failed = self._failed_ranks() if failures and self.env.rank == 0 else {}
         if not (silent or failed):
             return None
-        return self._describe(silent, failed, now, last_seen)
+        return self._describe(silent, failed, {r: now - last_seen[r][1] for r in silent})
 
-    def _dead_peers(self) -> str | None:
-        """Ranks on this host whose process is gone although they neither said goodbye nor reported an error."""
-        peers = self._local_peers()
-        dead = [r for r, pid in peers.items() if not process_alive(pid)]
+    def _dead_peers(self) -> Verdict | None:
+        """Ranks on this node whose process is gone although they neither said goodbye nor reported an error."""
+        dead = [r for r, member in self._peers.items() if process_state(member) is None]
         dead = [r for r in dead if not self._store.check([self._key("done", r)])]
         dead = [r for r in dead if not self._store.check([self._key("error", r)])]
         if not dead:
             return None
-        return "; ".join(
-            f"rank {r} ({socket.gethostname()}, pid {peers[r]}) died: its process is gone and it reported no "
-            "error, so it was killed (by a signal or the OOM killer) or crashed in native code. Its log: "
-            f"{ranklog.log_path(self.run_dir, r)}"
-            for r in dead
-        )
+        return Verdict("; ".join(verdicts.died(r, self.members[r], self.run_dir) for r in dead))
 
-    def _vanished_peers(self) -> str | None:
-        """With the store unreachable: is rank 0 (which serves it) one of the processes gone from this host?"""
-        gone = [r for r, pid in (self._peers or {}).items() if not process_alive(pid)]
-        if 0 not in gone:
-            return None
-        return (
-            f"rank 0 ({socket.gethostname()}, pid {self._peers[0]}) died, and with it the rendezvous store it "
-            f"served: it was killed (by a signal or the OOM killer) or crashed. Its log: "
-            f"{ranklog.log_path(self.run_dir, 0)}"
-        )
-
-    def _local_peers(self) -> dict[int, int]:
-        if self._peers is None:
-            keys = [self._key("pid", r) for r in range(self.env.world_size)]
-            if not self._store.check(keys):  # not every rank has registered yet
-                return {}
-            hosts = self._store.multi_get([self._key("host", r) for r in range(self.env.world_size)])
-            pids = self._store.multi_get(keys)
-            here = socket.gethostname()
-            self._peers = {
-                r: int(pid)
-                for r, (host, pid) in enumerate(zip(hosts, pids, strict=True))
-                if r != self.env.rank and host.decode() == here
-            }
-        return self._peers
+    def _vanished_peers(self) -> Verdict | None:
+        """With the store not answering: is rank 0 (which serves it) one of the processes gone from this node?"""
+        if 0 in self._peers and not uses_agent_store() and process_state(self._peers[0]) is None:
+            return Verdict(verdicts.owner_died(self.members[0], self.run_dir))
+        return None
 
     def _failed_ranks(self) -> dict[int, str]:
         keys = [self._key("error", r) for r in range(self.env.world_size) if r != 0]
         return {int(k.rsplit("/", 1)[1]): self._store.get(k).decode() for k in keys if self._store.check([k])}
 
-    def _host(self, rank: int) -> str:
-        try:
-            host, pid = self._store.multi_get([self._key("host", rank), self._key("pid", rank)])
-            return f"{host.decode()}, pid {pid.decode()}"
-        except Exception:
-            return "host unknown"
+    def _state(self, rank: int) -> str | None:
+        """The state of a rank's process where it runs on this node (None: on another node, or gone)."""
+        return process_state(self._peers[rank]) if rank in self._peers else None
 
-    def _describe(
-        self, silent: list[int], failed: dict[int, str], now: float, last_seen: dict[int, tuple[int, float]]
-    ) -> str:
-        parts = []
+    def _describe(self, silent: list[int], failed: dict[int, str], quiet: dict[int, float]) -> Verdict:
+        parts, frozen = [], []
         for rank in silent:
             if rank in failed:
                 continue
-            quiet = now - last_seen[rank][1]
             parts.append(
-                f"rank {rank} ({self._host(rank)}) stopped responding: no heartbeat for {quiet:.0f} s and no "
-                "error reported, so it was killed (by a signal, the OOM killer or a node failure) or is "
-                f"frozen. Its log: {ranklog.log_path(self.run_dir, rank)}"
+                verdicts.silent(rank, self.members[rank], quiet[rank], self._state(rank), self.run_dir)
             )
+            frozen.append(rank)
         for rank, error in sorted(failed.items()):
             if rank in silent or not parts:
-                parts.append(
-                    f"rank {rank} ({self._host(rank)}) failed: {error}. Its log: "
-                    f"{ranklog.log_path(self.run_dir, rank)}"
-                )
-        return "; ".join(parts) if parts else "another rank failed"
+                parts.append(verdicts.failed(rank, self.members[rank], error, self.run_dir))
+        return Verdict("; ".join(parts) if parts else "another rank failed", tuple(frozen))
 
-    def _store_lost(self, exc: BaseException) -> str:
-        where = f"{self.env.master_addr}:{self.env.master_port}"
-        return (
-            f"rank 0 stopped answering: the rendezvous store it serves at {where} has been unreachable for "
-            f"{FAST_S:.0f} s ({type(exc).__name__}), so rank 0 exited or its node is down. Its log: "
-            f"{ranklog.log_path(self.run_dir, 0)}"
-        )
+    def _where(self) -> str:
+        return f"{self.env.master_addr}:{self.env.master_port}"
 
-    def _fire(self, verdict: str) -> None:
-        self.verdict = verdict
+    def _store_frozen(self, since: float) -> Verdict | None:
+        """The store has not answered since `since`: past the heartbeat timeout (or FAST_S once this rank's own
+        collective has failed), its server is frozen."""
+        quiet = time.monotonic() - since
+        if quiet < (FAST_S if self.exiting else self.timeout_s):
+            return None
+        if uses_agent_store():
+            return Verdict(verdicts.agent_store_frozen(self._where(), quiet, self.run_dir))
+        text = verdicts.store_frozen(self.members[0], self._where(), quiet, self._state(0), self.run_dir)
+        return Verdict(text, frozen=(0,))
+
+    def _store_lost(self, exc: BaseException, failing_s: float) -> Verdict:
+        server = "torchrun's agent" if uses_agent_store() else f"rank 0 ({self.members[0]})"
+        gone = any(marker in str(exc).lower() for marker in GONE_MARKERS)
+        cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+        return Verdict(verdicts.store_lost(server, self._where(), gone, failing_s, cause, self.run_dir))
+
+    def _fire(self, verdict: Verdict) -> None:
+        self.verdict = verdict.text
         self.found.set()
-        # The main thread normally fails in its next collective and reports the verdict itself; if it is
-        # stuck in one that never returns (NCCL waits for its full timeout), end the process from here.
-        if self._stopped.wait(GRACE_S) or self.exiting:
+        local = [self._peers[r] for r in verdict.frozen if r in self._peers]
+        for member in local:  # its collectives with this rank then fail at once, naming no one
+            kill(member)
+        # The main thread normally fails in its next collective and reports the verdict itself. A rank frozen
+        # on another node never fails it (gloo and NCCL wait out the collective timeout): end the process
+        # from here, at once then.
+        grace = 0.0 if verdict.frozen and not local else GRACE_S
+        if self._stopped.wait(grace) or self.exiting:
             return
         prefix = f"[rank {self.env.rank}] " if self.env.rank else ""
-        ranklog.error(f"{prefix}error: {verdict}. Stopping this rank; the job cannot go on.")
+        ranklog.error(f"{prefix}error: {verdict.text}. Stopping this rank; the job cannot go on.")
         os._exit(DistributedError.exit_code)
 
 
@@ -238,6 +250,33 @@ def process_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def process_state(member: Member) -> str | None:
+    """ "stopped" (SIGSTOP, a debugger), "running" (any other live state), or None: gone, a zombie, or the
+    pid now names a later process."""
+    import psutil
+
+    try:
+        proc = psutil.Process(member.pid)
+        status = proc.status()
+        if status == psutil.STATUS_ZOMBIE or abs(proc.create_time() - member.started) > 0.5:
+            return None
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:  # cannot tell (a hardened /proc): never a reason to call a rank dead
+        return "running"
+    return "stopped" if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP) else "running"
+
+
+def kill(member: Member) -> None:
+    """SIGKILL a rank's process (never this one): the one signal a stopped process does not wait out."""
+    import psutil
+
+    if member.pid == os.getpid() or process_state(member) is None:
+        return
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        psutil.Process(member.pid).kill()
 
 
 _current: Heartbeat | None = None

@@ -10,9 +10,11 @@ which address and port everybody was supposed to meet.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import time
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from dstrain.errors import DistributedError
@@ -23,6 +25,41 @@ if TYPE_CHECKING:
     from dstrain.distributed.env import DistEnv
 
 POLL_S = 0.25
+# The launcher's node rank, where it says one: deepspeed's launch.py, torchrun, Slurm.
+NODE_RANK_VARIABLES = ("CROSS_RANK", "GROUP_RANK", "SLURM_NODEID")
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where a rank runs: what a failure message names, and what its peers on the same node may signal."""
+
+    host: str
+    pid: int
+    node: str  # the host, plus the launcher's node rank: two launcher nodes may share a host (containers)
+    started: float  # the process's start time: with the pid, it names this process and no later one
+
+    @classmethod
+    def here(cls) -> Member:
+        import psutil
+
+        node_rank = next((os.environ[v] for v in NODE_RANK_VARIABLES if os.environ.get(v)), None)
+        host = socket.gethostname()
+        node = host if node_rank is None else f"{host}#node{node_rank}"
+        return cls(host, os.getpid(), node, psutil.Process().create_time())
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Member:
+        return cls(**json.loads(raw))
+
+    def __str__(self) -> str:
+        return f"{self.host}, pid {self.pid}"
+
+
+def member_key(rank: int) -> str:
+    return f"{key_prefix()}joined/{rank}"
 
 
 def key_prefix() -> str:
@@ -74,12 +111,12 @@ def store_failure(env: DistEnv, timeout_s: float, serve: bool, exc: BaseExceptio
 def wait_for_all_ranks(store: torch.distributed.Store, env: DistEnv, timeout_s: float) -> None:
     """Register this rank, then wait until all `world_size` ranks have registered (or name who is missing)."""
     prefix = key_prefix()
-    store.set(f"{prefix}joined/{env.rank}", f"{socket.gethostname()} pid {os.getpid()}")
+    store.set(member_key(env.rank), Member.here().encode())  # set before counted: all present at the end
     arrived = store.add(f"{prefix}joined", 1)
     deadline = time.monotonic() + timeout_s
     while arrived < env.world_size:
         if time.monotonic() > deadline:
-            missing = [r for r in range(env.world_size) if not store.check([f"{prefix}joined/{r}"])]
+            missing = [r for r in range(env.world_size) if not store.check([member_key(r)])]
             raise DistributedError(missing_ranks(env, timeout_s, missing))
         time.sleep(POLL_S)
         arrived = store.add(f"{prefix}joined", 0)
