@@ -68,8 +68,11 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a launch to its end; on timeout kill its whole process group, not just the launcher.
+def run(
+    cmd: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a launch to its end (in `env`, default `child_env()`); on timeout kill its whole process group,
+    not just the launcher.
 
     A launcher killed alone leaves its ranks running, orphaned: they hold ports, shared memory and build
     locks that later tests then trip over.
@@ -77,7 +80,7 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     with subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=child_env(),
+        env=env if env is not None else child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
