@@ -146,7 +146,8 @@ def shapes_in_checkpoint(ckpt: Path) -> dict[str, tuple[int, ...]]:
 
 
 def logged_rows(total_steps: int, log_every: int, eval_every: int, has_eval: bool) -> int:
-    """Rows metrics.jsonl and TensorBoard get over a run: train rows, and eval rows (step 0 and the end too)."""
+    """Rows metrics.jsonl and TensorBoard get over a run, at most: a train row every log_every steps and at
+    the last step; eval rows at step 0, every eval_every steps and at the last step."""
     evals = (total_steps // eval_every + 2 if eval_every else 1) if has_eval else 0
     return total_steps // max(1, log_every) + 1 + evals
 

@@ -29,7 +29,13 @@ if TYPE_CHECKING:
     from dstrain.config.run import MlflowConfig
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
-MLFLOW_KEY = re.compile(r"[^\w\-. /]")  # what MLflow allows in a metric or param name
+MLFLOW_KEY = re.compile(r"[^\w\-. ]")  # what MLflow allows in a name, less "/"
+
+
+def mlflow_key(key: str) -> str:
+    """`eval_loss/<name>` -> `eval_loss.<name>`: MLflow's file store makes a "/" a directory, which clashes
+    with the plain `eval_loss` beside it; other characters MLflow refuses become "_"."""
+    return MLFLOW_KEY.sub("_", key.replace("/", "."))
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -92,12 +98,8 @@ class MlflowSink:
         from mlflow.entities import Param, RunTag
 
         have = self.client.get_run(self.run_id).data.params
-        new = [
-            Param(MLFLOW_KEY.sub("_", k), v) for k, v in params.items() if MLFLOW_KEY.sub("_", k) not in have
-        ]
-        changed = [
-            RunTag(f"resume.{k}", v) for k, v in params.items() if have.get(MLFLOW_KEY.sub("_", k), v) != v
-        ]
+        new = [Param(mlflow_key(k), v) for k, v in params.items() if mlflow_key(k) not in have]
+        changed = [RunTag(f"resume.{k}", v) for k, v in params.items() if have.get(mlflow_key(k), v) != v]
         for start in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=new[start : start + 100])
         if changed:
@@ -110,7 +112,7 @@ class MlflowSink:
             return
         stamp, step = int(time.time() * 1000), int(row["step"])
         metrics = [
-            Metric(MLFLOW_KEY.sub("_", k), float(v), stamp, step)
+            Metric(mlflow_key(k), float(v), stamp, step)
             for k, v in row.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
         ]

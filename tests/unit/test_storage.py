@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from dstrain import storage
 from dstrain.checkpoint.layout import checkpoints_dir, write_latest
 from dstrain.errors import StorageError
-from tests.mounts import tmpfs
+from tests.diskfull import tmpfs
 
 
 def test_the_errnos_of_space_and_permission_failures_are_recognised():
