@@ -123,7 +123,7 @@ def join(
     """Rendezvous and process group, the failure watch, one checkpoint for all ranks, the run files (and the
     data snapshot when it is new)."""
     from dstrain.distributed import heartbeat
-    from dstrain.distributed.collectives import agreed, barrier
+    from dstrain.distributed.collectives import agreed
     from dstrain.distributed.group import init_process_group
     from dstrain.training.rundir import start_run_dir
 
@@ -133,12 +133,11 @@ def join(
         heartbeat.start(env, timeouts.heartbeat_timeout_s, output_dir)
     if resume:
         agree_on_checkpoint(resume)
-        if env.is_main:
-            resume.notes.extend(archive_newer_checkpoints(resume.ckpt, output_dir))
-        barrier()
     new_snapshot = bool(snapshot) and not (resume and resume.state.data_snapshot)
     with agreed("writing the run files"):  # rank 0 writes: a full disk there fails every rank at once
         if env.is_main:
+            if resume:
+                resume.notes.extend(archive_newer_checkpoints(resume.ckpt, output_dir))
             start_run_dir(cfg, prepared, snapshot, new_snapshot)
     return env
 
