@@ -21,6 +21,7 @@ import errno
 import fcntl
 import glob
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,8 +166,6 @@ def redirect(
 ) -> tuple[RunConfig, str | None]:
     """On resume: when a training (or eval) source changed since the run began and the run has a snapshot,
     the config reads the snapshot instead; returns the config and the one line that says so."""
-    from dataclasses import replace
-
     snap = state.data_snapshot
     if not snap or not snap.get("train"):
         return cfg, None
