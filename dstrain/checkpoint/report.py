@@ -214,7 +214,8 @@ def snapshot_line(snap: dict[str, Any] | None) -> str:
     if snap is None:
         return "none (data.snapshot: off)"
     state = "intact" if snap["intact"] == snap["files"] else f"[red]{snap['files'] - snap['intact']} changed"
-    return f"{snap['mode']}: {snap['files']} files in {snap['dir']}, {state}"
+    files = f"{snap['files']} file{'' if snap['files'] == 1 else 's'}"
+    return f"{snap['mode']}: {files} in {snap['dir']}, {state}"
 
 
 def render_data(rows: list[dict[str, Any]], console: Console) -> None:
