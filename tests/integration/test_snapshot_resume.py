@@ -1,22 +1,58 @@
-"""Data snapshots end to end (data.snapshot: link | copy): a run whose training (and eval) file is rewritten
+"""Data snapshots end to end (data.snapshot: link | copy): a run whose training and eval files are rewritten
 after it began resumes from its snapshot bitwise, with a one-line notice; inspect shows the snapshot and
 export leaves it out. Without a snapshot the resume is refused as before (tests/unit/data/test_snapshot.py).
+
+The link run and the copy run go side by side (one process each on the 2-core CI machine: the wall time of
+one), then their two resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from dstrain.checkpoint.export import export_checkpoint
 from dstrain.checkpoint.report import summary
 from dstrain.data.snapshot import HARD_LINK_CAVEAT
-from tests.helpers import check, dstrain, metrics, train_single, write_config
+from tests.helpers import VENV_BIN, child_env, make_small_data, metrics, write_config
 
 TRAIN = {"max_steps": 4, "save_every": 2, "keep_last": 5, "log_every": 1}
+MODES = ("link", "copy")
+
+
+def run_together(cmds: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Run the commands at once; each must exit 0. Output goes to files (no pipe fills up while waiting)."""
+    procs = {}
+    for name, cmd in cmds.items():
+        out, err = (cwd / f"{name}.out").open("w"), (cwd / f"{name}.err").open("w")
+        procs[name] = (
+            subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=out, stderr=err, start_new_session=True),
+            out,
+            err,
+        )
+    try:
+        for proc, out, err in procs.values():
+            proc.wait(timeout=600)
+            out.close()
+            err.close()
+    finally:
+        for proc, _, _ in procs.values():  # a hang guard's leftovers: the whole group, ranks included
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    done = {}
+    for name, (proc, _, _) in procs.items():
+        stdout, stderr = (cwd / f"{name}.out").read_text(), (cwd / f"{name}.err").read_text()
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        done[name] = subprocess.CompletedProcess(proc.args, 0, stdout, stderr)
+    return done
 
 
 def rewrite(path: Path, in_place: bool) -> None:
@@ -34,35 +70,52 @@ def losses(run_dir: Path) -> list[tuple]:
     return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in metrics(run_dir)]
 
 
-@pytest.mark.parametrize("mode", ["link", "copy"])
-def test_a_rewritten_source_resumes_bitwise_from_the_snapshot(tmp_path: Path, small_data: dict, mode: str):
-    config = write_config(tmp_path, small_data, data={"snapshot": mode}, train=TRAIN)
-    run_dir = tmp_path / "run"
-    proc = check(train_single(config, cwd=tmp_path))
-    shared = (run_dir / "data_snapshot/train/00-train.jsonl").stat().st_ino == small_data[
-        "train"
-    ].stat().st_ino
-    assert (f"warning: {HARD_LINK_CAVEAT}" in proc.stdout) == shared  # hard links, not reflinks: said once
-    rows = losses(run_dir)
-    final = load_file(str(run_dir / "checkpoints/step-00000004/adapter_model.safetensors"))
-
-    # a hard link survives a file replaced by a new one; a copy survives an edit in place as well
-    rewrite(small_data["train"], in_place=mode == "copy")
-    rewrite(small_data["eval"], in_place=mode == "copy")
-    proc = check(dstrain("resume", str(run_dir / "checkpoints/step-00000002"), cwd=tmp_path))
-    notices = [line for line in proc.stdout.splitlines() if "changed since the run began" in line]
-    assert len(notices) == 1, proc.stdout[-3000:]
-    assert notices[0].startswith("warning: data.train and data.eval changed since the run began (")
-    assert notices[0].endswith(
-        f"resuming on the run's data snapshot in {run_dir / 'data_snapshot'} (data.snapshot={mode})"
+def test_a_rewritten_source_resumes_bitwise_from_its_link_or_copy_snapshot(tmp_path: Path):
+    data, configs = {}, {}
+    for mode in MODES:
+        (tmp_path / mode).mkdir()
+        data[mode] = make_small_data(tmp_path / mode)
+        configs[mode] = write_config(tmp_path / mode, data[mode], data={"snapshot": mode}, train=TRAIN)
+    trained = run_together(
+        {m: [sys.executable, "-m", "dstrain.train", "--config", str(configs[m])] for m in MODES}, tmp_path
     )
+    before = {}
+    for mode in MODES:
+        run_dir = tmp_path / mode / "run"
+        snap = run_dir / "data_snapshot/train/00-train.jsonl"
+        shared = snap.stat().st_ino == data[mode]["train"].stat().st_ino  # a hard link, not a reflink
+        assert (f"warning: {HARD_LINK_CAVEAT}" in trained[mode].stdout) == shared
+        final = load_file(str(run_dir / "checkpoints/step-00000004/adapter_model.safetensors"))
+        before[mode] = (losses(run_dir), final)
+        # a hard link survives a file replaced by a new one; a copy survives an edit in place as well
+        for split in ("train", "eval"):
+            rewrite(data[mode][split], in_place=mode == "copy")
 
-    assert losses(run_dir) == rows  # bitwise, each step once
-    resumed = load_file(str(run_dir / "checkpoints/step-00000004/adapter_model.safetensors"))
-    assert [k for k in final if not torch.equal(final[k], resumed[k])] == []
+    resume = str(VENV_BIN / "dstrain"), "resume"
+    resumed = run_together(
+        {m: [*resume, str(tmp_path / m / "run" / "checkpoints" / "step-00000002")] for m in MODES}, tmp_path
+    )
+    for mode in MODES:
+        run_dir = tmp_path / mode / "run"
+        notices = [
+            line for line in resumed[mode].stdout.splitlines() if "changed since the run began" in line
+        ]
+        assert len(notices) == 1, resumed[mode].stdout[-3000:]
+        assert notices[0].startswith("warning: data.train and data.eval changed since the run began (")
+        assert notices[0].endswith(
+            f"resuming on the run's data snapshot in {run_dir / 'data_snapshot'} (data.snapshot={mode})"
+        )
+        recorded, final = before[mode]
+        assert losses(run_dir) == recorded  # bitwise, each step once, the eval on the snapshot's eval file
+        now = load_file(str(run_dir / "checkpoints/step-00000004/adapter_model.safetensors"))
+        assert [k for k in final if not torch.equal(final[k], now[k])] == []
+        info = summary(run_dir / "checkpoints/step-00000004", [])
+        assert info["snapshot"] == {
+            "mode": mode,
+            "dir": str(run_dir / "data_snapshot"),
+            "files": 2,
+            "intact": 2,
+        }
 
-    info = summary(run_dir / "checkpoints/step-00000004", [])
-    assert info["snapshot"] == {"mode": mode, "dir": str(run_dir / "data_snapshot"), "files": 2, "intact": 2}
-    if mode == "copy":
-        export_checkpoint(run_dir, tmp_path / "adapter", merge=False)
-        assert not [p for p in (tmp_path / "adapter").rglob("*") if p.suffix == ".jsonl"]
+    export_checkpoint(tmp_path / "copy" / "run", tmp_path / "adapter", merge=False)
+    assert not [p for p in (tmp_path / "adapter").rglob("*") if p.suffix == ".jsonl"]  # never the snapshot
