@@ -1,8 +1,8 @@
 """Helpers of the disk-full tests: a tiny real filesystem (a tmpfs mounted over a test's directory), the
 environment of the ENOSPC probe (tests/integration/disk_probe), and what a run must leave behind.
 
-CI runs as root in a container, where mounting a tmpfs may be allowed (CAP_SYS_ADMIN) or not; without it the
-test is skipped with the reason, and the injected-ENOSPC tests still cover the same code paths.
+CI runs as root in a container, where mounting a tmpfs may be allowed (CAP_SYS_ADMIN) or not: without it a
+test injects the failure instead (`mountable_tmpfs`), or is skipped with the reason (`tmpfs`).
 """
 
 from __future__ import annotations
@@ -44,22 +44,38 @@ def assert_checkpoints(run_dir: Path, *steps: int) -> None:
     assert layout.read_latest(root) == names[-1]
 
 
-def mount(where: Path, options: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
-    )
+def mount(where: Path, options: str) -> str | None:
+    """Mount a tmpfs at `where`; None when done, else why it could not be."""
+    try:
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        return "no `mount` command here"
+    return None if proc.returncode == 0 else (proc.stderr.strip() or f"mount exited {proc.returncode}")
+
+
+@contextlib.contextmanager
+def mountable_tmpfs(where: Path, size: str, read_only: bool = False) -> Iterator[Path | None]:
+    """A tmpfs of `size` (mount's units: 1200k, 8m) at `where` (created), unmounted at the end; None (and
+    `where` a plain directory) where this machine does not let the test mount one."""
+    where.mkdir(parents=True, exist_ok=True)
+    if mount(where, f"size={size}" + (",ro" if read_only else "")) is not None:
+        yield None
+        return
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 @contextlib.contextmanager
 def tmpfs(where: Path, size: str, read_only: bool = False) -> Iterator[Path]:
-    """A tmpfs of `size` (mount's units: 1200k, 8m) at `where` (created), unmounted at the end."""
+    """`mountable_tmpfs`, or the test skipped with the reason."""
     where.mkdir(parents=True, exist_ok=True)
-    try:
-        proc = mount(where, f"size={size}" + (",ro" if read_only else ""))
-    except FileNotFoundError:
-        pytest.skip("no `mount` command here: cannot make a tiny filesystem")
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): needs root")
+    why = mount(where, f"size={size}" + (",ro" if read_only else ""))
+    if why is not None:
+        pytest.skip(f"cannot mount a tmpfs here ({why}): needs root with CAP_SYS_ADMIN")
     try:
         yield where
     finally:

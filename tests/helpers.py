@@ -96,6 +96,34 @@ def run(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_together(
+    cmds: dict[str, list[str]], cwd: Path, envs: dict[str, dict[str, str]] | None = None, timeout: int = 600
+) -> dict[str, subprocess.CompletedProcess]:
+    """Run one-process commands side by side (one core each on the 2-core CI machine: the wall time of
+    one), each in its env (default `child_env()`); output goes to files, so no pipe fills up meanwhile."""
+    procs = {}
+    for name, cmd in cmds.items():
+        with (cwd / f"{name}.out").open("w") as out, (cwd / f"{name}.err").open("w") as err:
+            env = (envs or {}).get(name) or child_env()
+            procs[name] = subprocess.Popen(
+                cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+            )
+    try:
+        for proc in procs.values():
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs.values():  # past the hang guard: the whole group, ranks included
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    return {
+        name: subprocess.CompletedProcess(
+            proc.args, proc.wait(), (cwd / f"{name}.out").read_text(), (cwd / f"{name}.err").read_text()
+        )
+        for name, proc in procs.items()
+    }
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"

@@ -1,9 +1,11 @@
-"""A full disk on 2 ranks (the deepspeed launcher, gloo): ENOSPC injected (tests/integration/disk_probe) at a
-checkpoint and at a metrics write, which rank 0 makes, and at the data index cache, which every rank of a
-node shares. The rank that saw it says so in one `error:` line; the other rank names it; the job ends at
-once, without waiting out a collective timeout, with the earlier checkpoint intact. The resume after it
-adds nothing on 2 ranks: it is tested on one process, with a real tiny filesystem too, in
-tests/integration/test_disk_full.py.
+"""A full disk on 2 ranks (the deepspeed launcher, gloo), ENOSPC injected (tests/integration/disk_probe): at a
+checkpoint, which rank 0 writes, and at the data index cache, which the ranks of a node share. The rank that
+saw it says so in one `error:` line; the other rank names it; the job ends at once, not after a collective
+timeout, with the earlier checkpoint intact.
+
+What a second rank adds is that agreement: a metrics write meets the same one (`agreed`, as the save does),
+and the resume after a full disk is the same on any number of ranks, so both are tested on one process
+(tests/integration/test_disk_full.py, with a real tiny filesystem where one can be mounted).
 """
 
 from __future__ import annotations
@@ -37,16 +39,16 @@ def error_lines(stderr: str, prefix: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(prefix)]
 
 
-@pytest.mark.parametrize(("where", "what"), [("checkpoint", "checkpoint"), ("metrics", "metrics")])
-def test_a_full_disk_on_rank_0_ends_both_ranks_naming_it(tmp_path: Path, small_data: dict, where, what):
-    # the second checkpoint (save_file: adapter, optimizer per checkpoint) / the third metrics row (step 3)
-    proc = launch(tmp_path, small_data, DSTRAIN_DISKFULL_AT=where, DSTRAIN_DISKFULL_CALL="3")
+def test_a_full_disk_at_a_checkpoint_ends_both_ranks_naming_rank_0(tmp_path: Path, small_data: dict):
+    # the second checkpoint's adapter file (save_file: adapter, then optimizer, per checkpoint)
+    proc = launch(tmp_path, small_data, DSTRAIN_DISKFULL_AT="checkpoint", DSTRAIN_DISKFULL_CALL="3")
     (own,) = error_lines(proc.stderr, "error: ")
-    assert f"no space left on the device (ENOSPC) writing {what} {tmp_path / 'run'}" in own
+    assert f"no space left on the device (ENOSPC) writing checkpoint {tmp_path / 'run'}" in own
     assert "step-00000002, is intact" in own
     (peer,) = error_lines(proc.stderr, "[rank 1] error: ")
+    assert peer.startswith(f"[rank 1] error: saving checkpoint {tmp_path / 'run'}/checkpoints/step-00000004")
     assert "failed on rank 0 (its own message says why; its log: " in peer
-    assert_checkpoints(tmp_path / "run", 2)  # resuming it is what tests/integration/test_disk_full.py does
+    assert_checkpoints(tmp_path / "run", 2)
 
 
 def test_a_full_index_cache_ends_both_ranks_before_they_meet(tmp_path: Path, small_data: dict):

@@ -1,14 +1,18 @@
-"""A full disk, on one process: a real one (a tmpfs too small for the second checkpoint) and one injected at
-the library boundary (tests/integration/disk_probe) at a metrics write and at the data index cache.
+"""A full disk on one process, at a checkpoint, at a metrics write and at the data index cache.
 
-Each ends the run with one `error:` line (the path, the bytes needed, what is free, what to do), a non-zero
-exit and no traceback; no partial checkpoint is left, the earlier ones verify, and `dstrain resume` finishes
-once there is room. The start-up warning that the checkpoints will not fit comes first.
+The checkpoint case runs on a real tiny filesystem (a tmpfs with room for one checkpoint, not two) where
+one can be mounted, else with ENOSPC injected where safetensors writes (tests/integration/disk_probe, which
+tests/distributed/test_disk_full_ranks.py uses on 2 ranks either way); the metrics and index cases inject
+it. Each ends the run with one `error:` line (the path, the bytes needed, what is free, what to do), a
+non-zero exit and no traceback; no partial checkpoint is left, the earlier ones verify, the start-up warning
+that the checkpoints will not fit came first, and `dstrain resume` finishes once there is room.
+
+Two runs go side by side (one core each on the 2-core CI machine), then their resumes.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import sys
 from pathlib import Path
 
@@ -18,16 +22,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dstrain.checkpoint import sizing
 from dstrain.config.run import LoraConfig
 from dstrain.model.build import add_lora, builtin_dir
-from tests.diskfull import LORA, TRAIN, assert_checkpoints, grow, probe_env, tmpfs
-from tests.helpers import assert_clean_failure, check, dstrain, metrics, run, write_config
-
-
-def train_cmd(config: Path) -> list[str]:
-    return [sys.executable, "-m", "dstrain.train", "--config", str(config)]
-
-
-def assert_trained_once(run_dir: Path, steps: int) -> None:
-    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, steps + 1))
+from tests.diskfull import LORA, TRAIN, assert_checkpoints, grow, mountable_tmpfs, probe_env
+from tests.helpers import (
+    VENV_BIN,
+    assert_clean_failure,
+    check,
+    dstrain,
+    make_small_data,
+    metrics,
+    run_together,
+    write_config,
+)
 
 
 def checkpoint_estimate() -> int:
@@ -38,54 +43,74 @@ def checkpoint_estimate() -> int:
     return sizing.checkpoint_bytes(sizing.trainable_shapes(model), 1)
 
 
-def test_a_checkpoint_that_does_not_fit_on_a_tiny_filesystem(tmp_path: Path, small_data: dict):
-    # Room for the run files, metrics and one checkpoint, not two: pages of 4 KiB, a few files besides.
-    size_kib = int(1.5 * checkpoint_estimate() / 1024) + 64
-    disk = tmp_path / "disk"
-    config = write_config(tmp_path, small_data, lora=LORA, train=TRAIN, output_dir=str(disk / "run"))
-    with tmpfs(disk, f"{size_kib}k"):
-        proc = run(train_cmd(config), tmp_path)
+def assert_trained_once(run_dir: Path, steps: int) -> None:
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == list(range(1, steps + 1))
+
+
+def test_a_full_disk_at_a_checkpoint_a_metrics_write_and_the_index_cache(tmp_path: Path):
+    runs = {"ckpt": tmp_path / "ckpt", "metrics": tmp_path / "metrics"}
+    configs = {}
+    for name, where in runs.items():
+        where.mkdir()
+        configs[name] = write_config(where, make_small_data(where), lora=LORA, train=TRAIN)
+    with contextlib.ExitStack() as stack:
+        # Room for the run files, metrics and one checkpoint, not two (pages of 4 KiB, a few files besides)
+        size_kib = int(1.5 * checkpoint_estimate() / 1024) + 64
+        disk = stack.enter_context(mountable_tmpfs(tmp_path / "ckpt" / "run", f"{size_kib}k"))
+        # without a tmpfs: ENOSPC at the second checkpoint's adapter file (save_file: adapter, optimizer)
+        ckpt_env = {} if disk else probe_env(DSTRAIN_DISKFULL_AT="checkpoint", DSTRAIN_DISKFULL_CALL="3")
+        # the third metrics row (step 3, after the step-2 checkpoint) meets a full disk; 4 KiB reported free
+        metrics_env = probe_env(
+            DSTRAIN_DISKFULL_AT="metrics", DSTRAIN_DISKFULL_CALL="3", DSTRAIN_DISKFULL_FREE="4096"
+        )
+        train = {
+            name: [sys.executable, "-m", "dstrain.train", "--config", str(c)] for name, c in configs.items()
+        }
+        failed = run_together(train, tmp_path, {"ckpt": ckpt_env, "metrics": metrics_env})
+
+        ckpt_dir, metrics_dir = runs["ckpt"] / "run", runs["metrics"] / "run"
         assert_clean_failure(
-            proc,
-            f"no space left on the device (ENOSPC) writing checkpoint {disk / 'run' / 'checkpoints'}/step-00000004",
+            failed["ckpt"],
+            f"no space left on the device (ENOSPC) writing checkpoint {ckpt_dir}/checkpoints/step-00000004",
             "is free on the filesystem of",
             "free space there, lower train.keep_last, or move output_dir",
-            f"the last checkpoint, step-00000002, is intact: `dstrain resume {disk / 'run'}`",
+            f"the last checkpoint, step-00000002, is intact: `dstrain resume {ckpt_dir}`",
         )
-        assert proc.returncode == 2
-        warning = [line for line in proc.stdout.splitlines() if line.startswith("warning: output_dir")]
-        assert len(warning) == 1 and "6 checkpoints of" in warning[0], proc.stdout[-3000:]
-        assert_checkpoints(disk / "run", 2)
-        grow(disk, "16m")  # the user makes room
-        check(dstrain("resume", str(disk / "run"), cwd=tmp_path))
-        assert_checkpoints(disk / "run", 2, 4)
-        assert_trained_once(disk / "run", 4)
+        assert_clean_failure(
+            failed["metrics"],
+            f"no space left on the device (ENOSPC) writing metrics {metrics_dir / 'metrics.jsonl'} (it needs",
+            "4.0 KiB is free on the filesystem of",
+            "step-00000002, is intact",
+        )
+        assert failed["ckpt"].returncode == failed["metrics"].returncode == 2
+        if disk:  # the start-up check saw the tiny filesystem: 6 checkpoints (keep_last 5 + 1) do not fit
+            warning = [
+                line for line in failed["ckpt"].stdout.splitlines() if line.startswith("warning: output")
+            ]
+            assert len(warning) == 1 and "6 checkpoints of" in warning[0], failed["ckpt"].stdout[-3000:]
+        assert "warning: output_dir" in failed["metrics"].stdout  # it saw the 4 KiB reported free
+        assert_checkpoints(ckpt_dir, 2)
+        assert_checkpoints(metrics_dir, 2)
 
-
-def test_a_full_disk_at_a_metrics_write_then_at_the_index_cache(tmp_path: Path, small_data: dict):
-    config = write_config(tmp_path, small_data, lora=LORA, train=TRAIN)
-    run_dir = tmp_path / "run"
-    # the third metrics row (step 3, after the step-2 checkpoint) meets a full disk; 4 KiB reported free
-    env = probe_env(DSTRAIN_DISKFULL_AT="metrics", DSTRAIN_DISKFULL_CALL="3", DSTRAIN_DISKFULL_FREE="4096")
-    proc = run(train_cmd(config), tmp_path, env=env)
+        # Room is made for the checkpoint run; the metrics run is resumed with an empty index cache on a
+        # full disk: that fails before anything trains, leaving its run dir as it was.
+        if disk:
+            grow(disk, "16m")
+        dstrain_bin = str(VENV_BIN / "dstrain")
+        index_env = probe_env(DSTRAIN_DISKFULL_AT="index", DSTRAIN_CACHE_DIR=str(tmp_path / "cache"))
+        resumed = run_together(
+            {name: [dstrain_bin, "resume", str(where / "run")] for name, where in runs.items()},
+            tmp_path,
+            {"metrics": index_env},
+        )
+        check(resumed["ckpt"])
+        assert_checkpoints(ckpt_dir, 2, 4)
+        assert_trained_once(ckpt_dir, 4)
     assert_clean_failure(
-        proc,
-        f"no space left on the device (ENOSPC) writing metrics {run_dir / 'metrics.jsonl'} (it needs about",
-        "4.0 KiB is free on the filesystem of",
-        "step-00000002, is intact",
+        resumed["metrics"], "(ENOSPC) writing the data index cache", "set DSTRAIN_CACHE_DIR to a directory on"
     )
-    assert "warning: output_dir" in proc.stdout  # the start-up check saw the 4 KiB too
-    assert_checkpoints(run_dir, 2)
+    assert_checkpoints(metrics_dir, 2)
 
-    # Resumed with an empty index cache on a full disk: it fails before anything trains, the run dir as it was.
-    env = probe_env(DSTRAIN_DISKFULL_AT="index", DSTRAIN_CACHE_DIR=str(tmp_path / "cache"))
-    proc = run([str(Path(sys.executable).parent / "dstrain"), "resume", str(run_dir)], tmp_path, env=env)
-    assert_clean_failure(
-        proc, "(ENOSPC) writing the data index cache", "set DSTRAIN_CACHE_DIR to a directory on a filesystem"
-    )
-    assert_checkpoints(run_dir, 2)
-
-    check(dstrain("resume", str(run_dir), cwd=tmp_path))
-    assert_checkpoints(run_dir, 2, 4)
-    assert_trained_once(run_dir, 4)
-    assert json.loads((run_dir / "checkpoints/step-00000004/trainer_state.json").read_text())["step"] == 4
+    check(dstrain("resume", str(metrics_dir), cwd=tmp_path))
+    assert_checkpoints(metrics_dir, 2, 4)
+    assert_trained_once(metrics_dir, 4)

@@ -8,10 +8,6 @@ one), then their two resumes.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,38 +17,10 @@ from safetensors.torch import load_file
 from dstrain.checkpoint.export import export_checkpoint
 from dstrain.checkpoint.report import summary
 from dstrain.data.snapshot import HARD_LINK_CAVEAT
-from tests.helpers import VENV_BIN, child_env, make_small_data, metrics, write_config
+from tests.helpers import VENV_BIN, check, make_small_data, metrics, run_together, write_config
 
 TRAIN = {"max_steps": 4, "save_every": 2, "keep_last": 5, "log_every": 1}
 MODES = ("link", "copy")
-
-
-def run_together(cmds: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
-    """Run the commands at once; each must exit 0. Output goes to files (no pipe fills up while waiting)."""
-    procs = {}
-    for name, cmd in cmds.items():
-        out, err = (cwd / f"{name}.out").open("w"), (cwd / f"{name}.err").open("w")
-        procs[name] = (
-            subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=out, stderr=err, start_new_session=True),
-            out,
-            err,
-        )
-    try:
-        for proc, out, err in procs.values():
-            proc.wait(timeout=600)
-            out.close()
-            err.close()
-    finally:
-        for proc, _, _ in procs.values():  # a hang guard's leftovers: the whole group, ranks included
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-    done = {}
-    for name, (proc, _, _) in procs.items():
-        stdout, stderr = (cwd / f"{name}.out").read_text(), (cwd / f"{name}.err").read_text()
-        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
-        done[name] = subprocess.CompletedProcess(proc.args, 0, stdout, stderr)
-    return done
 
 
 def rewrite(path: Path, in_place: bool) -> None:
@@ -79,6 +47,8 @@ def test_a_rewritten_source_resumes_bitwise_from_its_link_or_copy_snapshot(tmp_p
     trained = run_together(
         {m: [sys.executable, "-m", "dstrain.train", "--config", str(configs[m])] for m in MODES}, tmp_path
     )
+    for proc in trained.values():
+        check(proc)
     before = {}
     for mode in MODES:
         run_dir = tmp_path / mode / "run"
@@ -95,6 +65,8 @@ def test_a_rewritten_source_resumes_bitwise_from_its_link_or_copy_snapshot(tmp_p
     resumed = run_together(
         {m: [*resume, str(tmp_path / m / "run" / "checkpoints" / "step-00000002")] for m in MODES}, tmp_path
     )
+    for proc in resumed.values():
+        check(proc)
     for mode in MODES:
         run_dir = tmp_path / mode / "run"
         notices = [

@@ -123,3 +123,10 @@ def test_a_hard_link_edited_in_place_is_refused(files):
         DataError, match=r"data.train changed since the checkpoint .* and so did its snapshot"
     ):
         snapshot.redirect(config(files, "link"), state, files["run"], False)
+
+
+def test_a_resume_keeps_its_snapshot_or_takes_one_when_asked(files):
+    recorded = snapshot.plan(config(files, "link"), None)
+    assert snapshot.plan(config(files, "off"), recorded) is recorded  # --set data.snapshot=off keeps it
+    taken_now = snapshot.plan(config(files, "copy"), {})  # a run without one, resumed with copy
+    assert taken_now["mode"] == "copy" and [e["source"] for e in taken_now["train"]] == [str(files["train"])]
