@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -116,12 +115,6 @@ def launch(
         from dstrain.distributed.launcher import launcher_command, run_launcher
 
         cmd = launcher_command(num_gpus, hostfile, args, module)
-        if shutil.which(cmd[0]) is None:
-            fail(
-                DstrainError(
-                    "the `deepspeed` launcher is not on PATH; activate the environment dstrain is in"
-                )
-            )
         typer.echo(f"launching: {shlex.join(cmd)}", err=True)
         raise typer.Exit(run_launcher(cmd))
     import importlib

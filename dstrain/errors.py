@@ -36,5 +36,9 @@ class TrainingError(DstrainError):
     """Training cannot go on (e.g. the loss keeps turning NaN/inf); the message says what to change."""
 
 
+class StorageError(DstrainError):
+    """A write of the run failed for lack of space or quota, or for permission (`dstrain.storage`)."""
+
+
 class DistributedError(DstrainError):
     """Ranks could not rendezvous, disagreed, or one of them failed."""

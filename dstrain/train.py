@@ -10,6 +10,7 @@ The run itself is `dstrain.training`: setup builds it, the loop trains it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from dstrain.errors import DstrainError
 if TYPE_CHECKING:  # heavy imports (torch, deepspeed) stay out of `--help` and argument errors
     from dstrain.checkpoint.resume import ResumePoint
     from dstrain.checkpoint.state import TrainerState
+    from dstrain.training.session import Run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,8 +84,11 @@ def train_and_report(cfg: RunConfig, resume: ResumePoint | None) -> TrainerState
         wired, tally, state = start(cfg, resume)
         try:
             state = fit(wired, tally, state)
-        finally:
-            wired.sink.close()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                wired.sink.close()
+            raise
+        finish(wired)
     except stopping.StopRequested as exc:
         # Said before the shutdown barrier, which every rank reaches (they agreed on the stop at the same
         # point): a launcher that kills the others when one rank exits cannot cut rank 0 off before it.
@@ -100,13 +105,24 @@ def train_and_report(cfg: RunConfig, resume: ResumePoint | None) -> TrainerState
             raise
         raise known from exc
     if wired.rank == 0:
-        from dstrain.metrics.plot import plot_run
-
-        plot_run(wired.output_dir)
         what = "done" if state.step >= wired.total_steps else "stopped early"
         wired.sink.print(f"{what}: {state.step} steps, {state.tokens:,} tokens; run dir {wired.output_dir}")
     shutdown()
     return state
+
+
+def finish(wired: Run) -> None:
+    """Rank 0 writes the loss plot, hands it to the trackers (MLflow keeps it) and closes every sink. Agreed:
+    a full disk at the very end fails every rank here, not in the shutdown barrier."""
+    from dstrain.distributed.collectives import agreed
+    from dstrain.metrics.plot import plot_run
+
+    with agreed("writing the loss plot and closing the metrics"):
+        try:
+            if wired.rank == 0:
+                wired.sink.attach(plot_run(wired.output_dir))
+        finally:
+            wired.sink.close()
 
 
 def configure(args: argparse.Namespace) -> tuple[RunConfig, ResumePoint | None]:

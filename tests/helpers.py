@@ -68,8 +68,11 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a launch to its end; on timeout kill its whole process group, not just the launcher.
+def run(
+    cmd: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a launch to its end (in `env`, default `child_env()`); on timeout kill its whole process group,
+    not just the launcher.
 
     A launcher killed alone leaves its ranks running, orphaned: they hold ports, shared memory and build
     locks that later tests then trip over.
@@ -77,7 +80,7 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     with subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=child_env(),
+        env=env if env is not None else child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -91,6 +94,34 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_together(
+    cmds: dict[str, list[str]], cwd: Path, envs: dict[str, dict[str, str]] | None = None, timeout: int = 600
+) -> dict[str, subprocess.CompletedProcess]:
+    """Run one-process commands side by side (one core each on the 2-core CI machine: the wall time of
+    one), each in its env (default `child_env()`); output goes to files, so no pipe fills up meanwhile."""
+    procs = {}
+    for name, cmd in cmds.items():
+        with (cwd / f"{name}.out").open("w") as out, (cwd / f"{name}.err").open("w") as err:
+            env = (envs or {}).get(name) or child_env()
+            procs[name] = subprocess.Popen(
+                cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+            )
+    try:
+        for proc in procs.values():
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs.values():  # past the hang guard: the whole group, ranks included
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    return {
+        name: subprocess.CompletedProcess(
+            proc.args, proc.wait(), (cwd / f"{name}.out").read_text(), (cwd / f"{name}.err").read_text()
+        )
+        for name, proc in procs.items()
+    }
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from dstrain.checkpoint import layout
 from dstrain.checkpoint.load import check_readable_format, is_checkpoint_dir, read_json, verify
+from dstrain.checkpoint.state import CONFIG, DS_CONFIG, DS_SOURCE, OPTIMIZER, rng_file
 from dstrain.config.run import HIGHER_IS_BETTER
 from dstrain.errors import CheckpointError
 
@@ -104,6 +105,63 @@ def base_note(name: str, model_path: str, found: bool) -> str | None:
     return f"the base {name} is not found here ({where}): load it with {load}"
 
 
+def run_dir_of(ckpt: Path) -> Path | None:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def snapshot_info(ckpt: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's data snapshot (data.snapshot), if it has one, and whether its files are still intact."""
+    from dstrain.data.snapshot import SNAPSHOT_DIR, matches
+
+    snap = state.get("data_snapshot") or {}
+    run_dir = run_dir_of(ckpt)
+    if not snap or run_dir is None:
+        return None
+    entries = [*snap.get("train", []), *snap.get("eval", [])]
+    intact = sum(matches(run_dir, entry) for entry in entries)
+    return {
+        "mode": snap.get("mode"),
+        "dir": str(run_dir / SNAPSHOT_DIR),
+        "files": len(entries),
+        "intact": intact,
+    }
+
+
+def size_info(ckpt: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Its bytes on disk, the estimate dstrain makes before a save (checkpoint/sizing.py), and what
+    train.keep_last + 1 of them need against what is free on that filesystem."""
+    from dstrain.checkpoint import sizing
+    from dstrain.storage import free_bytes
+
+    actual = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())
+    estimate = None
+    if (ckpt / OPTIMIZER).is_file():
+        texts = sum((ckpt / n).stat().st_size for n in (CONFIG, DS_CONFIG, DS_SOURCE) if (ckpt / n).is_file())
+        shapes = sizing.shapes_in_checkpoint(ckpt)
+        files = len(state.get("data_files") or []) or 1
+        world = int(state.get("world_size") or 1)
+        rng = ckpt / rng_file(0)  # its own size: measuring this process's generators would import torch
+        rng_bytes = rng.stat().st_size if rng.is_file() else None
+        estimate = sizing.checkpoint_bytes(
+            shapes, world, config_bytes=texts, data_files=files, rng_bytes=rng_bytes
+        )
+    keep = keep_last(ckpt)
+    return {
+        "bytes": actual,
+        "estimate": estimate,
+        "keep_last": keep,
+        "needed": (keep + 1) * actual,
+        "free": free_bytes(ckpt),
+    }
+
+
+def keep_last(ckpt: Path) -> int:
+    try:
+        return int(yaml.safe_load((ckpt / CONFIG).read_text(encoding="utf-8"))["train"]["keep_last"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return 3
+
+
 def format_info(ckpt: Path) -> dict[str, Any]:
     manifest = layout.read_manifest(ckpt) or {}
     number = layout.format_version(manifest.get("format"))
@@ -136,6 +194,8 @@ def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
         **format_info(ckpt),
         "base": base_info(ckpt),
         "data": data_rows(ckpt, state),
+        "snapshot": snapshot_info(ckpt, state),
+        "size": size_info(ckpt, state),
         "files": file_rows(ckpt),
         "valid": not problems,
         "problems": problems,
@@ -165,6 +225,8 @@ def render(info: dict[str, Any], console: Console) -> None:
     table.add_row("resume", info["resumable"])
     base = info["base"]
     table.add_row("base", f"{base['name_or_path']} ({'found' if base['found'] else 'not found here'})")
+    table.add_row("size", size_line(info["size"]))
+    table.add_row("data snapshot", snapshot_line(info["snapshot"]))
     console.print(table)
     if base["note"]:
         console.print(f"[yellow]note:[/] {base['note']}", soft_wrap=True)
@@ -174,6 +236,26 @@ def render(info: dict[str, Any], console: Console) -> None:
         size = "missing" if row["size"] is None else f"{row['size']:,}"
         files.add_row(row["name"], size, "yes" if row["in_manifest"] else "[red]not listed")
     console.print(files)
+
+
+def size_line(size: dict[str, Any]) -> str:
+    from dstrain.storage import human
+
+    estimate = f" (estimated before saving: {human(size['estimate'])})" if size["estimate"] else ""
+    free = f", {human(size['free'])} free there" if size["free"] is not None else ""
+    count = size["keep_last"] + 1
+    return (
+        f"{human(size['bytes'])}{estimate}; train.keep_last {size['keep_last']} + 1 = {count} checkpoints "
+        f"need {human(size['needed'])}{free}"
+    )
+
+
+def snapshot_line(snap: dict[str, Any] | None) -> str:
+    if snap is None:
+        return "none (data.snapshot: off)"
+    state = "intact" if snap["intact"] == snap["files"] else f"[red]{snap['files'] - snap['intact']} changed"
+    files = f"{snap['files']} file{'' if snap['files'] == 1 else 's'}"
+    return f"{snap['mode']}: {files} in {snap['dir']}, {state}"
 
 
 def render_data(rows: list[dict[str, Any]], console: Console) -> None:

@@ -19,6 +19,7 @@ import yaml
 from dstrain.checkpoint import load
 from dstrain.checkpoint.state import TrainerState
 from dstrain.config.run import RunConfig, apply_overrides, config_from_dict
+from dstrain.data.snapshot import redirect
 from dstrain.errors import ConfigError, DataError
 
 # Keys `--set` may change on resume, each a whole dotted key (a section name allows nothing). Every other key
@@ -33,6 +34,10 @@ MUTABLE = (
     "train.max_nonfinite_steps",
     "train.resume_schedule",  # what a changed length does to the LR schedule (said at start-up)
     "train.wandb_project",
+    "train.mlflow.tracking_uri",  # where the metrics go, not what is trained
+    "train.mlflow.experiment",
+    "train.mlflow.run_name",
+    "data.snapshot",  # a snapshot taken at a resume holds the files the checkpoint was verified against
     "train.eval_generate",
     "train.eval_max_new_tokens",
     "data.eval",
@@ -129,6 +134,9 @@ def resume_config(path: Path, overrides: list[str]) -> tuple[RunConfig, ResumePo
     resolved = load.read_ds_resolved(ckpt)
     given = resolved if found.format == 1 else load.read_ds_source(ckpt)  # /1 kept the resolved JSON only
     notes = list(found.notes)
+    # data changed since the run began: its snapshot (if it has one) is read instead, said in one line
+    cfg, snapshot_note = redirect(cfg, state, ckpt.parent.parent, "data.eval" in map(override_key, overrides))
+    notes += [snapshot_note] if snapshot_note else []
     if found.format == 1:
         notes.append(WARM_START_NOTE.format(ckpt=ckpt, step=state.step))
         if any(override_key(item) in ("train.max_steps", "train.epochs") for item in overrides):

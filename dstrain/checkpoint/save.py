@@ -23,7 +23,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from peft import PeftModel
 from safetensors.torch import save, save_file
 
-from dstrain import engine
+from dstrain import engine, storage
 from dstrain.checkpoint import layout, optim
 from dstrain.checkpoint.atomic import atomic_dir
 from dstrain.checkpoint.rng import capture_rng
@@ -74,6 +74,13 @@ def gather_payload(ds_engine: DeepSpeedEngine, peft_model: PeftModel) -> Payload
     )
 
 
+def payload_bytes(payload: Payload, run: RunFiles) -> int:
+    """What the checkpoint's files take: the tensors exactly, the JSON/YAML files about (for messages)."""
+    tensors = [*payload.adapter.values(), *payload.optimizer.values()]
+    texts = len(run.config_yaml) + 2 * len(json.dumps(run.ds, indent=2)) + 8 * 1024
+    return sum(t.numel() * t.element_size() for t in tensors) + sum(map(len, payload.rng)) + texts
+
+
 def write_json(path: Path, value: Any) -> None:
     try:
         text = json.dumps(value, indent=2, allow_nan=True)
@@ -118,8 +125,11 @@ def save_checkpoint(
     with collectives.agreed(f"saving checkpoint {final}"):
         if is_main:
             try:
-                _write(root, final, payload, peft_model, state, run, keep_last)
-            except OSError as exc:
+                # a full disk or a permission: one message with the bytes needed and free (dstrain.storage)
+                place = storage.run_place(output_dir)
+                with storage.guard(place, "checkpoint", final, payload_bytes(payload, run)):
+                    _write(root, final, payload, peft_model, state, run, keep_last)
+            except OSError as exc:  # anything else, e.g. a file where checkpoints/ should be
                 previous = layout.read_latest(root) or "none"
                 raise CheckpointError(
                     f"could not write checkpoint {final}: {exc.strerror or exc} ({exc.filename or root}). "

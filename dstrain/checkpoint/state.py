@@ -47,3 +47,6 @@ class TrainerState:
     versions: dict[str, str] = field(default_factory=dict)
     # Per training file: path, size, mtime, fingerprint (dstrain.data.provenance); empty before 0.2.0.
     data_files: list[dict] = field(default_factory=list)
+    # The run's data snapshot (dstrain.data.snapshot.record): mode and per file source, path, fingerprint;
+    # empty without one (data.snapshot: off, and every checkpoint before 0.2.0).
+    data_snapshot: dict = field(default_factory=dict)

@@ -40,6 +40,9 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 def coerce(hint: Any, value: Any) -> tuple[bool, Any]:
     origin = get_origin(hint)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads `off` (and no/false) as False, `on` as True
+            word = "on" if value else "off"
+            return word in get_args(hint), word
         return value in get_args(hint), value
     if origin in (Union, types.UnionType):
         for arm in get_args(hint):

@@ -94,6 +94,9 @@ class DataConfig:
     # Every text field as it is read: Unicode NFC, control characters other than newline and tab removed,
     # trailing white space stripped (training, evaluation, generation and `dstrain convert` alike).
     clean: bool = True
+    # Keep the training and eval files under the run dir at its start (data/snapshot.py): link (reflink, else
+    # hard link: no space), copy (their size), off. A resume whose data changed then trains on the snapshot.
+    snapshot: Literal["off", "link", "copy"] = "off"
 
 
 @dataclass
@@ -113,6 +116,19 @@ class ObjectiveConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """MLflow tracking (metrics/sinks.py), on when tracking_uri or experiment is set."""
+
+    tracking_uri: str = ""  # "": MLflow's own default (MLFLOW_TRACKING_URI, else its local store)
+    experiment: str = ""  # "": MLflow's default experiment
+    run_name: str = ""  # "": the run dir's name
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tracking_uri or self.experiment or self.run_name)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 0  # 0: run `epochs` full epochs
     epochs: int = 1
@@ -128,6 +144,7 @@ class TrainConfig:
     eval_max_new_tokens: int = 32  # bound on each generated answer
     best_metric: BestMetric = "eval_loss"  # the checkpoint kept as best
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # also log to MLflow (needs mlflow installed)
     # Before training, estimate memory per rank; over the device's capacity: error (stop), warn, or off.
     memory_check: Literal["error", "warn", "off"] = "error"
     # Ulysses sequence parallelism: each sequence is split along its length over groups of this many

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dstrain import storage
 from dstrain.data import json_array, records
 from dstrain.data.records import BadRecord, decode_json, decode_line, over_long_bytes, parse_counted
 from dstrain.errors import DataError
@@ -292,6 +293,12 @@ def iter_bad(index: FileIndex) -> Iterator[BadRecord]:
 
 def store(where: Path, index: FileIndex, print_: dict[str, object], all_bad: list[BadRecord]) -> None:
     """Write the entry into a temp dir, then rename it into place: readers see all of it or none."""
+    needed = sum(getattr(index, name).nbytes for name in ("offsets", "lengths", "lines")) + 4096
+    with storage.guard(storage.cache_place(where.parent), "the data index cache", where, needed):
+        write_entry(where, index, print_, all_bad)
+
+
+def write_entry(where: Path, index: FileIndex, print_: dict[str, object], all_bad: list[BadRecord]) -> None:
     where.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
     try:
@@ -337,13 +344,15 @@ def index_file(
     root = cache_root()
     where = cache_dir(root, print_)
     try:
-        with _locked(root / f"{where.name}.lock"):
+        # No space or no permission there is one error naming the cache and DSTRAIN_CACHE_DIR
+        place = storage.cache_place(root)
+        with storage.guard(place, "the data index cache", where), _locked(root / f"{where.name}.lock"):
             cached = load_cached(where, path, print_)
             if cached is not None:
                 return cached
             index = scan_file(path, fmt, workers, clean)
             store(where, index, print_, index.bad)
-    except OSError as exc:  # an unwritable cache costs time, not the run
+    except OSError as exc:  # any other unusable cache (e.g. a file in its place) costs time, not the run
         print(
             f"warning: index cache {root} unusable ({exc.strerror or exc}); indexing in memory",
             file=sys.stderr,

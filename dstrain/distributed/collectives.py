@@ -20,6 +20,18 @@ def all_ranks_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
+def first_failed_rank(ok: bool) -> int | None:
+    """The lowest rank that passes ok=False, or None when every rank passes True. A collective."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return None if ok else 0
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    # world - rank for a failing rank, 0 for a passing one: the maximum names the lowest failing rank
+    flag = torch.tensor([0 if ok else world - rank], dtype=torch.int64, device=comm_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    top = int(flag.item())
+    return None if top == 0 else world - top
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         values = values.to(comm_device())
@@ -59,7 +71,8 @@ def comm_device() -> torch.device:
 
 @contextmanager
 def agreed(what: str) -> Iterator[None]:
-    """Run a block on every rank; if it fails on any rank, fail it on all ranks with one message.
+    """Run a block on every rank; if it fails on any rank, fail it on all ranks: the rank that failed raises
+    its own error, every other rank one naming the (lowest) rank that failed.
 
     Without this a rank that raises leaves the others waiting in the next collective until the timeout.
     """
@@ -68,9 +81,12 @@ def agreed(what: str) -> Iterator[None]:
         yield
     except Exception as exc:
         error = exc
-    if not all_ranks_ok(error is None):
-        if error is not None:
-            raise error
-        raise DistributedError(f"{what} failed on another rank; see that rank's log for the cause")
+    failed = first_failed_rank(error is None)
     if error is not None:
         raise error
+    if failed is not None:
+        from dstrain.distributed.ranklog import peer_log
+
+        log = peer_log(failed)
+        where = f"; its log: {log}" if log is not None else ""
+        raise DistributedError(f"{what} failed on rank {failed} (its own message says why{where})")

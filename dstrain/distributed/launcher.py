@@ -1,5 +1,13 @@
 """Start the deepspeed launcher for `dstrain train/resume --num-gpus/--hostfile`, wait for it, and pass a
-stop request on to the ranks the way Slurm does (to the ranks themselves, not the launcher)."""
+stop request on to the ranks the way Slurm does (to the ranks themselves, not the launcher).
+
+The launcher is DeepSpeed's runner of the Python environment dstrain runs in (`sys.executable -m
+deepspeed.launcher.runner`), not whatever `deepspeed` comes first on PATH: `.venv/bin/dstrain train
+--num-gpus 2` works with the environment activated or not. The runner starts every rank with that same
+interpreter (locally, and by its absolute path on pdsh nodes), and the environment's scripts directory goes
+first on the launcher's PATH, so the tools DeepSpeed calls (ninja, to compile an op) are the ones installed
+beside it.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +16,19 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
+import sysconfig
 from pathlib import Path
+
+RUNNER = "deepspeed.launcher.runner"  # what the `deepspeed` script runs
 
 
 def launcher_command(
     num_gpus: int | None, hostfile: Path | None, entry_args: list[str], module: str = "dstrain.train"
 ) -> list[str]:
     """The deepspeed launcher line that runs `python -m MODULE` (dstrain.train, or dstrain eval's
-    dstrain.eval.command) on every rank."""
-    cmd = ["deepspeed"]
+    dstrain.eval.command) on every rank, started by this environment's interpreter."""
+    cmd = [sys.executable, "-m", RUNNER]
     if hostfile is not None:
         cmd += ["--hostfile", str(hostfile)]
     if num_gpus is not None:
@@ -34,7 +46,7 @@ def run_launcher(cmd: list[str]) -> int:
     Killing the launcher here (what subprocess.call does on KeyboardInterrupt) would cut the ranks off in
     the middle of the checkpoint they write when asked to stop.
     """
-    proc = subprocess.Popen(cmd, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, env=launcher_env())
     received: list[int] = []
 
     def on_sigint(signum: int, _frame: object) -> None:
@@ -53,6 +65,15 @@ def run_launcher(cmd: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def launcher_env() -> dict[str, str]:
+    """This environment, with its scripts directory (ninja, deepspeed's own tools) first on PATH."""
+    env = os.environ.copy()
+    scripts = sysconfig.get_path("scripts")
+    paths = env.get("PATH", "").split(os.pathsep) if env.get("PATH") else []
+    env["PATH"] = os.pathsep.join([scripts, *(p for p in paths if p != scripts)])
+    return env
 
 
 def exit_status(code: int, received: list[int]) -> int:

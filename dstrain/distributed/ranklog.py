@@ -11,6 +11,7 @@ unreadable, and the one line that matters (which rank failed, and why) scrolls b
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -32,12 +33,14 @@ class _Tee(io.TextIOBase):
 
     def write(self, text: str) -> int:
         self.console.write(text)
-        self.log.write(text)
+        with contextlib.suppress(OSError):  # a full disk must not silence the console (dstrain.storage)
+            self.log.write(text)
         return len(text)
 
     def flush(self) -> None:
         self.console.flush()
-        self.log.flush()
+        with contextlib.suppress(OSError):
+            self.log.flush()
 
     def isatty(self) -> bool:
         return self.console.isatty()
@@ -52,7 +55,7 @@ class _Tee(io.TextIOBase):
 
 class RankLog:
     def __init__(self, run_dir: Path, rank: int, world: int) -> None:
-        self.rank, self.path = rank, log_path(run_dir, rank)
+        self.rank, self.run_dir, self.path = rank, Path(run_dir), log_path(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives as long as the run)
         self.file.write(
@@ -79,24 +82,26 @@ class RankLog:
             sys.stderr.write(line)  # the tee: console and log
             sys.stderr.flush()
             return
-        self.file.write(line)
-        self.file.flush()
-        os.write(self.console_fd, line.encode())
+        os.write(self.console_fd, line.encode())  # first: the log's disk may be the one that is full
+        self.log_only(line)
 
     def log_only(self, text: str) -> None:
-        self.file.write(text if text.endswith("\n") else text + "\n")
-        self.file.flush()
+        with contextlib.suppress(OSError):
+            self.file.write(text if text.endswith("\n") else text + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(OSError):  # on ranks other than 0 these write to the log file
+            sys.stdout.flush()
+            sys.stderr.flush()
         sys.stdout, sys.stderr = self._saved_streams
         if self._saved_fds is not None:
             os.dup2(self._saved_fds[0], 1)
             os.dup2(self._saved_fds[1], 2)
             for fd in (*self._saved_fds, self.console_fd):
                 os.close(fd)
-        self.file.close()
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 _current: RankLog | None = None
@@ -114,6 +119,11 @@ def stop() -> None:
     if _current is not None:
         _current.close()
         _current = None
+
+
+def peer_log(rank: int) -> Path | None:
+    """Where rank `rank` of this run logs (None before this rank's log is open)."""
+    return None if _current is None else log_path(_current.run_dir, rank)
 
 
 def error(text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dstrain import storage
 from dstrain.errors import DstrainError
 
 PLOT_NAME = "loss.png"
@@ -50,6 +51,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = out or run_dir / PLOT_NAME
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with storage.guard(storage.run_place(run_dir), "the loss plot", out):
+            fig.savefig(out, dpi=110)
+    finally:
+        plt.close(fig)
     return out

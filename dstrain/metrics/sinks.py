@@ -1,7 +1,11 @@
-"""Where logged rows go (rank 0 only): metrics.jsonl, TensorBoard under tb/, W&B when asked, and the console.
+"""Where logged rows go (rank 0 only): metrics.jsonl, TensorBoard under tb/, W&B and MLflow when asked, and
+the console.
 
 One small class per backend behind the `Sink` protocol; `MetricsSink` fans each row out to them. Adding a
-backend is one class here and one line in `build_sinks`.
+backend is one class here and one line in `build_sinks`. A write into the run dir that fails for lack of
+space or permission stops the run with one message (`dstrain.storage`): the disk that cannot take a metrics
+row will not take the next checkpoint either. A tracking server (W&B, MLflow) that fails mid-run is a
+warning: the run dir still gets every row.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from dstrain import storage
 from dstrain.checkpoint.atomic import write_text_atomic
 
 if TYPE_CHECKING:
+    from dstrain.config.run import MlflowConfig
     from dstrain.training.phases import StartupClock
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,6 +38,9 @@ TB_DIR = "tb"
 
 class Sink(Protocol):
     def log(self, row: dict[str, Any]) -> None: ...
+
+    def attach(self, path: Path) -> None:
+        """A file of the run to keep with its metrics (the loss plot, at the end)."""
 
     def close(self) -> None: ...
 
@@ -54,17 +63,25 @@ class JsonlSink:
     """metrics.jsonl: one JSON object per row, flushed at once so a killed run keeps what it logged."""
 
     def __init__(self, path: Path, start_step: int = 0) -> None:
-        # A fresh run starts the file over; a run continuing from a checkpoint keeps the rows up to it.
-        if start_step:
-            keep_rows_up_to(path, start_step)
-        self.file = path.open("a" if start_step else "w", encoding="utf-8")
+        self.path, self.place = path, storage.run_place(path.parent)
+        with storage.guard(self.place, "metrics", path):
+            # A fresh run starts the file over; a run continuing from a checkpoint keeps the rows up to it.
+            if start_step:
+                keep_rows_up_to(path, start_step)
+            self.file = path.open("a" if start_step else "w", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        line = json.dumps(row) + "\n"
+        with storage.guard(self.place, "metrics", self.path, len(line)):
+            self.file.write(line)
+            self.file.flush()
+
+    def attach(self, path: Path) -> None:
+        pass
 
     def close(self) -> None:
-        self.file.close()
+        with storage.guard(self.place, "metrics", self.path):
+            self.file.close()  # closes the descriptor even when the last flush fails
 
 
 def tb_tag(key: str) -> str:
@@ -81,17 +98,27 @@ class TensorBoardSink:
     def __init__(self, log_dir: Path, start_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where a sink is built
 
-        # purge_step hides events a killed run logged after its last checkpoint, as JsonlSink drops its rows.
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
+        # TensorBoard writes in a thread of its own; a failed write surfaces at the next call, guarded too.
+        self.log_dir, self.place = log_dir, storage.run_place(log_dir.parent)
+        with storage.guard(self.place, "TensorBoard events", log_dir):
+            # purge_step hides events a killed run logged after its last checkpoint, as JsonlSink drops rows.
+            self.writer = SummaryWriter(
+                log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None
+            )
 
     def log(self, row: dict[str, Any]) -> None:
         step = int(row["step"])
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(tb_tag(key), value, step)
+        with storage.guard(self.place, "TensorBoard events", self.log_dir):
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(tb_tag(key), value, step)
+
+    def attach(self, path: Path) -> None:
+        pass
 
     def close(self) -> None:
-        self.writer.close()
+        with storage.guard(self.place, "TensorBoard events", self.log_dir):
+            self.writer.close()
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -117,6 +144,9 @@ class WandbSink:
     def log(self, row: dict[str, Any]) -> None:
         values = {k: v for k, v in row.items() if k != "step" and v is not None}
         self.run.log(values, step=int(row["step"]))
+
+    def attach(self, path: Path) -> None:
+        pass
 
     def close(self) -> None:
         self.run.finish()
@@ -156,6 +186,9 @@ class ConsoleSink:
     def advance(self, step: int) -> None:
         self.progress.update(self.task, completed=step)
 
+    def attach(self, path: Path) -> None:
+        pass
+
     def print(self, message: RenderableType) -> None:
         self.console.print(message)
 
@@ -164,16 +197,28 @@ class ConsoleSink:
 
 
 def build_sinks(
-    run_dir: Path, total_steps: int, start_step: int, wandb_project: str, run_config: dict[str, Any] | None
+    run_dir: Path,
+    total_steps: int,
+    start_step: int,
+    wandb_project: str,
+    run_config: dict[str, Any] | None,
+    mlflow: MlflowConfig | None = None,
 ) -> tuple[list[Sink], ConsoleSink]:
     """Every backend of a run dir, in the order rows reach them; the console also serves `print`."""
-    # W&B first: a failing init (login, network) stops the run before metrics.jsonl is touched.
+    # Trackers first: a failing init (login, network) stops the run before metrics.jsonl is touched.
     wandb = WandbSink(run_dir, wandb_project, run_config) if wandb_project else None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = None
+    if mlflow is not None and mlflow.enabled:
+        from dstrain.metrics.tracking import MlflowSink
+
+        tracker = MlflowSink(run_dir, mlflow, run_config, resumed=start_step > 0)
+    with storage.guard(storage.run_place(run_dir), "the run dir", run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     jsonl = JsonlSink(run_dir / METRICS_FILE, start_step)
     tensorboard = TensorBoardSink(run_dir / TB_DIR, start_step)
     console = ConsoleSink(make_console(), total_steps, start_step)
-    sinks: list[Sink] = [jsonl, *([wandb] if wandb else []), tensorboard, console]
+    trackers: list[Sink] = [t for t in (wandb, tracker) if t is not None]
+    sinks: list[Sink] = [jsonl, *trackers, tensorboard, console]
     return sinks, console
 
 
@@ -188,6 +233,7 @@ class MetricsSink:
         start_step: int = 0,
         wandb_project: str = "",
         run_config: dict[str, Any] | None = None,
+        mlflow: MlflowConfig | None = None,
     ) -> None:
         self.enabled = enabled
         self.sinks: list[Sink] = []
@@ -196,7 +242,7 @@ class MetricsSink:
         self.startup_fields: dict[str, float] = {}  # said at that step, logged with the next train row
         if enabled:
             self.sinks, self.console = build_sinks(
-                run_dir, total_steps, start_step, wandb_project, run_config
+                run_dir, total_steps, start_step, wandb_project, run_config, mlflow
             )
 
     def log(self, row: dict[str, Any]) -> None:
@@ -205,6 +251,10 @@ class MetricsSink:
             self.startup_fields = {}
         for sink in self.sinks:
             sink.log(row)
+
+    def attach(self, path: Path) -> None:
+        for sink in self.sinks:
+            sink.attach(path)
 
     def time_first_step(self, clock: StartupClock) -> None:
         """Book the time until the first `advance` as the clock's last phase, then say every phase once."""
@@ -225,6 +275,11 @@ class MetricsSink:
     def close(self) -> None:
         # The progress bar stops first, so what W&B prints as it finishes is not drawn over by it. `print`
         # still works afterwards: the run's last line ("done: ...") comes after the sinks are closed.
-        for sink in reversed(self.sinks):
-            sink.close()
-        self.sinks = []
+        sinks, self.sinks, failures = self.sinks, [], []  # each closed once, whichever fails
+        for sink in reversed(sinks):
+            try:
+                sink.close()
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]

@@ -20,7 +20,7 @@ from dstrain.config.run import HIGHER_IS_BETTER
 from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import MicroBatch
 from dstrain.data.prefetch import paused
-from dstrain.distributed.collectives import all_reduce_sum
+from dstrain.distributed.collectives import agreed, all_reduce_sum
 from dstrain.distributed.sequence import rank_in_group
 from dstrain.distributed.stop import EvalInterrupted
 from dstrain.errors import TrainingError
@@ -162,9 +162,16 @@ def log_train(run: Run, tally: Tally, state: TrainerState, meter: StepMeter, ste
     norm = eng.grad_norm(run.engine)
     if norm is not None:
         row["grad_norm"] = norm
-    run.sink.log(dict(sorted(row.items(), key=lambda kv: kv[0] != "step")))
+    write_row(run, dict(sorted(row.items(), key=lambda kv: kv[0] != "step")))
     meter.reset()
     check_bad_fraction(tally, run.data.max_bad_fraction)  # the same numbers on every rank: all raise, or none
+
+
+def write_row(run: Run, row: dict) -> None:
+    """Rank 0 writes the row to its sinks. Agreed (one more tiny all-reduce, on logged steps only): a write
+    that fails there (a full disk) ends the run on every rank at this step, not in a collective's timeout."""
+    with agreed("writing metrics"):
+        run.sink.log(row)
 
 
 def run_eval(run: Run, state: TrainerState) -> dict[str, float] | None:
@@ -195,7 +202,7 @@ def run_eval(run: Run, state: TrainerState) -> dict[str, float] | None:
             result |= evaluate_generation(
                 run.peft_model, run.generation, plan.micro, run.rank, plan.devices, interrupted
             )
-    run.sink.log({"step": state.step, **result})
+    write_row(run, {"step": state.step, **result})
     note_best(state, run.train.best_metric, result)
     return result
 

@@ -92,6 +92,11 @@ def preflight(
             "train.wandb_project is set but wandb is not installed: `pip install wandb`, or set "
             "train.wandb_project='' (TensorBoard and metrics.jsonl are always written)"
         )
+    if cfg.train.mlflow.enabled and importlib.util.find_spec("mlflow") is None:
+        problems.append(
+            "train.mlflow is set but mlflow is not installed: `pip install mlflow-skinny` (or mlflow), or "
+            "remove train.mlflow (TensorBoard and metrics.jsonl are always written)"
+        )
     if problems:
         raise ConfigError(problems, source="run")
     return raw

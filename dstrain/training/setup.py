@@ -4,7 +4,6 @@ start the state, open the batches and the metrics sinks. `start` reads top to bo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from dstrain.distributed.env import DistEnv
 from dstrain.training import model_facts
 from dstrain.training.phases import StartupClock, phase
 from dstrain.training.restore import agree_on_checkpoint, archive_newer_checkpoints, new_state, restore
+from dstrain.training.rundir import space_warning
 from dstrain.training.session import Run, Tally
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
     from dstrain.checkpoint.resume import check_same_data
     from dstrain.checkpoint.rng import seed_everything
     from dstrain.data.provenance import describe_files
+    from dstrain.data.snapshot import plan as plan_snapshot
     from dstrain.distributed import stop as stopping
     from dstrain.training.prepare import prepare
 
@@ -54,8 +55,9 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
         prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None, clock)
         if resume:
             check_same_data(resume.state, len(prepared.train), describe_files(cfg.data.train))
+        snapshot = plan_snapshot(cfg, resume.state.data_snapshot if resume else None)
     with phase(stop, "the rendezvous"):  # collective from here on: every rank stops at the same point
-        env = join(cfg, env, resume, prepared)
+        env = join(cfg, env, resume, prepared, snapshot)
     clock.lap("rendezvous")
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
     seed_everything(cfg.train.seed)
@@ -70,6 +72,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
         if resume:
             state = restore(resume, ds_engine, peft_model, prepared, env.rank, env.world_size)
             clock.lap("restore")
+        state.data_snapshot = snapshot
     sink = open_sink(cfg, prepared, env, state.step)
     sink.time_first_step(clock)
     try:
@@ -115,11 +118,15 @@ def is_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
-def join(cfg: RunConfig, env: DistEnv, resume: ResumePoint | None, prepared: Prepared) -> DistEnv:
-    """Rendezvous and process group, the failure watch, one checkpoint for all ranks, the run files."""
+def join(
+    cfg: RunConfig, env: DistEnv, resume: ResumePoint | None, prepared: Prepared, snapshot: dict[str, Any]
+) -> DistEnv:
+    """Rendezvous and process group, the failure watch, one checkpoint for all ranks, the run files (and the
+    data snapshot when it is new)."""
     from dstrain.distributed import heartbeat
-    from dstrain.distributed.collectives import barrier
+    from dstrain.distributed.collectives import agreed
     from dstrain.distributed.group import init_process_group
+    from dstrain.training.rundir import start_run_dir
 
     timeouts, output_dir = cfg.distributed, Path(cfg.output_dir)
     env = init_process_group(env, timeouts.rendezvous_timeout_s, timeouts.collective_timeout_s)
@@ -127,27 +134,13 @@ def join(cfg: RunConfig, env: DistEnv, resume: ResumePoint | None, prepared: Pre
         heartbeat.start(env, timeouts.heartbeat_timeout_s, output_dir)
     if resume:
         agree_on_checkpoint(resume)
+    new_snapshot = bool(snapshot) and not (resume and resume.state.data_snapshot)
+    with agreed("writing the run files"):  # rank 0 writes: a full disk there fails every rank at once
         if env.is_main:
-            resume.notes.extend(archive_newer_checkpoints(resume.ckpt, output_dir))
-        barrier()
-    if env.is_main:
-        write_run_files(output_dir, prepared.config_yaml, prepared.ds, cfg.data.train)
+            if resume:
+                resume.notes.extend(archive_newer_checkpoints(resume.ckpt, output_dir))
+            start_run_dir(cfg, prepared, snapshot, new_snapshot)
     return env
-
-
-def write_run_files(
-    output_dir: Path, config_yaml: str, ds: dict[str, Any], train: list[str] | None = None
-) -> None:
-    """config.yaml (headed by the dstrain version that wrote it), ds_config.json, data_provenance.json."""
-    from dstrain import __version__
-    from dstrain.data.provenance import describe_files
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    header = f"# written by dstrain {__version__}\n"
-    (output_dir / "config.yaml").write_text(header + config_yaml, encoding="utf-8")
-    (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
-    files = describe_files(train) if train else []
-    (output_dir / "data_provenance.json").write_text(json.dumps({"train": files}, indent=2) + "\n")
 
 
 def build(
@@ -226,16 +219,19 @@ def open_batches(cfg: RunConfig, prepared: Prepared, rank: int, start_step: int)
 
 def open_sink(cfg: RunConfig, prepared: Prepared, env: DistEnv, start_step: int) -> MetricsSink:
     from dstrain.config.run import config_to_dict
+    from dstrain.distributed.collectives import agreed
     from dstrain.metrics.sinks import MetricsSink
 
-    return MetricsSink(
-        Path(cfg.output_dir),
-        prepared.total_steps,
-        enabled=env.is_main,
-        start_step=start_step,
-        wandb_project=cfg.train.wandb_project,
-        run_config=config_to_dict(cfg),
-    )
+    with agreed("opening the metrics sinks"):  # rank 0 opens them: its failure fails every rank at once
+        return MetricsSink(
+            Path(cfg.output_dir),
+            prepared.total_steps,
+            enabled=env.is_main,
+            start_step=start_step,
+            wandb_project=cfg.train.wandb_project,
+            run_config=config_to_dict(cfg),
+            mlflow=cfg.train.mlflow,
+        )
 
 
 def announce(
@@ -259,6 +255,8 @@ def announce(
         sink.print(f"[yellow]warning:[/] {note}")
     if memory_table is not None:
         sink.print(memory_table)
+    if sink.enabled and (note := space_warning(cfg, prepared, peft_model, state.step)):
+        sink.print(f"[yellow]warning:[/] {note}")
     if cfg.train.sequence_parallel_size > 1:
         sink.print(sequence_line(cfg, prepared))
     if resume:

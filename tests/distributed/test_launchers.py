@@ -3,11 +3,13 @@ the deepspeed launcher itself)."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -37,16 +39,20 @@ def test_torchrun_two_ranks(tmp_path, small_data):
 
 
 def test_dstrain_train_num_gpus_starts_the_deepspeed_launcher(tmp_path, small_data):
+    """`.venv/bin/dstrain train --num-gpus 2` as the README writes it, with the environment NOT activated
+    (its bin/ off PATH): the launcher is the one of the environment dstrain runs in, found without PATH."""
     config = write_config(tmp_path, small_data, train={"max_steps": 2, "save_every": 0})
-    proc = check(
-        run(
-            [sys.executable, "-m", "dstrain.cli", "train", "--config", str(config), "--num-gpus", "2"],
-            tmp_path,
-        )
+    env = child_env()  # it puts the venv's bin first on PATH: take it off again
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != VENV_BIN)
+    cmd = [str(VENV_BIN / "dstrain"), "train", "--config", str(config), "--num-gpus", "2"]
+    proc = check(run(cmd, tmp_path, env=env))
+    launched = re.search(
+        r"launching: (\S+) -m deepspeed.launcher.runner --num_gpus 2 --master_port \d+ "
+        r"--module dstrain.train",
+        proc.stderr,
     )
-    assert re.search(
-        r"launching: deepspeed --num_gpus 2 --master_port \d+ --module dstrain.train", proc.stderr
-    )
+    assert launched, proc.stderr[-3000:]
+    assert Path(launched.group(1)).parent == VENV_BIN  # this environment's python, not one found on PATH
     state = (tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text()
     assert '"world_size": 2' in state
 

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.diskfull import tmpfs
+
 SCRIPT = textwrap.dedent(
     """
     import os, sys
@@ -52,3 +54,36 @@ def test_each_attempt_appends_a_header(tmp_path):
     run_rank(tmp_path, 1)
     _, log = run_rank(tmp_path, 1)
     assert log.count("===== ") == 2 and log.count("progress line") == 2
+
+
+FULL_DISK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from dstrain.distributed import ranklog
+
+    run_dir = Path(sys.argv[1])
+    ranklog.start(run_dir, 0, 2)
+    with open(run_dir / "filler", "wb", buffering=0) as filler:  # the log's disk fills up under the run
+        try:
+            while True:
+                filler.write(b"x" * 4096)
+                filler.flush()
+        except OSError:
+            pass
+    print("progress " * 1000)  # more than the log's last page (4 KiB) holds
+    ranklog.error("error: the one message")
+    ranklog.stop()
+    print("after the log")
+    """
+)
+
+
+def test_a_full_log_disk_never_silences_the_console(tmp_path):
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        proc = subprocess.run(
+            [sys.executable, "-c", FULL_DISK_SCRIPT, str(disk)], capture_output=True, text=True, timeout=60
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "progress " * 1000 + "\nafter the log\n"
+    assert proc.stderr.count("error: the one message") == 1 and "Traceback" not in proc.stderr
