@@ -135,9 +135,9 @@ def size_info(ckpt: Path, state: dict[str, Any]) -> dict[str, Any]:
 
     actual = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())
     estimate = None
-    if (ckpt / OPTIMIZER).is_file():
+    shapes = sizing.shapes_in_checkpoint(ckpt) if (ckpt / OPTIMIZER).is_file() else None
+    if shapes is not None:
         texts = sum((ckpt / n).stat().st_size for n in (CONFIG, DS_CONFIG, DS_SOURCE) if (ckpt / n).is_file())
-        shapes = sizing.shapes_in_checkpoint(ckpt)
         files = len(state.get("data_files") or []) or 1
         world = int(state.get("world_size") or 1)
         rng = ckpt / rng_file(0)  # its own size: measuring this process's generators would import torch

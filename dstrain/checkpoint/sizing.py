@@ -136,13 +136,20 @@ def trainable_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     }
 
 
-def shapes_in_checkpoint(ckpt: Path) -> dict[str, tuple[int, ...]]:
-    """The trainable shapes a checkpoint was written from, read from its optimizer file's header (no torch)."""
-    with (Path(ckpt) / OPTIMIZER).open("rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(length))
-    suffix = f"::{MASTER}"
-    return {k[: -len(suffix)]: tuple(v["shape"]) for k, v in header.items() if k.endswith(suffix)}
+def shapes_in_checkpoint(ckpt: Path) -> dict[str, tuple[int, ...]] | None:
+    """The trainable shapes a checkpoint was written from, read from its optimizer file's header (no torch);
+    None when that file is no safetensors file (`dstrain inspect`'s verify names it)."""
+    path = Path(ckpt) / OPTIMIZER
+    try:
+        with path.open("rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if length > path.stat().st_size:
+                return None
+            header = json.loads(fh.read(length))
+        suffix = f"::{MASTER}"
+        return {k[: -len(suffix)]: tuple(v["shape"]) for k, v in header.items() if k.endswith(suffix)}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def logged_rows(total_steps: int, log_every: int, eval_every: int, has_eval: bool) -> int:
