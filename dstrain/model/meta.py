@@ -71,14 +71,17 @@ def quantize_on_meta(base: PreTrainedModel, dtype: torch.dtype) -> None:
 
 
 def planned_shape(
-    model_cfg: ModelConfig, lora_cfg: LoraConfig, zero_stage: int
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    zero_stage: int,
+    peft_model: torch.nn.Module | None = None,
 ) -> tuple[memory.ModelShape, str]:
     """The ModelShape the run's memory check would read, and the attention its model runs.
 
     Under ZeRO-3 without 4-bit the run builds the base inside zero.Init (model/build.py), partitioned as it
     is created: the shape says so, as the real one does. Nothing is resident on the host.
     """
-    peft_model = meta_model(model_cfg, lora_cfg)
+    peft_model = peft_model if peft_model is not None else meta_model(model_cfg, lora_cfg)
     shape = memory.model_shape(peft_model)
     partitioned = zero_stage == 3 and not model_cfg.load_in_4bit
     return replace(shape, partitioned=partitioned, host_resident_bytes=0), memory.attention_of(peft_model)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from dstrain.config.zero import zero_stage
 from dstrain.model.memory import gib
+from dstrain.storage import human
 from dstrain.training.plan import DryRun
 
 SHOWN_STEPS = 8  # eval/save steps listed in full up to this many; longer lists show their ends
@@ -115,6 +116,12 @@ def plan_table(report: DryRun) -> Table:
     table.add_row("warmup / decay", f"{plan.warmup_steps} / {plan.decay_steps} steps")
     table.add_row("eval at", steps_text(plan.eval_steps))
     table.add_row("save at", f"{steps_text(plan.save_steps)} (keep_last {train.keep_last})")
+    memory = report.memory
+    table.add_row(
+        "disk",
+        f"{human(memory.checkpoint_bytes)} per checkpoint; at most {human(memory.disk_bytes)} in output_dir "
+        f"({train.keep_last + 1} checkpoints while the newest is written, metrics and plot)",
+    )
     return table
 
 

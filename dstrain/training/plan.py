@@ -64,6 +64,8 @@ class MemoryPlan:
     cuda: bool  # estimated for a CUDA device (else: everything in host RAM)
     capacity: dict[str, int] | None  # this machine's, per rank, when the job runs here
     over: str | None  # the memory check's message when the estimate exceeds that capacity
+    checkpoint_bytes: int  # one checkpoint on disk (checkpoint/sizing.py), at launch.world ranks
+    disk_bytes: int  # the most the run keeps in output_dir: keep_last + 1 checkpoints, metrics and plot
 
 
 @dataclass
@@ -186,11 +188,13 @@ def step_plan(prepared: Prepared) -> StepPlan:
 
 def memory_plan(prepared: Prepared, launch: Launch) -> MemoryPlan:
     """memory.check's numbers for the model the run would build (model/meta.py), at `launch.world` ranks."""
+    from dstrain.checkpoint import sizing
     from dstrain.model import memory
-    from dstrain.model.meta import planned_shape
+    from dstrain.model.meta import meta_model, planned_shape
 
     cfg = prepared.cfg
-    shape, attention = planned_shape(cfg.model, cfg.lora, zero_stage(prepared.ds))
+    peft_model = meta_model(cfg.model, cfg.lora)
+    shape, attention = planned_shape(cfg.model, cfg.lora, zero_stage(prepared.ds), peft_model)
     setup = memory.setup_from(cfg, prepared.ds, prepared.plan.micro, launch.world, attention)
     terms = memory.estimate(shape, setup)
     capacity = over = None
@@ -199,7 +203,13 @@ def memory_plan(prepared: Prepared, launch: Launch) -> MemoryPlan:
         over = memory.overflow_message(terms, capacity, setup.cuda)
     totals = memory.merged_totals(terms, setup.cuda)
     peak = memory.build_peak_bytes(shape, setup)
-    return MemoryPlan(terms, totals, peak, setup.cuda, capacity, over)
+    train = cfg.train
+    one = sizing.checkpoint_bytes(
+        sizing.trainable_shapes(peft_model), launch.world, data_files=len(prepared.train.corpus.files)
+    )
+    rows = sizing.logged_rows(prepared.total_steps, train.log_every, train.eval_every, bool(prepared.eval))
+    disk = sizing.run_bytes(one, train.keep_last, rows)
+    return MemoryPlan(terms, totals, peak, setup.cuda, capacity, over, one, disk)
 
 
 def this_machine(local_ranks: int, cuda: bool) -> dict[str, int]:

@@ -15,6 +15,7 @@ from dstrain.checkpoint.export import export_checkpoint
 from dstrain.eval.command import main as eval_main
 from dstrain.model.memory import gib
 from tests.helpers import check, dstrain, make_small_data, metrics, train_deepspeed, write_config
+from tests.unit.checkpoint.test_sizing import TOLERANCE_BYTES
 
 pytestmark = pytest.mark.distributed
 
@@ -84,6 +85,10 @@ def test_the_dry_run_plans_what_the_run_does(run):
     assert sorted({r["step"] for r in rows if "eval_loss" in r}) == plan["eval_steps"] == [0, 4, 8]
     saved = sorted(int(p.name.split("-")[1]) for p in (run["tmp"] / "run" / "checkpoints").glob("step-*"))
     assert saved == plan["save_steps"] == [4, 8]
+    # the disk row: one checkpoint as the run wrote it, within the estimate's stated bound
+    written = run["tmp"] / "run" / "checkpoints" / f"step-{STEPS:08d}"
+    actual = sum(p.stat().st_size for p in written.iterdir() if p.is_file())
+    assert abs(memory["checkpoint_bytes"] - actual) <= TOLERANCE_BYTES, (memory["checkpoint_bytes"], actual)
 
 
 def logged_at(run_dir: Path, step: int) -> dict:

@@ -42,6 +42,7 @@ def test_a_16_rank_hostfile_plan_in_one_process_writes_nothing(config: Path, tmp
     assert "64 = micro 4 x accumulation 1 x world 16" in proc.stdout
     assert "estimated memory per rank" in proc.stdout and "total device" in proc.stdout
     assert "nothing was trained or written" in proc.stdout
+    assert "per checkpoint; at most" in proc.stdout  # the disk row (its bytes: the 2-rank plan-and-eval test)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, no runs/big
 
 
