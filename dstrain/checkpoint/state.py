@@ -47,3 +47,10 @@ class TrainerState:
     versions: dict[str, str] = field(default_factory=dict)
     # Per training file: path, size, mtime, fingerprint (dstrain.data.provenance); empty before 0.2.0.
     data_files: list[dict] = field(default_factory=list)
+    # A mixture (data.train as weighted sources), per source in data.train order: name, weight, format,
+    # records, max_samples, epochs (its limit), samples (records it has given), epoch and cursor of its next
+    # record, tokens trained on, and its files (provenance). Empty for a plain list of paths.
+    sources: list[dict] = field(default_factory=list)
+    # Where the mixture's plan starts: {"step": S, "drawn": {name: records given before S}}; empty: step 0.
+    # A resume that changes the sources or weights (--set data.train=...) starts a new plan at its step.
+    mixture_origin: dict = field(default_factory=dict)

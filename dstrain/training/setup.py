@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from dstrain.checkpoint.state import TrainerState
 from dstrain.config.run import RunConfig
+from dstrain.config.sources import train_patterns
 from dstrain.config.zero import zero_stage
 from dstrain.distributed.env import DistEnv
 from dstrain.training import model_facts
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from dstrain.checkpoint.resume import ResumePoint
     from dstrain.data.batches import MicroBatch
+    from dstrain.data.sources import Mixture
     from dstrain.distributed.stop import StopRequest
     from dstrain.eval.generation import GenerationEval
     from dstrain.metrics.sinks import MetricsSink
@@ -40,9 +42,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
     during any of it ends the run at the end of that phase (training.phases), before anything is trained.
     """
     from dstrain import engine
-    from dstrain.checkpoint.resume import check_same_data
+    from dstrain.checkpoint.mixture_resume import check_resumed_data, resume_origin
     from dstrain.checkpoint.rng import seed_everything
-    from dstrain.data.provenance import describe_files
     from dstrain.distributed import stop as stopping
     from dstrain.training.prepare import prepare
 
@@ -51,9 +52,10 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
     stop = stopping.install()  # no-op when the entry point installed it first thing (as dstrain.train does)
     with phase(stop, "the config checks and the data index", collective=False):
         env = open_process(cfg)
-        prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None, clock)
+        origin = resume_origin(cfg, resume) if resume else None
+        prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None, clock, origin)
         if resume:
-            check_same_data(resume.state, len(prepared.train), describe_files(cfg.data.train))
+            check_resumed_data(resume, prepared)
     with phase(stop, "the rendezvous"):  # collective from here on: every rank stops at the same point
         env = join(cfg, env, resume, prepared)
     clock.lap("rendezvous")
@@ -131,14 +133,21 @@ def join(cfg: RunConfig, env: DistEnv, resume: ResumePoint | None, prepared: Pre
             resume.notes.extend(archive_newer_checkpoints(resume.ckpt, output_dir))
         barrier()
     if env.is_main:
-        write_run_files(output_dir, prepared.config_yaml, prepared.ds, cfg.data.train)
+        write_run_files(
+            output_dir, prepared.config_yaml, prepared.ds, train_patterns(cfg.data), prepared.mixture
+        )
     return env
 
 
 def write_run_files(
-    output_dir: Path, config_yaml: str, ds: dict[str, Any], train: list[str] | None = None
+    output_dir: Path,
+    config_yaml: str,
+    ds: dict[str, Any],
+    train: list[str] | None = None,
+    mixture: Mixture | None = None,
 ) -> None:
-    """config.yaml (headed by the dstrain version that wrote it), ds_config.json, data_provenance.json."""
+    """config.yaml (headed by the dstrain version that wrote it), ds_config.json, data_provenance.json
+    (a mixture's also by source)."""
     from dstrain import __version__
     from dstrain.data.provenance import describe_files
 
@@ -146,8 +155,10 @@ def write_run_files(
     header = f"# written by dstrain {__version__}\n"
     (output_dir / "config.yaml").write_text(header + config_yaml, encoding="utf-8")
     (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
-    files = describe_files(train) if train else []
-    (output_dir / "data_provenance.json").write_text(json.dumps({"train": files}, indent=2) + "\n")
+    provenance: dict[str, Any] = {"train": describe_files(train) if train else []}
+    if mixture is not None:
+        provenance["sources"] = dict(zip(mixture.names, mixture.describe_files(), strict=True))
+    (output_dir / "data_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def build(
@@ -220,6 +231,13 @@ def open_batches(cfg: RunConfig, prepared: Prepared, rank: int, start_step: int)
     from dstrain.data.prefetch import prefetched
 
     options = LoaderOptions.for_run(cfg, prepared.train, prepared.tokenizer.pad_token_id)
+    if prepared.mixture is not None:
+        from dataclasses import replace
+
+        from dstrain.data.mixture_order import order_for_run
+
+        order = order_for_run(prepared.mixture.plan, cfg.data, prepared.plan, prepared.train.corpus)
+        options = replace(options, mixture=order)
     loader = train_loader(prepared.train, prepared.plan, options, rank, prepared.total_steps, start_step)
     return prefetched(loader, cfg.data.num_workers, cfg.data.prefetch)
 
@@ -253,6 +271,8 @@ def announce(
     from dstrain.objectives.normalize import describe as loss_line
 
     sink.print(describe(cfg, prepared, peft_model))
+    if prepared.mixture is not None:
+        sink.print(prepared.mixture.line(prepared.total_steps))
     sink.print(loss_line(cfg.objective.name, cfg.objective.loss_normalization))
     sink.print(model_facts.head_line(cfg, peft_model))
     if note := model_facts.router_note(cfg, peft_model):
@@ -318,6 +338,7 @@ def wire(
         num_params=count_parameters(peft_model)[1],
         generation=generation_eval(cfg, prepared, env.world_size),
         reference_table=reference,
+        mixture=prepared.mixture,
         **model_facts.run_fields(cfg, peft_model),
     )
 
