@@ -66,7 +66,7 @@ def coerce(hint: Any, value: Any, where: str = "", problems: list[str] | None = 
             return False, value
         pairs = [coerce(item, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
         wrong = [i for i, (ok, _) in enumerate(pairs) if not ok]
-        if wrong and problems is not None and len(value) > 1:  # name the items, not the whole list
+        if wrong and problems is not None and holds_mappings(item):  # name the items, not the whole list
             problems += [f"{where}[{i}]: expected {describe(item)}, got {show(value[i])}" for i in wrong]
             return True, [v for _, v in pairs]
         return not wrong, [v for _, v in pairs]
@@ -82,6 +82,11 @@ def coerce(hint: Any, value: Any, where: str = "", problems: list[str] | None = 
     if hint is type(None):
         return value is None, value
     raise TypeError(f"unsupported config type {hint}")
+
+
+def holds_mappings(hint: Any) -> bool:
+    """Whether `hint` is a dataclass or a union with one (a list of them reports each bad item by index)."""
+    return dataclasses.is_dataclass(hint) or any(dataclasses.is_dataclass(arm) for arm in get_args(hint))
 
 
 def describe(hint: Any) -> str:

@@ -143,7 +143,7 @@ def check_sources(cfg: RunConfig) -> list[str]:
     allowed = formats_for(cfg.objective.name)
     wrong = [s for s in sources if s.format not in allowed]
     if wrong:
-        named = ", ".join(f"{s.name} ({s.format})" for s in wrong)
+        named = ", ".join(f"{s.name or s.path} ({s.format})" for s in wrong)
         p.append(
             f"data.train: objective.name '{cfg.objective.name}' trains on {' or '.join(allowed)} records; "
             f"source(s) {named} hold other records: drop them from the mixture, or train them with "
