@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from dstrain.config.run import DataConfig, RunConfig
+from dstrain.config.sources import is_mixture
 from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.grouping import LengthGroupedOrder
@@ -236,7 +237,7 @@ class LoaderOptions:
             shuffle_block=data.shuffle_block,
             shuffle_window=data.shuffle_window,
             # a mixture groups by length itself, reading sizes from the index (never all of them at once)
-            group_sizes=dataset.sizes() if data.group_by_length and dataset.source_starts is None else None,
+            group_sizes=dataset.sizes() if data.group_by_length and not is_mixture(data.train) else None,
             group_window=data.length_group_window,
             pack_to=data.max_seq_len if data.packing and not flash else 0,
             flat=data.packing and flash,
