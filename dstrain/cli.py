@@ -220,37 +220,47 @@ def export(
 
 @app.command("validate-data")
 def validate_data(
-    path: Annotated[Path, typer.Argument(help="JSONL, JSON array or Parquet file to check")],
-    format: Annotated[str, typer.Option("--format", help="preference | sft-rag | messages")],
+    path: Annotated[Path | None, typer.Argument(help="JSONL, JSON array or Parquet file to check")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="preference | sft-rag | messages")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="check every training file of this run config, per source")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="KEY=VALUE override of the config")
+    ] = None,
+    world_size: Annotated[
+        int, typer.Option("--world-size", help="with --config: ranks for the global batch (expected passes)")
+    ] = 1,
 ) -> None:
     """Check every record; print PATH:LINE: reason per problem and a summary. Exit 1 on any problem.
 
-    Large JSONL files are checked in parallel byte ranges, and the result is the index a training run on
-    the unchanged file then reuses (so a clean file is not validated twice).
+    With --config: the run's training files, each in its source's format, with per-source counts and each
+    source's expected passes over the run. Large JSONL files are checked in parallel byte ranges, and the
+    result is the index a training run on the unchanged file then reuses (so a clean file is not validated
+    twice).
     """
-    from dstrain.data.index import index_file, iter_bad
+    from dstrain.config.sources import FORMATS
+    from dstrain.data.validate import validate_config, validate_file
 
-    if format not in ("preference", "sft-rag", "messages"):
-        fail(DstrainError(f"--format must be preference, sft-rag or messages, got {format!r}"), code=1)
-    if not path.is_file():
-        why = (
-            "a directory; pass one JSONL or Parquet file (or a JSON array)"
-            if path.is_dir()
-            else "no such file"
-        )
-        fail(DstrainError(f"{path}: {why}"), code=1)
     try:
-        index = index_file(path, format)
+        if config is not None:
+            raise typer.Exit(validate_config(config, overrides or [], world_size, typer.echo))
+        if path is None or format is None:
+            raise DstrainError(
+                "give a file and its format (validate-data PATH --format F), or --config RUN.yaml"
+            )
+        if format not in FORMATS:
+            raise DstrainError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {format!r}")
+        if not path.is_file():
+            why = (
+                "a directory; pass one JSONL or Parquet file (or a JSON array)"
+                if path.is_dir()
+                else "no such file"
+            )
+            raise DstrainError(f"{path}: {why}")
+        raise typer.Exit(validate_file(path, format, typer.echo))
     except DstrainError as exc:
         fail(exc, code=1)
-    for bad in iter_bad(index):
-        typer.echo(str(bad))
-    good, bad = len(index), index.num_bad
-    cleaned = f", {index.num_cleaned} changed by cleaning (data.clean)" if index.num_cleaned else ""
-    typer.echo(f"{path}: {good + bad} records, {good} ok, {bad} bad{cleaned}")
-    if good + bad == 0:
-        typer.echo(f"{path}: the file holds no records (empty or only blank lines)")
-    raise typer.Exit(1 if bad or good == 0 else 0)
 
 
 @app.command()

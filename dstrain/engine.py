@@ -148,7 +148,7 @@ def describe_optimizer(engine: DeepSpeedEngine) -> str:
     return f"torch {type(base).__name__} ({mode})"
 
 
-def forward(engine: DeepSpeedEngine, batch: dict[str, Any], **flags: bool) -> tuple[torch.Tensor, ...]:
+def forward(engine: DeepSpeedEngine, batch: dict[str, Any], **flags: bool | int) -> tuple[torch.Tensor, ...]:
     """The wrapped module's forward on `batch` (tensors moved to the engine's device) and `flags`.
 
     The labelled positions are found here, on the host, so the device never reports their number.

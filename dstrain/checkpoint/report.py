@@ -73,6 +73,21 @@ def data_rows(ckpt: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**record, "status": file_status(record, base)} for record in files if isinstance(record, dict)]
 
 
+def source_rows(ckpt: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """A mixture's sources as the checkpoint recorded them (position, tokens), each file with its status."""
+    from dstrain.data.provenance import file_status
+
+    base = ckpt.parent.parent.parent if ckpt.parent.name == "checkpoints" else None
+    rows = []
+    for entry in state.get("sources") or []:
+        if isinstance(entry, dict):
+            files = [
+                {**f, "status": file_status(f, base)} for f in entry.get("files") or [] if isinstance(f, dict)
+            ]
+            rows.append({**entry, "files": files})
+    return rows
+
+
 def base_info(ckpt: Path) -> dict[str, Any]:
     """The base model adapter_config.json names, whether it is a model dir here, and how to load it if not
     (or if it is dstrain's builtin, whose path is that of one install)."""
@@ -196,6 +211,8 @@ def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
         "data": data_rows(ckpt, state),
         "snapshot": snapshot_info(ckpt, state),
         "size": size_info(ckpt, state),
+        "sources": source_rows(ckpt, state),
+        "mixture_origin": state.get("mixture_origin") or {},
         "files": file_rows(ckpt),
         "valid": not problems,
         "problems": problems,
@@ -231,6 +248,7 @@ def render(info: dict[str, Any], console: Console) -> None:
     if base["note"]:
         console.print(f"[yellow]note:[/] {base['note']}", soft_wrap=True)
     render_data(info["data"], console)
+    render_sources(info["sources"], console)
     files = Table("file", "bytes", "manifest")
     for row in info["files"]:
         size = "missing" if row["size"] is None else f"{row['size']:,}"
@@ -266,6 +284,34 @@ def render_data(rows: list[dict[str, Any]], console: Console) -> None:
         status = row["status"] if row["status"] == "matches" else f"[red]{row['status']}"
         data.add_row(str(row.get("path")), f"{row.get('size', 0):,}", str(row.get("fingerprint")), status)
     console.print(data)
+
+
+def render_sources(rows: list[dict[str, Any]], console: Console) -> None:
+    if not rows:
+        return
+    table = Table(
+        "source", "weight", "format", "records", "given", "next: epoch", "cursor", "tokens", "files"
+    )
+    for row in rows:
+        statuses = {f["status"] for f in row["files"]}
+        files = (
+            "matches"
+            if statuses == {"matches"}
+            else "[red]" + ", ".join(sorted(statuses) or ["none recorded"])
+        )
+        limits = "".join(f" {key} {row[key]}" for key in ("max_samples", "epochs") if row.get(key))
+        table.add_row(
+            f"{row.get('name')}{limits}",
+            f"{row.get('weight', 0):g}",
+            str(row.get("format")),
+            f"{row.get('records', 0):,}",
+            f"{row.get('samples', 0):,}",
+            str(row.get("epoch")),
+            f"{row.get('cursor', 0):,}",
+            f"{row.get('tokens', 0):,}",
+            files,
+        )
+    console.print(table)
 
 
 def inspect_checkpoint(path: Path, as_json: bool = False) -> int:

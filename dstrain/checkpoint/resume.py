@@ -41,6 +41,10 @@ MUTABLE = (
     "train.eval_generate",
     "train.eval_max_new_tokens",
     "data.eval",
+    # a mixture's weights and epochs limits, sources added or dropped: a new plan from each source's position
+    # (checkpoint/mixture_resume.py, said at start-up); what a kept source reads, and a plain list's files,
+    # are checked unchanged
+    "data.train",
     "data.num_workers",
     # the same samples per step with any N (the global batch counts samples); the checkpoint is gathered
     "train.sequence_parallel_size",

@@ -50,3 +50,10 @@ class TrainerState:
     # The run's data snapshot (dstrain.data.snapshot.record): mode and per file source, path, fingerprint;
     # empty without one (data.snapshot: off, and every checkpoint before 0.2.0).
     data_snapshot: dict = field(default_factory=dict)
+    # A mixture (data.train as weighted sources), per source in data.train order: name, weight, format,
+    # records, max_samples, epochs (its limit), samples (records it has given), epoch and cursor of its next
+    # record, tokens trained on, and its files (provenance). Empty for a plain list of paths.
+    sources: list[dict] = field(default_factory=list)
+    # Where the mixture's plan starts: {"step": S, "drawn": {name: records given before S}}; empty: step 0.
+    # A resume that changes the sources or weights (--set data.train=...) starts a new plan at its step.
+    mixture_origin: dict = field(default_factory=dict)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from dstrain.config.sources import check_sources
+
 if TYPE_CHECKING:
     from dstrain.config.run import RunConfig
 
@@ -79,6 +81,7 @@ def check_values(cfg: RunConfig) -> list[str]:
             p.append(f"data.prompt_template: must contain {name}")
     if not cfg.data.train:
         p.append("data.train: no training files given (a list of JSONL/Parquet paths or globs)")
+    p += check_sources(cfg)
     if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
         p.append(
             f"lora.target_modules: a list of module names or 'all-linear', got {cfg.lora.target_modules!r}"

@@ -29,7 +29,7 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(hint):
             values[name] = build(hint, raw[name], f"{prefix}{name}.", problems)
         else:
-            ok, value = coerce(hint, raw[name])
+            ok, value = coerce(hint, raw[name], f"{prefix}{name}", problems)
             if ok:
                 values[name] = value
             else:
@@ -37,27 +37,42 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**values)
 
 
-def coerce(hint: Any, value: Any) -> tuple[bool, Any]:
+def coerce(hint: Any, value: Any, where: str = "", problems: list[str] | None = None) -> tuple[bool, Any]:
+    """(whether `value` fits `hint`, the value as built). A mapping that fits a dataclass arm is built with
+    `build`: its own problems (an unknown key, a wrong type inside it) go to `problems`, named by `where`."""
     origin = get_origin(hint)
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads `off` (and no/false) as False, `on` as True
             word = "on" if value else "off"
             return word in get_args(hint), word
         return value in get_args(hint), value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            return False, value
+        found: list[str] = []
+        built = build(hint, value, f"{where}.", found)
+        if problems is not None:
+            problems.extend(found)
+        return True, built  # it is this arm; its problems are reported by key
     if origin in (Union, types.UnionType):
         for arm in get_args(hint):
-            ok, out = coerce(arm, value)
+            ok, out = coerce(arm, value, where, problems)
             if ok:
                 return True, out
         return False, value
     if origin is list:
         (item,) = get_args(hint)
-        if isinstance(value, str) and item is str:
-            return True, [value]  # a single path is a one-element list
+        if isinstance(value, (str, dict)):  # a single path (or source mapping) is a one-element list
+            ok, out = coerce(item, value, where, problems)
+            return ok, [out]
         if not isinstance(value, list):
             return False, value
-        pairs = [coerce(item, v) for v in value]
-        return all(ok for ok, _ in pairs), [v for _, v in pairs]
+        pairs = [coerce(item, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        wrong = [i for i, (ok, _) in enumerate(pairs) if not ok]
+        if wrong and problems is not None and holds_mappings(item):  # name the items, not the whole list
+            problems += [f"{where}[{i}]: expected {describe(item)}, got {show(value[i])}" for i in wrong]
+            return True, [v for _, v in pairs]
+        return not wrong, [v for _, v in pairs]
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
@@ -72,6 +87,11 @@ def coerce(hint: Any, value: Any) -> tuple[bool, Any]:
     raise TypeError(f"unsupported config type {hint}")
 
 
+def holds_mappings(hint: Any) -> bool:
+    """Whether `hint` is a dataclass or a union with one (a list of them reports each bad item by index)."""
+    return dataclasses.is_dataclass(hint) or any(dataclasses.is_dataclass(arm) for arm in get_args(hint))
+
+
 def describe(hint: Any) -> str:
     origin = get_origin(hint)
     if origin is Literal:
@@ -80,6 +100,8 @@ def describe(hint: Any) -> str:
         return " or ".join(describe(a) for a in get_args(hint))
     if origin is list:
         return f"a list of {describe(get_args(hint)[0])}"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping {" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
     return {bool: "true|false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

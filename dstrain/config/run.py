@@ -18,10 +18,10 @@ import yaml
 
 from dstrain.config.migrate import CONFIG_VERSION, upgrade
 from dstrain.config.parse import build
+from dstrain.config.sources import DataFormat, DataSource
 from dstrain.errors import ConfigError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
-DataFormat = Literal["preference", "sft-rag", "messages"]
 ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll"]
 
 BestMetric = Literal["eval_loss", "eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1"]
@@ -65,7 +65,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)
+    # paths or globs (one corpus, one order), or a mixture of weighted sources (config/sources.py)
+    train: list[str | DataSource] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
     format: DataFormat = "sft-rag"
     max_seq_len: int = 512

@@ -19,6 +19,7 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
+    source: int = 0  # a mixture's source it came from (config/sources.py), in data.train order
 
     @property
     def supervised(self) -> int:
@@ -169,6 +170,15 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, cfg: Dat
 
 
 @dataclass
+class SourceBatch:
+    """A mixture's micro batch by source: counted on the host, `groups` handed to the device with the batch."""
+
+    groups: torch.Tensor  # SFT: each position's source [rows, seq]; pairs: each pair's source [pairs]
+    units: list[int]  # per source: supervised tokens (SFT) or real pairs (preference objectives)
+    tokens: list[int]  # per source: non-padding tokens
+
+
+@dataclass
 class MicroBatch:
     """What the loop feeds one forward: model inputs plus the counts metrics need."""
 
@@ -177,6 +187,7 @@ class MicroBatch:
     samples: int  # good examples; bad ones were dropped (data.on_error decides what that means)
     bad: list[BadRecord]
     indices: list[int] = field(default_factory=list)  # pair batches: each pair's corpus index, in row order
+    sources: SourceBatch | None = None  # a mixture's per-source counts (data/source_batch.py)
 
 
 def collate(examples: Sequence[Example], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:

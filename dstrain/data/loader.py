@@ -19,13 +19,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from dstrain.config.run import DataConfig, RunConfig
+from dstrain.config.sources import is_mixture
 from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.grouping import LengthGroupedOrder
+from dstrain.data.mixture_order import MixtureOrder
 from dstrain.data.packing import collate_flat, collate_packed
 from dstrain.data.pairs import PairExample, collate_pairs, collate_shared_pairs, tokenize_pair
 from dstrain.data.records import BadRecord
 from dstrain.data.sharding import equal_rank_batches
+from dstrain.data.source_batch import example_sources, pair_sources
 from dstrain.data.stream import Corpus, EpochOrder, UnreadableRecordError
 from dstrain.distributed.stop import ignore_in_worker
 from dstrain.errors import DataError
@@ -50,12 +53,19 @@ class TokenizedCorpus(Dataset):
     A record that cannot be tokenised within the limits (an over-long prompt) comes back as a BadRecord
     naming its file and line; the loop applies data.on_error to it. One that cannot be read as indexed
     (its file changed) comes back as a fatal BadRecord, which stops the run whatever the policy.
+    In a mixture, `source_starts` holds each source's first corpus index: examples carry their source.
     """
 
     def __init__(
-        self, corpus: Corpus, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, pairs: bool = False
+        self,
+        corpus: Corpus,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: DataConfig,
+        pairs: bool = False,
+        source_starts: np.ndarray | None = None,
     ) -> None:
         self.corpus, self.tokenizer, self.cfg, self.pairs = corpus, tokenizer, cfg, pairs
+        self.source_starts = source_starts
 
     def __len__(self) -> int:
         return len(self.corpus)
@@ -71,12 +81,18 @@ class TokenizedCorpus(Dataset):
             UnreadableRecordError
         ) as exc:  # returned, not raised: a worker's exception reaches the user as a traceback
             return exc.bad
+        source = 0 if self.source_starts is None else self.source_of(index)
         try:
             if self.pairs:  # preference objectives: prompt, chosen and rejected for one forward
-                return replace(tokenize_pair(self.tokenizer, record, self.cfg), index=index)
-            return tokenize_record(self.tokenizer, record, self.cfg)
+                return replace(tokenize_pair(self.tokenizer, record, self.cfg), index=index, source=source)
+            example = tokenize_record(self.tokenizer, record, self.cfg)
+            return example if source == 0 else replace(example, source=source)
         except ValueError as exc:
             return BadRecord(*self.corpus.origin(index), str(exc), index=index)
+
+    def source_of(self, index: int) -> int:
+        assert self.source_starts is not None
+        return int(np.searchsorted(self.source_starts, index, side="right")) - 1
 
 
 def collate_micro(
@@ -86,10 +102,12 @@ def collate_micro(
     pairs: bool = False,
     share_prompt: bool = False,
     flat: bool = False,
+    sources: int = 0,
 ) -> MicroBatch:
     """Drop bad items, then pad (or with `pack_to` > 0, pack into rows of at most that many tokens); with
     `pairs`, chosen rows then rejected rows, or with `share_prompt` one row per pair (see data/pairs.py);
-    with `flat`, one unpadded row for flash-attention's variable-length path (data/packing.py).
+    with `flat`, one unpadded row for flash-attention's variable-length path (data/packing.py). A mixture of
+    `sources` sources also gets its per-source counts (data/source_batch.py).
 
     A micro batch whose every item is bad still yields one row (a pad token without labels): every rank
     must run the same number of forwards, which are collectives under ZeRO-3. `tokens` counts the
@@ -105,7 +123,8 @@ def collate_micro(
         else:
             inputs = collate_pairs(rows, pad_id)
             tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
-        return MicroBatch(inputs, tokens, len(good_pairs), bad, [p.index for p in good_pairs])
+        by_source = pair_sources(good_pairs, sources, share_prompt) if sources else None
+        return MicroBatch(inputs, tokens, len(good_pairs), bad, [p.index for p in good_pairs], by_source)
     good = [item for item in items if isinstance(item, Example)]
     rows = good or [Example([pad_id], [IGNORE])]
     if flat:  # packing under flash_attention_2: one row, variable-length attention
@@ -114,7 +133,8 @@ def collate_micro(
         inputs = collate_packed(rows, pad_id, pack_to)
     else:
         inputs = collate(rows, pad_id)
-    return MicroBatch(inputs, sum(len(e.input_ids) for e in good), len(good), bad)
+    by_source = example_sources(good, inputs, sources, pack_to, flat) if sources else None
+    return MicroBatch(inputs, sum(len(e.input_ids) for e in good), len(good), bad, sources=by_source)
 
 
 def steps_per_epoch(num_samples: int, plan: BatchPlan) -> int:
@@ -129,7 +149,8 @@ def steps_per_epoch(num_samples: int, plan: BatchPlan) -> int:
 
 
 class MicroBatchSampler(Sampler[list[int]]):
-    """This rank's micro batches for steps [start_step, total_steps), `plan.accumulation` per step."""
+    """This rank's micro batches for steps [start_step, total_steps), `plan.accumulation` per step; from
+    one shuffled order per epoch, or from a mixture's global batches (data/mixture_order.py)."""
 
     def __init__(
         self,
@@ -142,12 +163,14 @@ class MicroBatchSampler(Sampler[list[int]]):
         shuffle_block: int = 128,
         shuffle_window: int = 64,
         group: tuple[np.ndarray, int] | None = None,
+        mixture: MixtureOrder | None = None,
     ) -> None:
         self.num_samples, self.plan, self.rank, self.seed = num_samples, plan, rank, seed
         self.total_steps, self.start_step = total_steps, start_step
         self.block, self.window = shuffle_block, shuffle_window
         self.group = group  # (record sizes, micro batches per window) for data.group_by_length
-        self.per_epoch = steps_per_epoch(num_samples, plan)
+        self.mixture = mixture
+        self.per_epoch = steps_per_epoch(num_samples, plan) if mixture is None else 0
 
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.plan.accumulation
@@ -160,6 +183,9 @@ class MicroBatchSampler(Sampler[list[int]]):
         return LengthGroupedOrder(order, sizes, self.plan.micro, window, self.plan.global_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.mixture is not None:
+            yield from self.mixture_batches(self.mixture)
+            return
         order: EpochOrder | LengthGroupedOrder | None = None
         micro, world = self.plan.micro, self.plan.world
         for step in range(self.start_step, self.total_steps):
@@ -170,6 +196,15 @@ class MicroBatchSampler(Sampler[list[int]]):
             for accum in range(self.plan.accumulation):
                 offset = base + (accum * world + self.rank) * micro
                 yield order.ids(offset, offset + micro)
+
+    def mixture_batches(self, mixture: MixtureOrder) -> Iterator[list[int]]:
+        """The same cut of each global batch into ranks and accumulation slots, from the mixture's batches."""
+        micro, world = self.plan.micro, self.plan.world
+        for step in range(self.start_step, self.total_steps):
+            ids = mixture.batch(step)
+            for accum in range(self.plan.accumulation):
+                offset = (accum * world + self.rank) * micro
+                yield ids[offset : offset + micro].tolist()
 
 
 @dataclass(frozen=True)
@@ -189,6 +224,7 @@ class LoaderOptions:
     pairs: bool = False
     share_prompt: bool = False
     num_workers: int = 0
+    mixture: MixtureOrder | None = None  # a mixture's global batches (data/mixture_order.py), else None
 
     @classmethod
     def for_run(cls, cfg: RunConfig, dataset: TokenizedCorpus, pad_id: int) -> LoaderOptions:
@@ -200,7 +236,8 @@ class LoaderOptions:
             seed=data.seed,
             shuffle_block=data.shuffle_block,
             shuffle_window=data.shuffle_window,
-            group_sizes=dataset.sizes() if data.group_by_length else None,
+            # a mixture groups by length itself, reading sizes from the index (never all of them at once)
+            group_sizes=dataset.sizes() if data.group_by_length and not is_mixture(data.train) else None,
             group_window=data.length_group_window,
             pack_to=data.max_seq_len if data.packing and not flash else 0,
             flat=data.packing and flash,
@@ -234,6 +271,7 @@ def train_loader(
         options.shuffle_block,
         options.shuffle_window,
         options.group,
+        options.mixture,
     )
     collate_fn = partial(
         collate_micro,
@@ -242,6 +280,7 @@ def train_loader(
         pairs=options.pairs,
         share_prompt=options.share_prompt,
         flat=options.flat,
+        sources=len(options.mixture.sources) if options.mixture is not None else 0,
     )
     workers = options.num_workers
     # A private generator: creating the iterator draws a worker seed from it, and drawing from the global

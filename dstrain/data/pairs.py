@@ -35,6 +35,7 @@ class PairExample:
     chosen_ids: list[int]
     rejected_ids: list[int]
     index: int = -1  # the record's position in the training corpus (for precomputed reference log-probs)
+    source: int = 0  # a mixture's source it came from (config/sources.py), in data.train order
 
     def chosen(self) -> Example:
         return _example(self.prompt_ids, self.chosen_ids)

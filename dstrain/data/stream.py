@@ -62,6 +62,17 @@ class Corpus:
         file_no = int(np.searchsorted(self.starts, i, side="right")) - 1
         return file_no, i - int(self.starts[file_no])
 
+    def sizes_of(self, ids: np.ndarray) -> np.ndarray:
+        """Stored sizes of records `ids` (what length grouping sorts by), read from the memory-mapped
+        index: no array over all records is ever built."""
+        ids = np.asarray(ids, dtype=np.int64)
+        file_nos = np.searchsorted(self.starts, ids, side="right") - 1
+        out = np.zeros(len(ids), dtype=np.int64)
+        for file_no in np.unique(file_nos):
+            at = file_nos == file_no
+            out[at] = self.files[file_no].lengths[ids[at] - self.starts[file_no]]
+        return out
+
     def origin(self, i: int) -> tuple[str, int]:
         file_no, local = self.locate(i)
         return self.files[file_no].path, int(self.files[file_no].lines[local])

@@ -55,7 +55,8 @@ def table_key(cfg: RunConfig, dataset: TokenizedCorpus) -> str:
         "version": TABLE_VERSION,
         "model": asdict(cfg.model),
         "data": depends,
-        "files": [fingerprint(index.path, data.format, index.clean) for index in dataset.corpus.files],
+        # each file in the format it is read as (a mixture source may have its own)
+        "files": [fingerprint(index.path, index.fmt, index.clean) for index in dataset.corpus.files],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 

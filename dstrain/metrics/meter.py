@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from dstrain.distributed.collectives import all_reduce_sum
@@ -16,10 +17,15 @@ class StepMeter:
     (objectives/normalize.py), so a step's loss is the sum over its micro batches and ranks, and the logged
     loss is the mean over the logged steps whose loss was finite (`end_step`). Otherwise each micro batch
     adds its own mean and the logged loss is the mean over micro batches with a finite loss.
+
+    A mixture of `sources` sources (training/sources.py) also sums, per source, the loss over its units
+    (device tensors, a step at a time so a non-finite step leaves them), its units and its tokens; they
+    join the one all-reduce of `collect`.
     """
 
-    def __init__(self, per_step: bool = False) -> None:
+    def __init__(self, per_step: bool = False, sources: int = 0) -> None:
         self.per_step = per_step
+        self.sources = sources
         self.reset()
 
     def reset(self) -> None:
@@ -37,6 +43,12 @@ class StepMeter:
         self.data_wait_s = 0.0
         self.excluded_s = 0.0
         self.started = time.perf_counter()
+        # a mixture: this step's per-source loss sums (device) and units, and the window's finite steps' sums
+        self.source_step: torch.Tensor | None = None
+        self.source_step_units = np.zeros(self.sources)
+        self.source_loss: torch.Tensor | None = None
+        self.source_units = np.zeros(self.sources)
+        self.source_tokens = np.zeros(self.sources)
 
     def exclude(self, seconds: float) -> None:
         """Time spent outside training steps (eval, save) that throughput must not count."""
@@ -62,6 +74,15 @@ class StepMeter:
         self.skipped += skipped
         self.data_wait_s += data_wait_s
 
+    def add_sources(self, losses: torch.Tensor | None, units: list[int], tokens: list[int]) -> None:
+        """One micro batch of a mixture: each source's summed loss over its units (a device tensor [S], not
+        synced here; None when this rank holds no share of it), and its units and tokens (host counts)."""
+        if losses is not None:
+            losses = losses.detach().double()
+            self.source_step = losses if self.source_step is None else self.source_step + losses
+        self.source_step_units += units
+        self.source_tokens += tokens
+
     def wait(self, seconds: float) -> None:
         """Time spent waiting for a step's micro batches."""
         self.data_wait_s += seconds
@@ -69,6 +90,13 @@ class StepMeter:
     def end_step(self, nonfinite: bool) -> None:
         """The step is done and every rank knows whether its loss was finite anywhere (per_step: a skipped
         step's shares leave the logged mean, as a non-finite micro batch does without per_step)."""
+        if self.sources:
+            if not nonfinite and self.source_step is not None:
+                loss = self.source_step
+                self.source_loss = loss if self.source_loss is None else self.source_loss + loss
+            if not nonfinite:
+                self.source_units += self.source_step_units
+            self.source_step, self.source_step_units = None, np.zeros(self.sources)
         if not self.per_step or self.step_sum is None:
             return
         if not nonfinite:
@@ -110,7 +138,11 @@ class StepMeter:
         )
         # the same objective and model on every rank: the same vector length
         extra = [t.to(device, torch.float64) for t in (self.pairs, self.router) if t is not None]
-        reduced = all_reduce_sum(torch.cat([local, *extra])).tolist()
+        mixed = self.source_sums(device)
+        reduced = all_reduce_sum(torch.cat([local, *extra, mixed])).tolist()
+        # a mixture's [loss, units, tokens] per source, for training/sources.py to turn into the row's keys
+        by_source = {"sources_now": reduced[len(reduced) - len(mixed) :]} if self.sources else {}
+        reduced = reduced[: len(reduced) - len(mixed)]
         loss_sum, finite, tokens, micro, samples, wait, skipped = reduced[:7]
         pairs = reduced[7:12] if self.pairs is not None else []
         router = {"router_aux_loss": reduced[-1] / micro} if self.router is not None and micro else {}
@@ -130,7 +162,18 @@ class StepMeter:
             "skipped_now": int(skipped),  # bad records dropped since the last log, all ranks
             **pair_metrics(pairs),
             **router,  # MoE: the weighted load-balancing term added to the loss, mean per micro batch
+            **by_source,
         }
+
+    def source_sums(self, device: torch.device) -> torch.Tensor:
+        """[per-source loss sums, units, tokens] (empty without a mixture), for the one all-reduce."""
+        if not self.sources:
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        loss = self.source_loss if self.source_loss is not None else torch.zeros(self.sources)
+        counts = np.concatenate([self.source_units, self.source_tokens])
+        return torch.cat(
+            [loss.to(device, torch.float64), torch.tensor(counts, dtype=torch.float64, device=device)]
+        )
 
 
 def pair_metrics(sums: list[float]) -> dict[str, float]:

@@ -26,8 +26,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+def source_losses(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """A mixture's `loss/<name>` curves, as (step, loss) points (a window that drew nothing has none)."""
+    keys = sorted({key for row in rows for key in row if key.startswith("loss/")})
+    return {key: [(r["step"], r[key]) for r in rows if r.get(key) is not None] for key in keys}
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    """Write train loss (+ eval loss) and tokens/s against step; returns the PNG path."""
+    """Write train loss (a mixture's per source too, + eval loss) and tokens/s against step; returns the PNG
+    path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,6 +47,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         raise DstrainError(f"{run_dir / 'metrics.jsonl'}: no training rows to plot yet")
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    for key, points in source_losses(train).items():  # a mixture: each source's own train loss
+        ax_loss.plot(*zip(*points, strict=True), "--", lw=1, label=f"train {key}")
     if evals:
         ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")

@@ -57,6 +57,12 @@ def row_sums(
     return totals.index_add(0, rows, token_logps), counts.index_add(0, rows, torch.ones_like(rows))
 
 
+def group_nll(token_logps: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Summed NLL of the labelled tokens of each group [num_groups] (fp32, no gradient: for metrics), from
+    each token's group id (a mixture's sources, data/source_batch.py)."""
+    return row_sums(-token_logps.detach().float(), groups, num_groups)[0]
+
+
 class SupervisedLM(nn.Module):
     def __init__(
         self,
@@ -94,6 +100,8 @@ class SupervisedLM(nn.Module):
         reference: bool = True,
         aux: bool = False,
         check: bool = False,
+        label_groups: torch.Tensor | None = None,
+        num_groups: int = 0,
         **varlen: torch.Tensor | int,
     ) -> tuple[torch.Tensor | None, ...]:
         """(summed NLL over supervised tokens, number of supervised tokens); with `pairs`, per answer row:
@@ -109,18 +117,24 @@ class SupervisedLM(nn.Module):
         ZeRO-3 the same partitioned weights. `policy=False` or `reference=False` skips that pass (its slot
         is None): precomputed reference log-probs need only the policy, precomputing them only the reference.
         `aux` appends the MoE router's weighted load-balancing loss of the (policy) pass (0 for a dense
-        model). `check` returns the self-check's numbers instead (selfcheck.py).
+        model). `check` returns the self-check's numbers instead (selfcheck.py). SFT with `label_groups`
+        (each position's group, like `labels`) appends each group's summed NLL [num_groups], for metrics;
+        under sequence parallelism each rank's part of it (summed over ranks where it is logged).
         """
         inputs = (input_ids, attention_mask, labels, position_ids, label_rows, label_index, varlen)
         if check:  # under sequence parallelism: whole rows on every rank, unsharded attention, no grad
             with plain_attention(self.peft_model.get_base_model()):
                 return self._check(*inputs)
+        groups = (label_groups, num_groups) if label_groups is not None and not pairs else None
         if self.groups is not None:
-            return self._sharded(inputs, pairs, policy, reference, aux)
+            return self._sharded(inputs, pairs, policy, reference, aux, groups)
         if not pairs:
             logps, index, router = self._labelled_logps(*inputs, router=aux)
             terms = (-logps.sum(), torch.full((), index.numel(), device=logps.device))
-            return (*terms, router) if aux else terms
+            terms = (*terms, router) if aux else terms
+            if groups is not None:
+                terms = (*terms, group_nll(logps, groups[0].reshape(-1)[index + 1], num_groups))
+            return terms
         policy_logps = tokens = reference_logps = None
         router = torch.zeros((), device=input_ids.device)
         if policy:
@@ -213,20 +227,32 @@ class SupervisedLM(nn.Module):
         return (*row_sums(token_logps, rows, num_rows), router_loss)
 
     def _sharded(
-        self, inputs: tuple[Any, ...], pairs: bool, policy: bool, reference: bool, aux: bool
+        self,
+        inputs: tuple[Any, ...],
+        pairs: bool,
+        policy: bool,
+        reference: bool,
+        aux: bool,
+        label_groups: tuple[torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor | None, ...]:
         """forward's terms under sequence parallelism: this rank runs its slice of every row, and each sum
         is the group's (sequence.group_sum: gradient to this rank's own tokens), so every rank of a group
-        returns the values of the unsharded forward and DeepSpeed's gradient sum over the group is exact."""
+        returns the values of the unsharded forward and DeepSpeed's gradient sum over the group is exact.
+        The per-group NLL (`label_groups`) stays this rank's part: no collective for a metric."""
         groups = self.groups
         group = groups.sp_group
         rank = groups.get_sequence_parallel_rank()
-        piece = sequence.shard_batch(*inputs[:5], rank, groups.size)
+        # SFT rows have no label_rows: the slice carries the label groups there, shifted and cut like labels
+        rows = label_groups[0] if label_groups is not None else inputs[4]
+        piece = sequence.shard_batch(*inputs[:4], rows, rank, groups.size)
         if not pairs:
             logps, index, router = self._slice_logps(piece, aux)
             count = torch.full((), index.numel(), device=logps.device)
             terms = (sequence.group_sum(-logps.sum(), group), sequence.group_total(count, group))
-            return (*terms, self._group_router(router)) if aux else terms
+            terms = (*terms, self._group_router(router)) if aux else terms
+            if label_groups is not None:
+                terms = (*terms, group_nll(logps, piece.target_rows.reshape(-1)[index], label_groups[1]))
+            return terms
         policy_logps = tokens = reference_logps = None
         router = torch.zeros((), device=inputs[0].device)
         if policy:

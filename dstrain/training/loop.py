@@ -42,6 +42,7 @@ from dstrain.training.bad_records import (
 )
 from dstrain.training.phases import halt_if_requested, stop_agreed
 from dstrain.training.session import Run, Tally
+from dstrain.training.sources import counted_sources, note_positions, pair_losses, source_row
 
 
 def micro_step(run: Run, tally: Tally, meter: StepMeter, batch: MicroBatch, units: StepUnits | None) -> None:
@@ -77,7 +78,9 @@ def micro_loss(
     of the global batch's loss and the backward loss is that times `units.scale`; without, both are the
     micro batch's own mean (SFT's NLL per token, or the mean preference loss per pair)."""
     if run.objective.name == "sft":
-        nll_sum, num_tokens, router = eng.forward(run.engine, batch.inputs, aux=True)
+        nll_sum, num_tokens, router, by_source = forward_sft(run, batch)
+        if batch.sources is not None:  # each rank's part under sequence parallelism: all of them add it
+            meter.add_sources(by_source, *counted_sources(batch.sources, rank_in_group() == 0))
         if units is None:
             loss = sft_loss(nll_sum, num_tokens)
             return loss, loss, router
@@ -92,12 +95,24 @@ def micro_loss(
         reference = lookup(run.reference_table, batch.indices, policy)
     scores = score_pairs(run.objective, policy, reference, tokens, batch_nll=units is None)
     meter.add_pairs(scores.chosen_rewards, scores.rejected_rewards, scores.margin, scores.valid)
+    if batch.sources is not None:  # the group's ranks hold the same pair terms: its first rank adds them
+        first = rank_in_group() == 0
+        per_source = pair_losses(run.objective, scores, batch.sources, global_norm=units is not None)
+        meter.add_sources(per_source if first else None, *counted_sources(batch.sources, first))
     if units is None:
         loss = mean_over_pairs(scores.loss, scores.valid)
         return loss, loss, router
     nll_weight = run.objective.nll_weight if run.objective.name == "dpo_nll" else 0.0
     share = pair_contribution(scores, units, nll_weight)
     return share * units.scale, share, router
+
+
+def forward_sft(run: Run, batch: MicroBatch) -> tuple[torch.Tensor, ...]:
+    """(summed NLL, supervised tokens, router loss, a mixture's summed NLL per source or None)."""
+    if batch.sources is None:
+        return (*eng.forward(run.engine, batch.inputs, aux=True), None)
+    inputs = {**batch.inputs, "label_groups": batch.sources.groups}
+    return eng.forward(run.engine, inputs, aux=True, num_groups=len(batch.sources.units))
 
 
 def fetch_step(run: Run) -> tuple[list[MicroBatch], float]:
@@ -155,6 +170,8 @@ def log_train(run: Run, tally: Tally, state: TrainerState, meter: StepMeter, ste
         row["mfu"] = utilisation
     row["tokens"] = state.tokens
     row["samples"] = state.samples
+    if run.mixture is not None:
+        row.update(source_row(run.mixture, state, row.pop("sources_now")))
     count_skipped(tally, state, row.pop("skipped_now"))  # a collective when some rank skipped a record
     row["skipped_records"], row["skipped_reads"] = tally.skipped_records, state.skipped_reads
     row["cleaned_records"] = tally.cleaned_records
@@ -223,6 +240,8 @@ def advance_position(state: TrainerState, plan: BatchPlan, steps_per_epoch: int)
 
 
 def save(run: Run, state: TrainerState) -> Path:
+    if run.mixture is not None:  # each source's position at this step (its tokens: at the last log)
+        note_positions(state.sources, run.mixture, state.step)
     path = save_checkpoint(
         run.output_dir,
         run.engine,
@@ -332,7 +351,8 @@ def fit(run: Run, tally: Tally, state: TrainerState) -> TrainerState:
     Stops early, with a checkpoint, when a rank was asked to stop (see `dstrain.distributed.stop`).
     """
     cfg, total = run.train, run.total_steps
-    meter, since_log = StepMeter(per_step=run.objective.loss_normalization == "global"), 0
+    sources = len(run.mixture.sources) if run.mixture is not None else 0
+    meter, since_log = StepMeter(run.objective.loss_normalization == "global", sources), 0
     if state.step >= total:
         run.sink.print(
             f"nothing to train: the run is at step {state.step} of train.max_steps/epochs ({total} steps); "

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from dstrain.config.run import RunConfig, dump_yaml
+from dstrain.config.sources import Source, is_mixture, sources_of
 from dstrain.config.zero import (
     BatchPlan,
     data_parallel_world,
@@ -28,8 +30,10 @@ from dstrain.config.zero import (
 from dstrain.data.batches import Example
 from dstrain.data.index import index_file
 from dstrain.data.loader import TokenizedCorpus, steps_per_epoch
+from dstrain.data.mixture import Origin, SourceSpan
 from dstrain.data.pairs import PairExample
 from dstrain.data.records import BadRecord, check_bad, expand_paths
+from dstrain.data.sources import Mixture, build_mixture, index_sources, mixture_steps_per_epoch
 from dstrain.data.stream import Corpus
 from dstrain.errors import ConfigError, DataError, DstrainError
 from dstrain.model.build import check_model_path, hidden_size, load_tokenizer
@@ -50,6 +54,7 @@ class Prepared:
     total_steps: int
     config_yaml: str
     config_digest: str
+    mixture: Mixture | None = None  # data.train as weighted sources (data/sources.py)
 
 
 def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
@@ -79,7 +84,11 @@ def preflight(
         path = _collect(problems, find_ds_config, cfg.ds_config)
         if path is not None:
             raw = _collect(problems, load_ds_config, path)
-    _collect(problems, expand_paths, cfg.data.train, "data.train")
+    if is_mixture(cfg.data.train):
+        for source in sources_of(cfg.data):
+            _collect(problems, expand_paths, [source.path], f"{source.where} ({source.name})")
+    else:
+        _collect(problems, expand_paths, cfg.data.train, "data.train")
     if cfg.data.eval:
         _collect(problems, expand_paths, cfg.data.eval, "data.eval")
     if raw is not None:
@@ -202,10 +211,46 @@ def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
 
 
 def check_chat_template(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    needs_template = cfg.data.format == "messages" or cfg.data.chat_template
-    if needs_template and not getattr(tokenizer, "chat_template", None):
-        why = "data.format=messages" if cfg.data.format == "messages" else "data.chat_template=true"
-        raise ConfigError([f"{why} needs a chat template, and the tokenizer of {cfg.model.path} has none"])
+    """messages records (data.format, or a mixture source's format) and data.chat_template need one."""
+    messages = (
+        [s.name for s in sources_of(cfg.data) if s.format == "messages"] if is_mixture(cfg.data.train) else []
+    )
+    why = "data.chat_template=true" if cfg.data.chat_template else ""
+    if cfg.data.format == "messages" and not is_mixture(cfg.data.train):
+        why = "data.format=messages"
+    elif messages:
+        why = f"the messages source(s) {', '.join(messages)}"
+    if why and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError([f"{why} need(s) a chat template, and the tokenizer of {cfg.model.path} has none"])
+
+
+Sources = tuple[list[Source], list[SourceSpan], list[list[str]]]
+
+
+def load_train(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[TokenizedCorpus, Sources | None]:
+    """The training corpus, read and tokenised on demand; a mixture's sources laid out in one corpus."""
+    pairs = cfg.objective.name != "sft"
+    if not is_mixture(cfg.data.train):
+        corpus = index_split(cfg.data.train, "data.train", cfg)
+        return TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=pairs), None
+    corpus, sources, spans, paths = index_sources(cfg)
+    starts = np.array([span.start for span in spans], dtype=np.int64)
+    train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=pairs, source_starts=starts)
+    return train, (sources, spans, paths)
+
+
+def plan_steps(
+    cfg: RunConfig, samples: int, mixed: Sources | None, batch: BatchPlan, origin: Origin | None
+) -> tuple[int, int, Mixture | None]:
+    """(steps per epoch, the run's steps, a mixture's plan): for a mixture, an epoch is one pass over its
+    source with the largest weight (data/sources.py)."""
+    if mixed is None:
+        per_epoch = steps_per_epoch(samples, batch)
+        return per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch, None
+    sources, spans, paths = mixed
+    per_epoch = mixture_steps_per_epoch(spans, batch.global_batch)
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    return per_epoch, total, build_mixture(spans, sources, paths, batch.global_batch, total, origin)
 
 
 def prepare(
@@ -214,24 +259,23 @@ def prepare(
     ds_source: dict[str, Any] | None = None,
     clock: StartupClock | None = None,
     planning: bool = False,
+    origin: Origin | None = None,
 ) -> Prepared:
     """Check everything (one ConfigError), load the tokenizer, index the data, resolve the ZeRO JSON.
 
     `clock` books the checks and tokenizer as "config", the data index and eval set as "data index".
-    `planning`: for `dstrain train --dry-run`, which creates nothing (see preflight)."""
+    `planning`: for `dstrain train --dry-run`, which creates nothing (see preflight).
+    `origin`: where a resumed mixture's plan starts (data/mixture.py)."""
     clock = clock or StartupClock()
     raw = preflight(cfg, world, ds_source, planning)
     tokenizer = load_tokenizer(cfg.model)
     clock.lap("config")
     check_chat_template(cfg, tokenizer)
-    corpus = index_split(cfg.data.train, "data.train", cfg)
-    train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=cfg.objective.name != "sft")
+    train, mixed = load_train(cfg, tokenizer)
     eval_set = load_eval(tokenizer, cfg) if cfg.data.eval else []
     # preflight validated the JSON: the batch plan alone gives the schedule length, then resolve once.
-    per_epoch = steps_per_epoch(
-        len(train), plan_batch(raw, cfg, data_parallel_world(cfg, world), problems=[])
-    )
-    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    batch = plan_batch(raw, cfg, data_parallel_world(cfg, world), problems=[])
+    per_epoch, total, mixture = plan_steps(cfg, len(train), mixed, batch, origin)
     precision = (True, True) if planning else device_precision()
     # a resume keeps its checkpoint's schedule numbers by choice (train.resume_schedule): not compared here
     ds, plan = resolve_ds_config(
@@ -247,9 +291,10 @@ def prepare(
         tokenizer,
         train,
         eval_set,
-        corpus.num_bad,
+        train.corpus.num_bad,
         per_epoch,
         total,
         config_yaml,
         digest(config_yaml, ds),
+        mixture,
     )

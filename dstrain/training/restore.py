@@ -53,15 +53,19 @@ def archive_newer_checkpoints(ckpt: Path, output_dir: Path) -> list[str]:
 
 
 def new_state(world_size: int, prepared: Prepared) -> TrainerState:
+    from dstrain.config.sources import train_patterns
     from dstrain.data.provenance import describe_files
+    from dstrain.training.sources import initial_sources
 
+    mixture = prepared.mixture
     return TrainerState(
         world_size=world_size,
         global_batch=prepared.plan.global_batch,
         train_samples=len(prepared.train),
         config_digest=prepared.config_digest,
         versions=versions(),
-        data_files=describe_files(prepared.cfg.data.train),
+        data_files=describe_files(train_patterns(prepared.cfg.data)),
+        sources=initial_sources(mixture, mixture.describe_files()) if mixture is not None else [],
     )
 
 
@@ -114,13 +118,21 @@ def restore_full(
 
 
 def continued(saved: TrainerState, prepared: Prepared, world: int) -> TrainerState:
-    """The saved state, re-stamped with this run's world size, config digest, versions and data records."""
+    """The saved state, re-stamped with this run's world size, config digest, versions and data records
+    (a mixture's sources and the start of its plan: training/sources.py)."""
+    from dstrain.config.sources import train_patterns
     from dstrain.data.provenance import describe_files
+    from dstrain.training.sources import continued_sources, origin_record
 
-    files = describe_files(prepared.cfg.data.train)
-    return replace(
+    files = describe_files(train_patterns(prepared.cfg.data))
+    state = replace(
         saved, world_size=world, config_digest=prepared.config_digest, versions=versions(), data_files=files
     )
+    mixture = prepared.mixture
+    if mixture is not None:
+        state.sources = continued_sources(saved, mixture, mixture.describe_files())
+        state.mixture_origin = origin_record(mixture.plan.origin, mixture.names)
+    return state
 
 
 def warm_start(

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dstrain import storage
+from dstrain.config.sources import train_patterns
 
 if TYPE_CHECKING:
     import torch
 
     from dstrain.config.run import RunConfig
+    from dstrain.data.sources import Mixture
     from dstrain.training.prepare import Prepared
 
 
@@ -23,9 +25,11 @@ def write_run_files(
     ds: dict[str, Any],
     train: list[str] | None = None,
     snapshot: dict[str, Any] | None = None,
+    mixture: Mixture | None = None,
 ) -> None:
     """config.yaml (headed by the dstrain version that wrote it), ds_config.json, data_provenance.json (the
-    training files' fingerprints and the data snapshot's record, when the run has one)."""
+    training files' fingerprints, a mixture's also by source, and the data snapshot's record, when the run
+    has one)."""
     from dstrain import __version__
     from dstrain.data.provenance import describe_files
 
@@ -35,6 +39,8 @@ def write_run_files(
         (output_dir / "config.yaml").write_text(header + config_yaml, encoding="utf-8")
         (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
         provenance: dict[str, Any] = {"train": describe_files(train) if train else []}
+        if mixture is not None:
+            provenance["sources"] = dict(zip(mixture.names, mixture.describe_files(), strict=True))
         if snapshot:
             provenance["snapshot"] = snapshot
         (output_dir / "data_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
@@ -47,7 +53,9 @@ def start_run_dir(cfg: RunConfig, prepared: Prepared, snapshot: dict[str, Any], 
         from dstrain.data.snapshot import take
 
         take(output_dir, snapshot)
-    write_run_files(output_dir, prepared.config_yaml, prepared.ds, cfg.data.train, snapshot)
+    write_run_files(
+        output_dir, prepared.config_yaml, prepared.ds, train_patterns(cfg.data), snapshot, prepared.mixture
+    )
 
 
 def config_bytes(prepared: Prepared) -> int:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from dstrain.data.batches import Example, MicroBatch
     from dstrain.data.pairs import PairExample
     from dstrain.data.records import BadRecord
+    from dstrain.data.sources import Mixture
     from dstrain.distributed.stop import StopRequest
     from dstrain.eval.generation import GenerationEval
     from dstrain.metrics.sinks import MetricsSink
@@ -56,6 +57,7 @@ class Run:
     param_dtype: torch.dtype | None = None
     head_exact: bool = False  # the run's log-probs come from the model's own forward: nothing to check
     moe: bool = False  # the objective carries the router's load-balancing loss
+    mixture: Mixture | None = None  # data.train as weighted sources: per-source metrics (training/sources.py)
 
 
 @dataclass

@@ -40,9 +40,8 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
     during any of it ends the run at the end of that phase (training.phases), before anything is trained.
     """
     from dstrain import engine
-    from dstrain.checkpoint.resume import check_same_data
+    from dstrain.checkpoint.mixture_resume import check_resumed_data, resume_origin
     from dstrain.checkpoint.rng import seed_everything
-    from dstrain.data.provenance import describe_files
     from dstrain.data.snapshot import plan as plan_snapshot
     from dstrain.distributed import stop as stopping
     from dstrain.training.prepare import prepare
@@ -52,9 +51,10 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
     stop = stopping.install()  # no-op when the entry point installed it first thing (as dstrain.train does)
     with phase(stop, "the config checks and the data index", collective=False):
         env = open_process(cfg)
-        prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None, clock)
+        origin = resume_origin(cfg, resume) if resume else None
+        prepared = prepare(cfg, env.world_size, resume.ds_source if resume else None, clock, origin=origin)
         if resume:
-            check_same_data(resume.state, len(prepared.train), describe_files(cfg.data.train))
+            check_resumed_data(resume, prepared)
         snapshot = plan_snapshot(cfg, resume.state.data_snapshot if resume else None)
     with phase(stop, "the rendezvous"):  # collective from here on: every rank stops at the same point
         env = join(cfg, env, resume, prepared, snapshot)
@@ -213,6 +213,13 @@ def open_batches(cfg: RunConfig, prepared: Prepared, rank: int, start_step: int)
     from dstrain.data.prefetch import prefetched
 
     options = LoaderOptions.for_run(cfg, prepared.train, prepared.tokenizer.pad_token_id)
+    if prepared.mixture is not None:
+        from dataclasses import replace
+
+        from dstrain.data.mixture_order import order_for_run
+
+        order = order_for_run(prepared.mixture.plan, cfg.data, prepared.plan, prepared.train.corpus)
+        options = replace(options, mixture=order)
     loader = train_loader(prepared.train, prepared.plan, options, rank, prepared.total_steps, start_step)
     return prefetched(loader, cfg.data.num_workers, cfg.data.prefetch)
 
@@ -249,6 +256,8 @@ def announce(
     from dstrain.objectives.normalize import describe as loss_line
 
     sink.print(describe(cfg, prepared, peft_model))
+    if prepared.mixture is not None:
+        sink.print(prepared.mixture.line(prepared.total_steps))
     sink.print(loss_line(cfg.objective.name, cfg.objective.loss_normalization))
     sink.print(model_facts.head_line(cfg, peft_model))
     if note := model_facts.router_note(cfg, peft_model):
@@ -316,6 +325,7 @@ def wire(
         num_params=count_parameters(peft_model)[1],
         generation=generation_eval(cfg, prepared, env.world_size),
         reference_table=reference,
+        mixture=prepared.mixture,
         **model_facts.run_fields(cfg, peft_model),
     )
 

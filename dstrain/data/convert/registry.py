@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dstrain.config.sources import FORMATS  # dstrain's record formats, listed once
 from dstrain.errors import DataError
-
-FORMATS = ("preference", "sft-rag", "messages")
 
 
 class Drop(ValueError):  # noqa: N818 - it is not an error of the run: a record left out, with the reason
