@@ -55,6 +55,13 @@ def coerce(hint: Any, value: Any) -> tuple[bool, Any]:
             return False, value
         pairs = [coerce(item, v) for v in value]
         return all(ok for ok, _ in pairs), [v for _, v in pairs]
+    if origin is dict:
+        key_hint, item = get_args(hint)
+        if not isinstance(value, dict):
+            return False, value
+        pairs = {k: coerce(item, v) for k, v in value.items()}
+        keys_ok = all(coerce(key_hint, k)[0] for k in value)
+        return keys_ok and all(ok for ok, _ in pairs.values()), {k: v for k, (_, v) in pairs.items()}
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
@@ -77,6 +84,8 @@ def describe(hint: Any) -> str:
         return " or ".join(describe(a) for a in get_args(hint))
     if origin is list:
         return f"a list of {describe(get_args(hint)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {describe(get_args(hint)[1])}"
     return {bool: "true|false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

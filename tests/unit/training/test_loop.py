@@ -22,6 +22,7 @@ from dstrain.data.loader import collate_micro
 from dstrain.data.records import RagRecord
 from dstrain.distributed.stop import StopRequest
 from dstrain.errors import DataError, TrainingError
+from dstrain.eval.sets import EvalSet
 from dstrain.metrics.sinks import MetricsSink
 from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
@@ -62,7 +63,7 @@ def make_run(tmp_path: Path, peft_model, examples, tokenizer, *, total: int = 4,
         engine=engine,
         peft_model=peft_model,
         batches=batches,
-        eval_examples=examples[:3],
+        eval_sets=[EvalSet("", examples[:3])],
         steps_per_epoch=3,
         total_steps=total,
         output_dir=tmp_path,
