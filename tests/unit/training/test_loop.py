@@ -151,6 +151,17 @@ def test_higher_is_better_metrics_are_stored_negated():
     assert (state.best_step, state.best_metric) == (3, -0.75)
 
 
+def test_the_best_follows_a_named_sets_metric_not_the_whole():
+    state = TrainerState()
+    for step, whole, rag in ((1, 3.0, 2.0), (2, 2.5, 2.2), (3, 2.0, 2.4)):
+        state.step = step
+        loop.note_best(state, "eval_loss/rag", {"eval_loss": whole, "eval_loss/rag": rag})
+    assert (state.best_step, state.best_metric) == (1, 2.0)
+    state.step = 4
+    loop.note_best(state, "eval_pref_acc/rag", {"eval_pref_acc/rag": 0.75})
+    assert (state.best_step, state.best_metric) == (4, -0.75)  # higher is better: stored negated
+
+
 def test_step_flags_without_a_process_group_are_this_ranks_own():
     assert loop.step_flags(False, torch.tensor(False), 0) == (False, False, False)
     assert loop.step_flags(True, torch.tensor(True), 2) == (True, True, True)
