@@ -18,7 +18,7 @@ from rich.table import Table
 from dstrain.checkpoint import layout
 from dstrain.checkpoint.load import check_readable_format, is_checkpoint_dir, read_json, verify
 from dstrain.checkpoint.state import CONFIG, DS_CONFIG, DS_SOURCE, OPTIMIZER, rng_file
-from dstrain.config.run import HIGHER_IS_BETTER
+from dstrain.config.metrics import higher_is_better
 from dstrain.errors import CheckpointError
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name: what adapter_config.json names when it is no local path
@@ -196,7 +196,7 @@ def summary(ckpt: Path, problems: list[str]) -> dict[str, Any]:
         except CheckpointError as exc:
             problems.append(str(exc))
     name, best = best_metric_name(ckpt), state.get("best_metric")
-    if best is not None and name in HIGHER_IS_BETTER:
+    if best is not None and higher_is_better(name):
         best = -best  # stored so that lower is better
     keys = ("step", "epoch", "cursor", "samples", "tokens", "world_size", "global_batch", "config_digest")
     return {

@@ -6,8 +6,10 @@ ConfigError, so a user sees every problem of a config at once.
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING, Any
 
+from dstrain.config.metrics import EVAL_METRICS, EVAL_SET_NAME, set_metric
 from dstrain.config.sources import check_sources
 
 if TYPE_CHECKING:
@@ -139,10 +141,58 @@ def check_moe_keys(cfg: RunConfig) -> list[str]:
     return p
 
 
-def check_eval_metrics(cfg: RunConfig) -> list[str]:
-    """The best metric must be one that the eval settings produce."""
+def check_eval_sets(cfg: RunConfig) -> list[str]:
+    """Named eval sets: names usable as metric keys, each set with files."""
+    if not isinstance(cfg.data.eval, dict):
+        return []
     p: list[str] = []
-    best, generate = cfg.train.best_metric, cfg.train.eval_generate
+    for name, paths in cfg.data.eval.items():
+        if not EVAL_SET_NAME.fullmatch(name):
+            p.append(
+                f"data.eval: eval set name {name!r} becomes a metric key (eval_loss/<name>): use letters, "
+                "digits, '_', '-' and '.', starting with a letter or digit (e.g. rag, general)"
+            )
+        elif not paths:
+            p.append(f"data.eval.{name}: no files given (a list of JSONL/Parquet paths or globs)")
+    if cfg.data.snapshot != "off":
+        # data/snapshot.py redirects data.eval as one list of paths; named sets are not mapped back yet
+        p.append(
+            f"data.snapshot={cfg.data.snapshot} takes data.eval as a plain list of paths, not named eval sets "
+            "yet: set data.snapshot=off for this run (or keep a copy of its eval files yourself)"
+        )
+    return p
+
+
+def check_best_metric(cfg: RunConfig) -> list[str]:
+    """train.best_metric: one of EVAL_METRICS, or one of them for a configured named set (eval_loss/rag)."""
+    best = cfg.train.best_metric
+    metric, named, set_name = best.partition("/")
+    if metric not in EVAL_METRICS:
+        close = difflib.get_close_matches(metric, EVAL_METRICS, n=1)
+        hint = f" (did you mean {close[0]}{named}{set_name}?)" if close else ""
+        return [
+            f"train.best_metric: {best!r} is not an eval metric{hint}; use one of {', '.join(EVAL_METRICS)}, "
+            "or one of them for a named eval set (e.g. eval_loss/rag)"
+        ]
+    sets = cfg.data.eval_sets()
+    if named and set_name not in sets:
+        if not isinstance(cfg.data.eval, dict):
+            return [
+                f"train.best_metric: {best} names the eval set '{set_name}', but data.eval holds no named sets; "
+                f"name them (data.eval: {{{set_name}: [FILE, ...]}}) or use {metric}"
+            ]
+        close = difflib.get_close_matches(set_name, list(sets), n=1)
+        hint = f"; did you mean {metric}/{close[0]}?" if close else ""
+        return [
+            f"train.best_metric: {best}: data.eval has no set '{set_name}' (sets: {', '.join(sets)}){hint}"
+        ]
+    return []
+
+
+def check_eval_metrics(cfg: RunConfig) -> list[str]:
+    """Eval set names, and a best metric that the eval settings produce."""
+    p = check_eval_sets(cfg)
+    generate = cfg.train.eval_generate
     if generate and not cfg.data.eval:
         p.append("train.eval_generate: generates answers for eval samples; give data.eval files")
     if generate and cfg.data.format == "messages":
@@ -150,8 +200,15 @@ def check_eval_metrics(cfg: RunConfig) -> list[str]:
             "train.eval_generate: scores answers of sft-rag or preference eval data; messages data has no "
             "single reference answer (set train.eval_generate=0)"
         )
-    if best in ("eval_pref_acc", "eval_reward_margin") and cfg.data.format != "preference":
-        p.append(f"train.best_metric: {best} needs preference eval data; use eval_loss")
-    if best in ("eval_exact_match", "eval_token_f1") and not generate:
+    unknown = check_best_metric(cfg)
+    if unknown:
+        return p + unknown
+    best = cfg.train.best_metric
+    metric, _, set_name = best.partition("/")
+    if metric in ("eval_pref_acc", "eval_reward_margin") and cfg.data.format != "preference":
+        p.append(
+            f"train.best_metric: {best} needs preference eval data; use {set_metric('eval_loss', set_name)}"
+        )
+    if metric in ("eval_exact_match", "eval_token_f1") and not generate:
         p.append(f"train.best_metric: {best} needs generated answers; set train.eval_generate (e.g. 64)")
     return p

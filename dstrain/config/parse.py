@@ -73,6 +73,13 @@ def coerce(hint: Any, value: Any, where: str = "", problems: list[str] | None = 
             problems += [f"{where}[{i}]: expected {describe(item)}, got {show(value[i])}" for i in wrong]
             return True, [v for _, v in pairs]
         return not wrong, [v for _, v in pairs]
+    if origin is dict:
+        key_hint, item = get_args(hint)
+        if not isinstance(value, dict):
+            return False, value
+        pairs = {k: coerce(item, v, f"{where}.{k}", problems) for k, v in value.items()}
+        keys_ok = all(coerce(key_hint, k)[0] for k in value)
+        return keys_ok and all(ok for ok, _ in pairs.values()), {k: v for k, (_, v) in pairs.items()}
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
@@ -102,6 +109,8 @@ def describe(hint: Any) -> str:
         return f"a list of {describe(get_args(hint)[0])}"
     if dataclasses.is_dataclass(hint):
         return "a mapping {" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
+    if origin is dict:
+        return f"a mapping of names to {describe(get_args(hint)[1])}"
     return {bool: "true|false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

@@ -24,9 +24,6 @@ from dstrain.errors import ConfigError
 Dtype = Literal["bf16", "fp16", "fp32"]
 ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll"]
 
-BestMetric = Literal["eval_loss", "eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1"]
-# Metrics where higher is better (the rest: lower is better).
-HIGHER_IS_BETTER = ("eval_pref_acc", "eval_reward_margin", "eval_exact_match", "eval_token_f1")
 DEFAULT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"
 
 
@@ -67,7 +64,8 @@ class LoraConfig:
 class DataConfig:
     # paths or globs (one corpus, one order), or a mixture of weighted sources (config/sources.py)
     train: list[str | DataSource] = field(default_factory=list)
-    eval: list[str] = field(default_factory=list)
+    # one unnamed eval set (a list), or named sets {name: [paths]}: each logs eval_loss/<name> and the rest
+    eval: list[str] | dict[str, list[str]] = field(default_factory=list)
     format: DataFormat = "sft-rag"
     max_seq_len: int = 512
     max_passage_tokens: int = 384
@@ -80,7 +78,7 @@ class DataConfig:
     seed: int = 0
     prompt_template: str = DEFAULT_TEMPLATE
     chat_template: bool = False  # wrap the RAG prompt in the tokenizer's chat template
-    max_eval_samples: int = 0  # 0: the whole eval set
+    max_eval_samples: int = 0  # the first N of each eval set; 0: the whole set
     # Shuffle: blocks of this many consecutive records are permuted, then records are shuffled within
     # windows of `shuffle_window` blocks (block x window records). Bigger windows mix more, cost more per seek.
     shuffle_block: int = 128
@@ -98,6 +96,12 @@ class DataConfig:
     # Keep the training and eval files under the run dir at its start (data/snapshot.py): link (reflink, else
     # hard link: no space), copy (their size), off. A resume whose data changed then trains on the snapshot.
     snapshot: Literal["off", "link", "copy"] = "off"
+
+    def eval_sets(self) -> dict[str, list[str]]:
+        """The eval files by set name; a plain list is one unnamed set (""), no eval data none."""
+        if isinstance(self.eval, dict):
+            return dict(self.eval)
+        return {"": list(self.eval)} if self.eval else {}
 
 
 @dataclass
@@ -143,7 +147,8 @@ class TrainConfig:
     # greedy-generate answers for this many eval samples and report eval_exact_match / eval_token_f1; 0: off
     eval_generate: int = 0
     eval_max_new_tokens: int = 32  # bound on each generated answer
-    best_metric: BestMetric = "eval_loss"  # the checkpoint kept as best
+    # the checkpoint kept as best: one of config/metrics.py EVAL_METRICS, or a named eval set's (eval_loss/rag)
+    best_metric: str = "eval_loss"
     wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # also log to MLflow (needs mlflow installed)
     # Before training, estimate memory per rank; over the device's capacity: error (stop), warn, or off.
@@ -194,11 +199,29 @@ def load_config(
     return config_from_dict(raw, source=str(path) if path else "run config")
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
+    one silently, so a second `rag:` under data.eval would drop the first set without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges keys that the mapping's own may override: not a duplicate
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key once per mapping)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"{path}: file not found (pass an existing run YAML with --config)"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -235,14 +258,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
 
 
 def parse_override_value(text: str) -> Any:
-    """A YAML scalar or list (`100`, `true`, `[a, b]`); anything else, e.g. a template with ': ', stays text."""
+    """A YAML scalar, list or flow mapping (`100`, `true`, `[a, b]`, `{rag: [r.jsonl]}`); anything else, e.g. a
+    template with ': ' that YAML would read as a mapping, stays text."""
+    braced = text.lstrip()[:1] in ("[", "{")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else ""  # a SafeLoader
     except yaml.YAMLError as exc:
-        if text.lstrip()[:1] in ("[", "{"):  # meant as a list or mapping: a typo, not text
+        if braced:  # meant as a list or mapping: a typo, not text
             raise ValueError(f"not a valid YAML list/mapping ({getattr(exc, 'problem', exc)})") from None
         return text
-    return text if isinstance(value, dict) else value
+    return text if isinstance(value, dict) and not braced else value
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "run config") -> RunConfig:

@@ -128,11 +128,11 @@ def data_files(cfg: RunConfig) -> list[Path]:
 
 
 def read_examples(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list:
-    """The eval set tokenised as the run tokenises its own (training.prepare.load_eval)."""
-    from dstrain.training.prepare import load_eval
+    """The eval set tokenised as the run tokenises its own (training.prepare.load_eval_set)."""
+    from dstrain.training.prepare import load_eval_set
 
     try:
-        return load_eval(tokenizer, cfg, what="--data")
+        return load_eval_set(tokenizer, cfg, list(cfg.data.eval), "--data")
     except DataError as exc:
         raise DataError(
             f"{exc}\n(read as {cfg.data.format} records: is --format right for these files?)"
@@ -193,22 +193,39 @@ def score(
 
 def logged_metrics(source: EvalSource, cfg: RunConfig) -> dict[str, float] | None:
     """The eval row the run logged at the checkpoint's step, when this eval is on the run's own eval set."""
-    from dstrain.data.records import expand_paths
 
     if source.run_dir is None or source.step is None or not source.cfg.data.eval:
         return None
-    try:
-        same = [p.resolve() for p in expand_paths(source.cfg.data.eval, "data.eval")] == [
-            p.resolve() for p in data_files(cfg)
-        ]
-    except DataError:  # the run's eval files are gone: nothing to compare with
+    name = same_eval_set(source.cfg, data_files(cfg))
+    if name is None or cfg.data.format != source.cfg.data.format:
         return None
-    if not same or cfg.data.format != source.cfg.data.format:
-        return None
+    suffix = f"/{name}" if name else ""
     rows = [
-        row for row in read_metrics(source.run_dir) if row.get("step") == source.step and "eval_loss" in row
+        row
+        for row in read_metrics(source.run_dir)
+        if row.get("step") == source.step and f"eval_loss{suffix}" in row
     ]
-    return {k: v for k, v in rows[-1].items() if k.startswith("eval_")} if rows else None
+    if not rows:
+        return None
+    # a named set's own keys (eval_loss/rag), read back as the plain keys this report uses
+    row = rows[-1].items()
+    if not suffix:
+        return {k: v for k, v in row if k.startswith("eval_") and "/" not in k}
+    return {k[: -len(suffix)]: v for k, v in row if k.startswith("eval_") and k.endswith(suffix)}
+
+
+def same_eval_set(run_cfg: RunConfig, files: list[Path]) -> str | None:
+    """The name of the run's eval set ("" for a plain list) whose files are `files`, else None."""
+    from dstrain.data.records import expand_paths
+
+    wanted = [p.resolve() for p in files]
+    for name, patterns in run_cfg.data.eval_sets().items():
+        try:
+            if [p.resolve() for p in expand_paths(patterns, "data.eval")] == wanted:
+                return name
+        except DataError:  # the run's eval files are gone: nothing to compare with
+            continue
+    return None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -2,9 +2,10 @@
 
 Loss and preference accuracy say how the model scores given answers; only generating shows whether it now
 *produces* the answer from the passages. Greedy, bounded by `train.eval_max_new_tokens`, left-padded batches
-of the micro batch size. Under ZeRO-3 with several ranks every rank holds one shard of each weight, so all
-ranks must run the same number of forwards: each rank gets the same number of batches (short shards repeat
-an item that is not counted) and `generate` runs with `synced_gpus`.
+of the micro batch size, over the first `train.eval_generate` samples of each eval set. Under ZeRO-3 with
+several ranks every rank holds one shard of each weight, so all ranks must run the same number of forwards:
+each rank gets the same number of batches of each set (short shards repeat an item that is not counted) and
+`generate` runs with `synced_gpus`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dstrain.data.prompts import stop_token_ids
 from dstrain.data.sharding import equal_rank_batches
 from dstrain.distributed.collectives import all_reduce_sum
 from dstrain.distributed.stop import interruptible
+from dstrain.eval.sets import metrics_by_set
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -127,7 +129,7 @@ class GenerationEval:
     """What a generation eval needs besides the model; built once per run."""
 
     tokenizer: PreTrainedTokenizerBase
-    items: list[GenerationItem]
+    sets: dict[str, list[GenerationItem]]  # by eval set name ("": the unnamed set), each set's first N
     max_new_tokens: int
     synced: bool  # ZeRO-3 on several ranks: generate with synced_gpus
 
@@ -140,10 +142,25 @@ def evaluate_generation(
     world: int,
     interrupted: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """eval_exact_match and eval_token_f1 over all items (a collective: every rank calls it); `interrupted`
-    is asked before each batch (training.phases)."""
-    totals = torch.zeros(3, dtype=torch.float64)  # [exact match, token F1, answers]
-    for chunk, real in interruptible(rank_batches(gen.items, batch, rank, world), interrupted):
+    """eval_exact_match and eval_token_f1 over the answers of all sets, and each named set's own
+    (`eval_exact_match/<name>`); a collective: every rank calls it. `interrupted` is asked before each
+    batch (training.phases)."""
+    local = [_answer_sums(model, gen, items, batch, rank, world, interrupted) for items in gen.sets.values()]
+    return metrics_by_set(list(gen.sets), all_reduce_sum(torch.stack(local)), _answer_metrics)
+
+
+def _answer_sums(
+    model: PeftModel,
+    gen: GenerationEval,
+    items: list[GenerationItem],
+    batch: int,
+    rank: int,
+    world: int,
+    interrupted: Callable[[], bool] | None,
+) -> torch.Tensor:
+    """This rank's [exact match, token F1, answers] of one set, in as many batches as every other rank."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for chunk, real in interruptible(rank_batches(items, batch, rank, world), interrupted):
         prompts = [item.prompt_ids for item in chunk]
         predictions = greedy_answers(model, gen.tokenizer, prompts, gen.max_new_tokens, gen.synced)
         for item, prediction in zip(chunk[:real], predictions, strict=False):
@@ -151,6 +168,10 @@ def evaluate_generation(
                 [exact_match(prediction, item.gold), token_f1(prediction, item.gold), 1.0],
                 dtype=torch.float64,
             )
-    em, f1, count = all_reduce_sum(totals).tolist()
+    return totals
+
+
+def _answer_metrics(sums: torch.Tensor) -> dict[str, float]:
+    em, f1, count = sums.tolist()
     count = max(count, 1.0)
     return {"eval_exact_match": em / count, "eval_token_f1": f1 / count}

@@ -85,7 +85,8 @@ class JsonlSink:
 
 
 def tb_tag(key: str) -> str:
-    """`eval_loss` -> `eval/loss`, `startup_engine_s` -> `startup/engine_s`; every other key under `train/`."""
+    """`eval_loss` -> `eval/loss`, a named eval set's `eval_loss/rag` -> `eval/loss/rag`, `startup_engine_s`
+    -> `startup/engine_s`; every other key under `train/`."""
     for prefix in ("eval", "startup"):
         if key.startswith(f"{prefix}_"):
             return f"{prefix}/{key[len(prefix) + 1 :]}"
@@ -181,7 +182,13 @@ class ConsoleSink:
             info = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
             self.progress.update(self.task, info=info)
         if "eval_loss" in row:
-            self.console.print(f"step {int(row['step'])}: eval_loss {row['eval_loss']:.4f}")
+            named = [
+                f"{key[len('eval_loss/') :]} {value:.4f}"
+                for key, value in row.items()
+                if key.startswith("eval_loss/")
+            ]
+            by_set = f" ({', '.join(named)})" if named else ""
+            self.console.print(f"step {int(row['step'])}: eval_loss {row['eval_loss']:.4f}{by_set}")
 
     def advance(self, step: int) -> None:
         self.progress.update(self.task, completed=step)

@@ -16,7 +16,7 @@ import torch
 from dstrain import engine as eng
 from dstrain.checkpoint.save import save_checkpoint
 from dstrain.checkpoint.state import TrainerState
-from dstrain.config.run import HIGHER_IS_BETTER
+from dstrain.config.metrics import higher_is_better
 from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import MicroBatch
 from dstrain.data.prefetch import paused
@@ -25,7 +25,7 @@ from dstrain.distributed.sequence import rank_in_group
 from dstrain.distributed.stop import EvalInterrupted
 from dstrain.errors import TrainingError
 from dstrain.eval.generation import evaluate_generation
-from dstrain.eval.loss import evaluate
+from dstrain.eval.loss import evaluate_sets
 from dstrain.eval.reference import lookup
 from dstrain.metrics.device import device_stats, max_over_ranks, mfu
 from dstrain.metrics.meter import StepMeter
@@ -192,15 +192,16 @@ def write_row(run: Run, row: dict) -> None:
 
 
 def run_eval(run: Run, state: TrainerState) -> dict[str, float] | None:
-    """Eval loss (and generation metrics) on every rank; rank 0 logs them and the best metric follows."""
-    if not run.eval_examples:
+    """Eval loss (and generation metrics) of every eval set on every rank; rank 0 logs them and the best
+    metric follows."""
+    if not run.eval_sets:
         return None
     plan = run.plan
     # Asked before each eval batch, a collective: all ranks cut the eval short at the same batch.
     interrupted = partial(stop_agreed, run.stop)
-    result = evaluate(
+    result = evaluate_sets(
         run.engine,
-        run.eval_examples,
+        run.eval_sets,
         plan.micro,
         run.rank // plan.sequence,  # data-parallel rank: a sequence-parallel group evaluates one share
         plan.world,
@@ -225,7 +226,7 @@ def run_eval(run: Run, state: TrainerState) -> dict[str, float] | None:
 
 
 def note_best(state: TrainerState, name: str, result: dict[str, float]) -> None:
-    value = -result[name] if name in HIGHER_IS_BETTER else result[name]  # stored so that lower is better
+    value = -result[name] if higher_is_better(name) else result[name]  # stored so that lower is better
     if state.best_metric is None or value < state.best_metric:
         # best_checkpoint follows only if this step is saved (save() sets it): no stale "best" is protected.
         state.best_metric, state.best_step, state.best_checkpoint = value, state.step, None

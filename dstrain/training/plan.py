@@ -240,7 +240,7 @@ def build_report(cfg: RunConfig, launch: Launch) -> DryRun:
 
     prepared = prepare(cfg, launch.world, planning=True)
     plan = step_plan(prepared)
-    data = summarize(prepared.train, len(prepared.eval))
+    data = summarize(prepared.train, sum(len(s.examples) for s in prepared.eval))
     memory = memory_plan(prepared, launch)
     notes = [note] if (note := precision_note(prepared.ds)) else []
     if memory.over:

@@ -36,6 +36,7 @@ from dstrain.data.records import BadRecord, check_bad, expand_paths
 from dstrain.data.sources import Mixture, build_mixture, index_sources, mixture_steps_per_epoch
 from dstrain.data.stream import Corpus
 from dstrain.errors import ConfigError, DataError, DstrainError
+from dstrain.eval.sets import EvalSet
 from dstrain.model.build import check_model_path, hidden_size, load_tokenizer
 from dstrain.training.phases import StartupClock
 
@@ -48,7 +49,7 @@ class Prepared:
     plan: BatchPlan
     tokenizer: PreTrainedTokenizerBase
     train: TokenizedCorpus  # read and tokenised on demand
-    eval: list[Example] | list[PairExample]
+    eval: list[EvalSet]  # the unnamed set of a plain data.eval list, or the named sets; [] without eval data
     skipped: int  # bad training records found by the index (more may surface at tokenisation)
     steps_per_epoch: int
     total_steps: int
@@ -89,8 +90,8 @@ def preflight(
             _collect(problems, expand_paths, [source.path], f"{source.where} ({source.name})")
     else:
         _collect(problems, expand_paths, cfg.data.train, "data.train")
-    if cfg.data.eval:
-        _collect(problems, expand_paths, cfg.data.eval, "data.eval")
+    for name, patterns in cfg.data.eval_sets().items():
+        _collect(problems, expand_paths, patterns, eval_key(name))
     if raw is not None:
         # A dry run of the resolution with a placeholder schedule: batch and precision problems surface now.
         precision = (True, True) if planning else device_precision()
@@ -186,22 +187,36 @@ def index_split(patterns: list[str], what: str, cfg: RunConfig) -> Corpus:
     return corpus
 
 
-def load_eval(
-    tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, what: str = "data.eval"
-) -> list[Example] | list[PairExample]:
-    """The eval set, tokenised up front (it is read at every eval); over-long records are bad records too.
+def eval_key(name: str) -> str:
+    """Where an eval set's files are configured, for messages: data.eval, or data.eval.<name>."""
+    return f"data.eval.{name}" if name else "data.eval"
 
-    `what` names the files in messages (`dstrain eval` reads them from --data)."""
+
+def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[EvalSet]:
+    """Every eval set (the unnamed one of a plain list, or each named set), tokenised up front."""
+    return [
+        EvalSet(name, load_eval_set(tokenizer, cfg, patterns, eval_key(name)))
+        for name, patterns in cfg.data.eval_sets().items()
+    ]
+
+
+def load_eval_set(
+    tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, patterns: list[str], what: str
+) -> list[Example] | list[PairExample]:
+    """One eval set, tokenised up front (it is read at every eval), its first data.max_eval_samples records;
+    over-long records are bad records too."""
     # Preference data is always evaluated as pairs: preference accuracy is reported whatever the objective.
     pairs = cfg.data.format == "preference"
-    dataset = TokenizedCorpus(index_split(cfg.data.eval, what, cfg), tokenizer, cfg.data, pairs)
+    dataset = TokenizedCorpus(index_split(patterns, what, cfg), tokenizer, cfg.data, pairs)
     limit = min(len(dataset), cfg.data.max_eval_samples or len(dataset))
     items = [dataset[i] for i in range(limit)]
     examples = [item for item in items if not isinstance(item, BadRecord)]
     bad = [item for item in items if isinstance(item, BadRecord)]
     check_bad(len(examples), bad, len(bad), cfg.data.on_error, cfg.data.max_bad_fraction, what)
     if not examples:
-        raise DataError(f"{what}: every record was skipped as bad; fix the eval file or drop data.eval")
+        raise DataError(
+            f"{what}: every record was skipped as bad; fix the eval file or drop it from data.eval"
+        )
     return examples
 
 
@@ -272,7 +287,7 @@ def prepare(
     clock.lap("config")
     check_chat_template(cfg, tokenizer)
     train, mixed = load_train(cfg, tokenizer)
-    eval_set = load_eval(tokenizer, cfg) if cfg.data.eval else []
+    eval_sets = load_eval(tokenizer, cfg)
     # preflight validated the JSON: the batch plan alone gives the schedule length, then resolve once.
     batch = plan_batch(raw, cfg, data_parallel_world(cfg, world), problems=[])
     per_epoch, total, mixture = plan_steps(cfg, len(train), mixed, batch, origin)
@@ -290,7 +305,7 @@ def prepare(
         plan,
         tokenizer,
         train,
-        eval_set,
+        eval_sets,
         train.corpus.num_bad,
         per_epoch,
         total,

@@ -19,12 +19,12 @@ if TYPE_CHECKING:
     from dstrain.checkpoint.save import RunFiles
     from dstrain.config.run import DataConfig, ObjectiveConfig, TrainConfig
     from dstrain.config.zero import BatchPlan
-    from dstrain.data.batches import Example, MicroBatch
-    from dstrain.data.pairs import PairExample
+    from dstrain.data.batches import MicroBatch
     from dstrain.data.records import BadRecord
     from dstrain.data.sources import Mixture
     from dstrain.distributed.stop import StopRequest
     from dstrain.eval.generation import GenerationEval
+    from dstrain.eval.sets import EvalSet
     from dstrain.metrics.sinks import MetricsSink
 
 
@@ -40,7 +40,7 @@ class Run:
     engine: DeepSpeedEngine  # an opaque handle: only dstrain.engine calls it
     peft_model: PeftModel
     batches: Iterator[MicroBatch]
-    eval_examples: list[Example] | list[PairExample]
+    eval_sets: list[EvalSet]  # [] without eval data
     steps_per_epoch: int
     total_steps: int
     output_dir: Path

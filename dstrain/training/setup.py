@@ -313,7 +313,7 @@ def wire(
         engine=ds_engine,
         peft_model=peft_model,
         batches=batches,
-        eval_examples=prepared.eval,
+        eval_sets=prepared.eval,
         steps_per_epoch=prepared.steps_per_epoch,
         total_steps=prepared.total_steps,
         output_dir=Path(cfg.output_dir),
@@ -356,9 +356,10 @@ def generation_eval(cfg: RunConfig, prepared: Prepared, world: int) -> Generatio
 
     if not (cfg.train.eval_generate and prepared.eval):
         return None
-    items = generation_items(prepared.eval, prepared.tokenizer, cfg.train.eval_generate)
+    limit, tokenizer = cfg.train.eval_generate, prepared.tokenizer
+    sets = {s.name: generation_items(s.examples, tokenizer, limit) for s in prepared.eval}
     synced = zero_stage(prepared.ds) == 3 and world > 1
-    return GenerationEval(prepared.tokenizer, items, cfg.train.eval_max_new_tokens, synced)
+    return GenerationEval(tokenizer, sets, cfg.train.eval_max_new_tokens, synced)
 
 
 def data_ranks(plan: Any) -> str:
@@ -369,6 +370,7 @@ def data_ranks(plan: Any) -> str:
 
 def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
     from dstrain import __version__
+    from dstrain.eval.sets import describe_sets
     from dstrain.model.build import count_parameters
 
     trainable, total = count_parameters(peft_model)
@@ -381,5 +383,5 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
         f"dstrain: {cfg.model.path}{base} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
         f"ZeRO-{zero_stage(prepared.ds)}, world {plan.devices}, global batch {plan.global_batch} = micro "
         f"{plan.micro} x accumulation {plan.accumulation} x {data_ranks(plan)}, {len(prepared.train)} train / "
-        f"{len(prepared.eval)} eval samples, {prepared.total_steps} steps{skipped}; dstrain {__version__}"
+        f"{describe_sets(prepared.eval)}, {prepared.total_steps} steps{skipped}; dstrain {__version__}"
     )

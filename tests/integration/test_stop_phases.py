@@ -99,7 +99,7 @@ def test_a_stop_during_the_reference_pass_exits_before_training(tmp_path):
 
 def test_a_stop_during_an_eval_cuts_it_short_saves_and_exits_zero(tmp_path, small_data):
     config = write_config(tmp_path, small_data, train={"max_steps": 6, "eval_every": 2, "save_every": 1})
-    # evaluate's first call is the step-0 eval, its second the one at step 2
+    # evaluate_sets' first call is the step-0 eval, its second the one at step 2
     code, output = stop_in("eval", config, tmp_path, signal.SIGTERM, DSTRAIN_PROBE_CALL="2")
     assert code == 0, output[-3000:]
     assert "stopped at step 2; continue with `dstrain resume" in output

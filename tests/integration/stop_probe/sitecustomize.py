@@ -24,8 +24,8 @@ PHASES = {  # phase -> (module, function) that the probe wraps
     "index": ("dstrain.training.prepare", "prepare"),
     "build": ("dstrain.training.setup", "build"),
     "reference": ("dstrain.training.setup", "reference_table"),
-    "step0_eval": ("dstrain.training.loop", "evaluate"),
-    "eval": ("dstrain.training.loop", "evaluate"),
+    "step0_eval": ("dstrain.training.loop", "evaluate_sets"),
+    "eval": ("dstrain.training.loop", "evaluate_sets"),
     "save": ("dstrain.training.loop", "save_checkpoint"),
 }
 

@@ -11,7 +11,9 @@ from dstrain.config.run import LoraConfig, ModelConfig, RunConfig
 from dstrain.data.batches import IGNORE, Example
 from dstrain.data.pairs import PairExample
 from dstrain.eval.generation import (
+    GenerationEval,
     GenerationItem,
+    evaluate_generation,
     exact_match,
     generation_items,
     greedy_answers,
@@ -92,3 +94,22 @@ def test_config_checks_for_generation():
     assert not [p for p in check_values(cfg) if "eval_generate" in p or "best_metric" in p]
     cfg.data.format = "messages"
     assert any("no single reference answer" in p for p in check_values(cfg))
+
+
+def test_named_sets_score_their_own_answers_and_the_whole_counts_every_answer():
+    """Each set's EM/F1 from its own items; the unnamed keys over all answers (not a mean of the sets)."""
+    torch.manual_seed(0)
+    tok = load_tokenizer(ModelConfig())
+    model = build_model(ModelConfig(), LoraConfig(r=4, alpha=8, dropout=0.0), zero_stage=2).eval()
+    prompts = [tok(f"Question: what is {word}?\nAnswer:")["input_ids"] for word in ("up", "down", "left")]
+    own = greedy_answers(model, tok, prompts, max_new_tokens=4, synced=False)
+    # gold answers: the model's own for "rag" (all exact), another text for one of the two "general" ones
+    rag = [GenerationItem(prompts[0], own[0])]
+    general = [GenerationItem(prompts[1], own[1]), GenerationItem(prompts[2], own[2] + " Lake Thuthek")]
+    gen = GenerationEval(tok, {"rag": rag, "general": general}, max_new_tokens=4, synced=False)
+    result = evaluate_generation(model, gen, batch=2, rank=0, world=1)
+    assert result["eval_exact_match/rag"] == 1.0 and result["eval_exact_match/general"] == 0.5
+    assert result["eval_exact_match"] == pytest.approx(2 / 3)
+    miss = token_f1(own[2], own[2] + " Lake Thuthek")
+    assert result["eval_token_f1/general"] == pytest.approx((1 + miss) / 2)
+    assert result["eval_token_f1"] == pytest.approx((2 + miss) / 3)

@@ -17,7 +17,8 @@ import dstrain
 from dstrain.config.run import DataConfig, ObjectiveConfig
 from dstrain.data.batches import IGNORE, Example, tokenize_record
 from dstrain.data.pairs import PairExample, tokenize_pair
-from dstrain.eval.loss import evaluate
+from dstrain.eval.loss import evaluate, evaluate_sets
+from dstrain.eval.sets import EvalSet
 from dstrain.model.supervised import SupervisedLM
 from tests.helpers import lora_model
 from tests.unit.data.loaded import load_records
@@ -140,3 +141,53 @@ def test_sft_on_pairs_reports_the_chosen_answers_nll_per_token(engine, peft_mode
     (margin,) = _margins(peft_model, [pair], objective.beta)
     assert result["eval_pref_acc"] == float(margin > 0)  # the filler pair is not counted as a wrong one
     assert result["eval_reward_margin"] == pytest.approx(margin, rel=1e-4, abs=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- named sets
+
+
+def _sets(engine, sets: dict, objective: ObjectiveConfig, **where) -> dict[str, float]:
+    kwargs = {"micro": 2, "rank": 0, "world": 1, **where}
+    named = [EvalSet(name, examples) for name, examples in sets.items()]
+    return evaluate_sets(engine, named, pad_id=0, objective=objective, **kwargs)
+
+
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, 2)])
+def test_each_named_set_equals_its_set_alone_and_the_whole_weighs_every_token(
+    engine, peft_model, sft_examples, rank, world
+):
+    sets = {"rag": sft_examples[:2], "general": sft_examples[2:]}
+    result = _sets(engine, sets, ObjectiveConfig(), rank=rank, world=world)
+    assert set(result) == {"eval_loss", "eval_loss/rag", "eval_loss/general"}
+    for name, examples in sets.items():
+        engine.modes.clear()
+        alone = _run(engine, examples, ObjectiveConfig(), rank=rank, world=world)["eval_loss"]
+        assert result[f"eval_loss/{name}"] == alone
+    # the whole: every token of this rank's share of each set (no process group: one rank's sums)
+    sums = [_nll(peft_model, e) for examples in sets.values() for e in examples[rank::world]]
+    assert result["eval_loss"] == pytest.approx(sum(s for s, _ in sums) / sum(n for _, n in sums), rel=REL)
+
+
+def test_every_rank_runs_as_many_forwards_for_each_set(engine, sft_examples):
+    """ZeRO-3: a rank with a shorter shard of some set still runs that set's batch count (filler rows)."""
+    sets = {"a": sft_examples[:3], "b": sft_examples[3:4]}  # 3 and 1 examples over 2 ranks, micro 1
+    forwards = []
+    for rank in (0, 1):
+        engine.modes.clear()
+        _sets(engine, sets, ObjectiveConfig(), micro=1, rank=rank, world=2)
+        forwards.append(len(engine.modes))
+    assert forwards == [3, 3]  # a: 2 batches, b: 1 batch, on both ranks
+
+
+def test_named_preference_sets_count_pairs_over_all_sets(engine, pair_examples):
+    objective = ObjectiveConfig(name="dpo", beta=0.5)
+    sets = {"rag": pair_examples[:4], "general": pair_examples[4:]}
+    result = _sets(engine, sets, objective, micro=4)
+    alone = {name: _run(engine, examples, objective, micro=4) for name, examples in sets.items()}
+    for name in sets:
+        for key in ("eval_loss", "eval_pref_acc", "eval_reward_margin"):
+            assert result[f"{key}/{name}"] == alone[name][key]
+    # per pair over both sets: 4 pairs and 2 pairs
+    for key in ("eval_loss", "eval_pref_acc", "eval_reward_margin"):
+        whole = (4 * alone["rag"][key] + 2 * alone["general"][key]) / 6
+        assert result[key] == pytest.approx(whole, rel=1e-12)

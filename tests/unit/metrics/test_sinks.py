@@ -92,6 +92,7 @@ def test_tb_tags():
     assert tb_tag("loss") == "train/loss"
     assert tb_tag("eval_loss") == "eval/loss"
     assert tb_tag("eval_pref_acc") == "eval/pref_acc"
+    assert tb_tag("eval_loss/rag") == "eval/loss/rag"  # a named eval set's, beside the whole's
 
 
 def test_tensorboard_writes_numeric_values_under_their_tags(tmp_path):
@@ -203,6 +204,16 @@ def test_console_prints_eval_lines_messages_and_the_final_bar():
     assert lines[:2] == ["hello there", "step 2: eval_loss 2.1250"]
     assert lines[2].startswith("train ")
     assert "2/10 loss 2.2500 lr 2.00e-04 1300 tok/s" in lines[2]
+
+
+def test_console_eval_line_lists_the_named_sets():
+    console, out = _console()
+    sink = ConsoleSink(console, total_steps=10)
+    sink.log(
+        {"step": 4, "eval_loss": 2.0, "eval_loss/rag": 1.5, "eval_loss/general": 2.5, "eval_pref_acc/rag": 1}
+    )
+    sink.close()
+    assert out.getvalue().splitlines()[0] == "step 4: eval_loss 2.0000 (rag 1.5000, general 2.5000)"
 
 
 def test_console_starts_the_bar_at_the_resumed_step():

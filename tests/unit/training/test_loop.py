@@ -22,6 +22,7 @@ from dstrain.data.loader import collate_micro
 from dstrain.data.records import RagRecord
 from dstrain.distributed.stop import StopRequest
 from dstrain.errors import DataError, TrainingError
+from dstrain.eval.sets import EvalSet
 from dstrain.metrics.sinks import MetricsSink
 from dstrain.model.build import build_model
 from dstrain.model.supervised import SupervisedLM
@@ -62,7 +63,7 @@ def make_run(tmp_path: Path, peft_model, examples, tokenizer, *, total: int = 4,
         engine=engine,
         peft_model=peft_model,
         batches=batches,
-        eval_examples=examples[:3],
+        eval_sets=[EvalSet("", examples[:3])],
         steps_per_epoch=3,
         total_steps=total,
         output_dir=tmp_path,
@@ -148,6 +149,17 @@ def test_higher_is_better_metrics_are_stored_negated():
     state.step = 5
     loop.note_best(state, "eval_pref_acc", {"eval_pref_acc": 0.5})
     assert (state.best_step, state.best_metric) == (3, -0.75)
+
+
+def test_the_best_follows_a_named_sets_metric_not_the_whole():
+    state = TrainerState()
+    for step, whole, rag in ((1, 3.0, 2.0), (2, 2.5, 2.2), (3, 2.0, 2.4)):
+        state.step = step
+        loop.note_best(state, "eval_loss/rag", {"eval_loss": whole, "eval_loss/rag": rag})
+    assert (state.best_step, state.best_metric) == (1, 2.0)
+    state.step = 4
+    loop.note_best(state, "eval_pref_acc/rag", {"eval_pref_acc/rag": 0.75})
+    assert (state.best_step, state.best_metric) == (4, -0.75)  # higher is better: stored negated
 
 
 def test_step_flags_without_a_process_group_are_this_ranks_own():
