@@ -81,14 +81,20 @@ def optimizer_op(ds_config: dict[str, Any], implementation: str) -> str | None:
 
 
 def create_engine(
-    module: nn.Module, ds_config: dict[str, Any], implementation: str, mpu: Any = None
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    implementation: str,
+    mpu: Any = None,
+    param_groups: list[Any] | None = None,
 ) -> DeepSpeedEngine:
     """deepspeed.initialize over the trainable (LoRA) parameters; schedule (and with DEEPSPEED the
     optimizer) from the JSON. With TORCH the JSON's optimizer block is replaced by the client optimizer.
-    `mpu`: the sequence-parallel groups (distributed/sequence.py), None without sequence parallelism."""
+    `mpu`: the sequence-parallel groups (distributed/sequence.py), None without sequence parallelism.
+    `param_groups`: the optimizer's groups, each with its own LR (LoRA+, model/variants.py); default: one
+    group of every trainable parameter."""
     import deepspeed
 
-    trainable = [p for p in module.parameters() if p.requires_grad]
+    trainable = param_groups or [p for p in module.parameters() if p.requires_grad]
     if implementation == TORCH:
         config = {k: v for k, v in ds_config.items() if k != "optimizer"}
         engine, _, _, _ = deepspeed.initialize(
@@ -164,6 +170,11 @@ def step_applied(engine: DeepSpeedEngine) -> bool:
 def current_lr(engine: DeepSpeedEngine) -> float:
     lrs = engine.get_lr()
     return float(lrs[0]) if lrs else 0.0
+
+
+def group_lrs(engine: DeepSpeedEngine) -> list[float]:
+    """Every optimizer group's learning rate, read as `current_lr` reads the first."""
+    return [float(lr) for lr in engine.get_lr()]
 
 
 def grad_norm(engine: DeepSpeedEngine) -> float | None:

@@ -215,6 +215,37 @@ def resolve_schedule(ds: dict[str, Any], total_steps: int, problems: list[str]) 
         params.pop("warmup_max_lr")  # the optimizer problem above already says it; do not report it twice
 
 
+# The absolute learning rates of each DeepSpeed scheduler, with DeepSpeed's default where it has one (None:
+# the optimizer groups' own LRs). WarmupCosineLR scales each group's own LR and needs nothing.
+SCHEDULE_LRS: dict[str, dict[str, float | None]] = {
+    "WarmupLR": {"warmup_min_lr": 0.0, "warmup_max_lr": None},
+    "WarmupDecayLR": {"warmup_min_lr": 0.0, "warmup_max_lr": None},
+    "OneCycle": {"cycle_min_lr": None, "cycle_max_lr": None},
+    "LRRangeTest": {"lr_range_test_min_lr": 1e-3},
+    "WarmupCosineLR": {},
+}
+
+
+def resolve_loraplus(ds: dict[str, Any], cfg: RunConfig, problems: list[str]) -> None:
+    """LoRA+ (lora.loraplus_lr_ratio): the optimizer has two groups, lora_B's at ratio x the LR
+    (model/variants.py). DeepSpeed's schedulers give every group the same LR unless each absolute LR of
+    the schedule is a list with one value per group, so each becomes [lr, ratio x lr]."""
+    ratio = cfg.lora.loraplus_lr_ratio
+    scheduler = ds.get("scheduler")
+    if not ratio or not isinstance(scheduler, dict) or scheduler.get("type") not in SCHEDULE_LRS:
+        return  # no schedule: the groups keep their own LRs; an unknown type is DeepSpeed's error
+    params = scheduler.setdefault("params", {})
+    for key, default in SCHEDULE_LRS[scheduler["type"]].items():
+        value = params.get(key, default)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            params[key] = [value, value * ratio]
+        elif isinstance(value, list) and len(value) != 2:
+            problems.append(
+                f"scheduler.params.{key}: {len(value)} values, but lora.loraplus_lr_ratio makes 2 optimizer "
+                "groups (the base group, then lora_B's): give one number and dstrain makes it [lr, ratio x lr]"
+            )
+
+
 def find_autos(node: Any, path: str = "") -> list[str]:
     if isinstance(node, dict):
         return [p for k, v in node.items() for p in find_autos(v, f"{path}.{k}" if path else k)]
@@ -242,6 +273,7 @@ def resolve_ds_config(
     resolve_zero(ds, hidden_size, problems)
     resolve_sequence_parallel(ds, cfg, world, problems)
     resolve_schedule(ds, total_steps, problems)
+    resolve_loraplus(ds, cfg, problems)
     problems += check_qlora(cfg, ds)
     problems += [f'{key}: "auto" has no value dstrain can fill; set it explicitly' for key in find_autos(ds)]
     if problems:

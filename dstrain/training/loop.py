@@ -33,6 +33,7 @@ from dstrain.metrics.device import device_stats, max_over_ranks, mfu
 from dstrain.metrics.meter import StepMeter
 from dstrain.model.selfcheck import verdict
 from dstrain.model.ulysses import plain_attention
+from dstrain.model.variants import group_lr_metrics
 from dstrain.objectives.losses import sft_loss
 from dstrain.objectives.preference import mean_over_pairs, score_pairs
 from dstrain.training.phases import halt_if_requested, stop_agreed
@@ -137,6 +138,7 @@ def log_train(run: Run, tally: Tally, state: TrainerState, meter: StepMeter, ste
     row = meter.collect(steps)
     state.tokens += row["tokens"]
     row.update(step=state.step, lr=eng.current_lr(run.engine), epoch=state.epoch)
+    row.update(group_lr_metrics(eng.group_lrs(run.engine)))  # LoRA+: lr/lora_B
     row.update(max_over_ranks(device_stats()))  # a collective: every rank logs the same steps
     utilisation = mfu(row["tokens_per_s"], run.num_params, run.plan.devices)
     if utilisation is not None:
