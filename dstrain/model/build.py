@@ -263,7 +263,7 @@ def add_lora(
         target_parameters=list(cfg.target_parameters) or None,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
-        init_lora_weights=variants.peft_init(cfg.init_lora_weights, initial),
+        init_lora_weights=variants.peft_init(cfg.init_lora_weights),
         task_type="CAUSAL_LM",
     )
     try:

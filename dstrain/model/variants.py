@@ -15,9 +15,7 @@ magnitudes) is kept, which the same identity makes exact for DoRA too.
 That saved adapter also carries A0 and B0 (its second halves). A resume rebuilds the residual base from the
 original base and them, with PEFT's arithmetic: no second SVD (minutes on a large model with full `pissa`),
 and nothing that depends on the SVD coming out bitwise the same on another machine, thread count or PEFT
-release. In fp32 the rebuilt base is bitwise the one the run started with; in bf16/fp16 PEFT subtracts the
-unrounded A0 B0 but keeps them rounded to the model dtype, so a rebuilt weight can differ from the first
-one by one rounding of that dtype.
+release; the rebuilt base is bitwise the one the run started with, in any dtype (see `decompose`).
 
 LoRA+ (`loraplus_lr_ratio`) puts lora_B, and as in PEFT's `create_loraplus_optimizer` every 1-D adapter
 weight (DoRA's magnitudes), into a second optimizer group at ratio x the learning rate (config/zero.py gives
@@ -59,22 +57,42 @@ def initial_adapter(peft_model: nn.Module) -> dict[str, torch.Tensor] | None:
     return peft_model.__dict__.get(INITIAL)
 
 
-def peft_init(init_lora_weights: bool | str, initial: dict[str, torch.Tensor] | None) -> bool | str:
-    """What PEFT initialises with: a resumed PiSSA/OLoRA run rebuilds its residual from `initial` instead."""
-    return True if initial is not None else init_lora_weights
+def peft_init(init_lora_weights: bool | str) -> bool | str:
+    """What get_peft_model initialises with: PiSSA/OLoRA start as a plain init, then `settle_initial`."""
+    return True if mutates_base(init_lora_weights) else init_lora_weights
 
 
 def settle_initial(
     peft_model: nn.Module, init_lora_weights: bool | str, initial: dict[str, torch.Tensor] | None
 ) -> None:
-    """After get_peft_model: remember a fresh PiSSA/OLoRA run's A0/B0, or rebuild a resumed run's residual."""
+    """After get_peft_model: a fresh PiSSA/OLoRA run decomposes each weight and keeps A0/B0; a resumed one
+    rebuilds its residual from the checkpoint's."""
     if not mutates_base(init_lora_weights):
         return
     if initial is None:
+        decompose(peft_model, str(init_lora_weights))
         initial = capture_initial(peft_model)
     else:
         subtract_initial(peft_model, initial)
+    peft_model.peft_config["default"].init_lora_weights = init_lora_weights
     peft_model.__dict__[INITIAL] = initial
+
+
+def decompose(peft_model: nn.Module, init: str) -> None:
+    """PEFT's own pissa_init / olora_init, layer by layer, as get_peft_model runs them, but without the cast
+    that follows there: in a bf16/fp16 model get_peft_model rounds A0/B0 to the model dtype after
+    subtracting the unrounded product, so the kept factors would not rebuild the residual they made. Called
+    here, the factors stay the fp32 values subtracted, and a resume rebuilds the residual bitwise in any
+    dtype. A collective under ZeRO-3 (each weight gathered, rank 0's result kept), as in PEFT.
+    """
+    from peft.utils.integrations import gather_params_ctx
+
+    for _, layer in lora_layers(peft_model):
+        with gather_params_ctx(layer.get_base_layer().weight):
+            if init == "olora":
+                layer.olora_init("default")
+            else:
+                layer.pissa_init("default", init)
 
 
 def capture_initial(peft_model: nn.Module) -> dict[str, torch.Tensor]:

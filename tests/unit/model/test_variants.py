@@ -72,6 +72,32 @@ def test_a_resume_rebuilds_the_residual_base_bitwise(init: str):
     assert variants.initial_adapter(rebuilt) is initial
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_the_decomposition_is_peft_s_own(init: str):
+    """In fp32 dstrain's build gives what get_peft_model(init_lora_weights=...) gives: residual and factors."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    ours = built(init)
+    peft_cfg = PeftLoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=init
+    )
+    theirs = get_peft_model(load_base_model(ModelConfig()), peft_cfg)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if not same_bits(a[k], b[k])] == []
+
+
+def test_a_resume_rebuilds_a_bf16_residual_bitwise():
+    """get_peft_model would keep A0/B0 rounded to bf16 after subtracting them unrounded; dstrain keeps what
+    it subtracted, so the rebuilt residual is the first one in bf16 too."""
+    cfg = ModelConfig(dtype="bf16")
+    fresh = built("pissa", cfg)
+    rebuilt = built("pissa", cfg, initial=variants.initial_adapter(fresh))
+    residual, again = base_weights(fresh), base_weights(rebuilt)
+    assert [k for k in residual if not same_bits(residual[k], again[k])] == []
+
+
 def test_a_resume_rebuilds_a_4bit_olora_residual_bitwise():
     cfg = ModelConfig(load_in_4bit=True)
     fresh = built("olora", cfg)
