@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dstrain.config.run import LoraConfig
+
 MUTATING_INITS = ("pissa", "olora")  # prefixes: pissa, pissa_niter_K, olora
 INITIAL = "dstrain_initial_adapter"  # attribute of the PeftModel: the initial A0/B0 of a mutating init
 A_NAMES, B_NAMES = ("lora_A", "lora_embedding_A"), ("lora_B", "lora_embedding_B")
@@ -215,6 +217,15 @@ def optimizer_groups(
     ids = {id(p) for p in fast}
     rest = [p for _, p in trainable if id(p) not in ids]
     return [{"params": rest}, {"params": fast, "lr": lr * ratio}]
+
+
+def describe(lora: LoraConfig) -> str:
+    """The adapter as the start-up line names it: "LoRA r=16", "DoRA r=16, rsLoRA, pissa init, LoRA+ x16"."""
+    parts = [f"{'DoRA' if lora.use_dora else 'LoRA'} r={lora.r}"]
+    parts += ["rsLoRA"] if lora.use_rslora else []
+    parts += [] if lora.init_lora_weights is True else [f"{lora.init_lora_weights} init"]
+    parts += [f"LoRA+ x{lora.loraplus_lr_ratio:g}"] if lora.loraplus_lr_ratio else []
+    return ", ".join(parts)
 
 
 def group_lr_metrics(lrs: list[float]) -> dict[str, float]:

@@ -365,6 +365,7 @@ def data_ranks(plan: Any) -> str:
 
 def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
     from dstrain import __version__
+    from dstrain.model import variants
     from dstrain.model.build import count_parameters
 
     trainable, total = count_parameters(peft_model)
@@ -374,7 +375,7 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
     skipped += f", {cleaned} changed by cleaning (data.clean)" if cleaned else ""
     base = f" ({'4-bit NF4' if cfg.model.load_in_4bit else cfg.model.dtype} base)"
     return (
-        f"dstrain: {cfg.model.path}{base} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
+        f"dstrain: {cfg.model.path}{base} + {variants.describe(cfg.lora)} ({trainable:,} of {total:,} params trainable), "
         f"ZeRO-{zero_stage(prepared.ds)}, world {plan.devices}, global batch {plan.global_batch} = micro "
         f"{plan.micro} x accumulation {plan.accumulation} x {data_ranks(plan)}, {len(prepared.train)} train / "
         f"{len(prepared.eval)} eval samples, {prepared.total_steps} steps{skipped}; dstrain {__version__}"

@@ -2,7 +2,8 @@
 
 - `pissa`: PiSSA (pissa_niter_4) + DoRA + LoRA+ (ratio 16), ZeRO-3 with CPU offload (DeepSpeedCPUAdam with
   two param groups), LoRA dropout on (DoRA's dropout branch, and the RNG on resume);
-- `olora`: OLoRA + DoRA + rsLoRA, ZeRO-3 with the sequence split over the two ranks (Ulysses).
+- `olora`: OLoRA + DoRA + rsLoRA + LoRA+ (ratio 4), ZeRO-3 with torch's AdamW as DeepSpeed's client
+  optimizer (two param groups) and the sequence split over the two ranks (Ulysses).
 
 Each run's saved adapter, loaded by PEFT onto the ORIGINAL base (PiSSA/OLoRA changed the weights the run
 trained on), reproduces the run's eval loss; the pissa run resumes bitwise from its middle checkpoint on 2
@@ -46,7 +47,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.distributed
 
-RATIO = 16.0  # a power of 2: ratio x lr is exact, so the two groups' LRs compare exactly
+# LoRA+ ratios are powers of 2: ratio x lr is exact, so the two groups' LRs compare exactly
 RUNS = {
     "pissa": {
         "ds_config": "ds_configs/zero3_offload.json",
@@ -54,13 +55,19 @@ RUNS = {
             "dropout": 0.1,
             "use_dora": True,
             "init_lora_weights": "pissa_niter_4",
-            "loraplus_lr_ratio": RATIO,
+            "loraplus_lr_ratio": 16.0,
         },
         "train": {},
     },
     "olora": {
         "ds_config": "ds_configs/zero3.json",
-        "lora": {"dropout": 0.0, "use_dora": True, "use_rslora": True, "init_lora_weights": "olora"},
+        "lora": {
+            "dropout": 0.0,
+            "use_dora": True,
+            "use_rslora": True,
+            "init_lora_weights": "olora",
+            "loraplus_lr_ratio": 4.0,
+        },
         "train": {"sequence_parallel_size": 2},
     },
 }
@@ -136,18 +143,21 @@ def test_olora_resume_on_one_rank_without_sequence_parallelism(runs, tmp_path):
         )
 
 
-def test_loraplus_lora_b_trains_at_ratio_times_the_lr(runs):
-    run_dir = runs["pissa"]
+@pytest.mark.parametrize("name", list(RUNS))
+def test_loraplus_lora_b_trains_at_ratio_times_the_lr(runs, name):
+    """DeepSpeedCPUAdam (pissa run) and torch AdamW (olora run): the groups' LRs in the log, in the
+    optimizer's own groups as the checkpoint read them, and the per-group schedule of the resolved JSON."""
+    run_dir, ratio = runs[name], RUNS[name]["lora"]["loraplus_lr_ratio"]
     rows = [row for row in metrics(run_dir) if "loss" in row]
     assert len(rows) == STEPS and any(row["lr"] > 0 for row in rows)
-    assert [row["lr/lora_B"] for row in rows] == [RATIO * row["lr"] for row in rows]
-    for step in (MIDDLE, STEPS):  # the optimizer's own groups, as the checkpoint read them
+    assert [row["lr/lora_B"] for row in rows] == [ratio * row["lr"] for row in rows]
+    for step in (MIDDLE, STEPS):
         sched = json.loads((run_dir / f"checkpoints/step-{step:08d}/scheduler.json").read_text())
         base, fast = sched["param_group_lr"]
-        assert fast == RATIO * base
+        assert fast == ratio * base
     ds = json.loads((run_dir / "ds_config.json").read_text())
     lr = ds["optimizer"]["params"]["lr"]
-    assert ds["scheduler"]["params"]["warmup_max_lr"] == [lr, RATIO * lr]
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == [lr, ratio * lr]
 
 
 def test_export_merge_loads_in_transformers_with_the_adapter_logits(runs, tmp_path):
