@@ -208,3 +208,9 @@ def test_the_memory_estimate_counts_what_dora_saves_for_backward(dropout: float)
     assert memory.layer_activation_bytes(shape, setup) == pytest.approx(sum(saved.values()), rel=0.2)
     assert shape.dora_workspace == 344 * 344 + 3 * 344 * 128  # down_proj: the widest input
     assert "DoRA weight norm (transient)" in {t.name for t in memory.estimate(shape, setup)}
+
+
+def test_the_start_up_line_names_the_variant():
+    assert variants.describe(lora()) == "LoRA r=4"
+    every = lora(use_dora=True, use_rslora=True, init_lora_weights="pissa_niter_4", loraplus_lr_ratio=16.0)
+    assert variants.describe(every) == "DoRA r=4, rsLoRA, pissa_niter_4 init, LoRA+ x16"
