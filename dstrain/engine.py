@@ -81,17 +81,23 @@ def optimizer_op(ds_config: dict[str, Any], implementation: str) -> str | None:
 
 
 def create_engine(
-    module: nn.Module, ds_config: dict[str, Any], implementation: str, mpu: Any = None
+    module: nn.Module,
+    ds_config: dict[str, Any],
+    implementation: str,
+    mpu: Any = None,
+    param_groups: list[Any] | None = None,
 ) -> DeepSpeedEngine:
     """deepspeed.initialize over the trainable (LoRA) parameters; with DEEPSPEED the optimizer from the JSON,
     with TORCH the JSON's optimizer block replaced by the client optimizer. The JSON's scheduler runs as a
     `PlannedSchedule` (training/schedule.py: update k uses iteration k, per-group LR ratios kept).
-    `mpu`: the sequence-parallel groups (distributed/sequence.py), None without sequence parallelism."""
+    `mpu`: the sequence-parallel groups (distributed/sequence.py), None without sequence parallelism.
+    `param_groups`: the optimizer's groups, each with its own initial LR (LoRA+, model/variants.py), whose
+    ratios the schedule keeps; default: one group of every trainable parameter."""
     import deepspeed
 
     from dstrain.training.schedule import quiet_deepspeed, schedule_factory
 
-    trainable = [p for p in module.parameters() if p.requires_grad]
+    trainable = param_groups or [p for p in module.parameters() if p.requires_grad]
     schedule = schedule_factory(ds_config.get("scheduler"))
     dropped = {"scheduler"} | ({"optimizer"} if implementation == TORCH else set())
     config = {k: v for k, v in ds_config.items() if k not in dropped}

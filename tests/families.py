@@ -54,10 +54,16 @@ class Family:
     overrides: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     moe: bool = False
+    lora: dict[str, Any] = field(default_factory=dict)  # an adapter variant's lora keys (model/variants.py)
 
     @property
     def dense(self) -> bool:
         return not self.moe
+
+    @property
+    def four_bit(self) -> bool:
+        """Whether the QLoRA step runs: dense, and not PiSSA (PEFT refuses it on 4-bit weights)."""
+        return self.dense and not str(self.lora.get("init_lora_weights", "")).startswith("pissa")
 
 
 FAMILIES: dict[str, Family] = {
@@ -93,6 +99,13 @@ FAMILIES: dict[str, Family] = {
     ),
     "cohere": Family(
         "cohere", {"logit_scale": 0.0625, "tie_word_embeddings": True}, "logits multiplied by logit_scale"
+    ),
+    # adapter variants on a plain family: the same checks, with the variant's lora keys
+    "llama-dora": Family("llama", note="DoRA (`lora.use_dora: true`)", lora={"use_dora": True}),
+    "qwen2-pissa": Family(
+        "qwen2",
+        note="PiSSA init (`lora.init_lora_weights: pissa`); PEFT refuses PiSSA on 4-bit weights",
+        lora={"init_lora_weights": "pissa"},
     ),
     "qwen3_moe": Family("qwen3_moe", {**MOE, "decoder_sparse_step": 1}, "4 experts, top-2", moe=True),
     "mixtral": Family(
@@ -158,7 +171,7 @@ def table_row(name: str) -> str:
         f"{path.kind} head: {path.transform.describe()}" if path.kind == "chunked" else "exact (own forward)"
     )
     ranks = ", ".join(ds.replace("_", " + ").replace("zero", "ZeRO-") for ds in TWO_RANKS.get(name, ()))
-    qlora = "yes" if family.dense else "not tested"
+    qlora = "yes" if family.four_bit else "refused (config error)" if family.dense else "not tested"
     return f"| {name} (`{family.model_type}`) | {type(model).__name__} | {head} | {ranks or '-'} | {qlora} | {family.note} |"
 
 

@@ -91,6 +91,14 @@ def qlora_note(cfg: RunConfig, merge: bool) -> str:
             f"fp32 and saved in {cfg.model.dtype}, not in 4-bit; outputs differ slightly from the 4-bit base + "
             "adapter used in training (the NF4 rounding of the base is gone)"
         )
+    if (
+        cfg.lora.init_lora_weights == "olora"
+    ):  # the run trained on a re-quantised residual (model/variants.py)
+        return (
+            "QLoRA run with OLoRA: training ran on the re-quantised residual of the 4-bit base; this adapter "
+            "is its plain-LoRA conversion, so on the 4-bit base its outputs differ from training by that "
+            "re-quantisation (on the full-precision base, or merged, it is the trained update)"
+        )
     return (
         "QLoRA run (model.load_in_4bit): the adapter was trained on a 4-bit NF4 base; load the base with "
         "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True) "

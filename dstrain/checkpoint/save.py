@@ -40,6 +40,7 @@ from dstrain.checkpoint.state import (
 )
 from dstrain.distributed import collectives
 from dstrain.errors import CheckpointError
+from dstrain.model import variants
 
 
 @dataclass
@@ -66,8 +67,10 @@ def gather_payload(ds_engine: DeepSpeedEngine, peft_model: PeftModel) -> Payload
     tensors, meta = capture_rng()
     state = optim.gather_optimizer_state(ds_engine, peft_model)
     masters = {name: state[f"{name}::{optim.MASTER}"] for name, _ in optim.trainable(peft_model)}
+    adapter = engine.adapter_state(peft_model, masters)
     return Payload(
-        adapter=engine.adapter_state(peft_model, masters),
+        # PiSSA/OLoRA: as a plain LoRA of the original base (model/variants.py)
+        adapter=variants.plain_lora_state(adapter, variants.initial_adapter(peft_model)),
         optimizer=state,
         scheduler=optim.scheduler_state(ds_engine),
         rng=collectives.all_gather_bytes(save(tensors, metadata=meta)),
@@ -95,6 +98,9 @@ def write_checkpoint_dir(
     contiguous = {k: v.contiguous() for k, v in payload.adapter.items()}
     save_file(contiguous, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_model.peft_config["default"].save_pretrained(str(tmp))
+    if variants.initial_adapter(peft_model) is not None:  # PiSSA/OLoRA: the config of the converted adapter
+        config = tmp / "adapter_config.json"
+        write_json(config, variants.plain_lora_config(json.loads(config.read_text(encoding="utf-8"))))
     save_file(payload.optimizer, str(tmp / OPTIMIZER), metadata={"format": "dstrain-optimizer/1"})
     write_json(tmp / SCHEDULER, payload.scheduler)
     for rank, blob in enumerate(payload.rng):

@@ -7,6 +7,7 @@ ConfigError, so a user sees every problem of a config at once.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import TYPE_CHECKING, Any
 
 from dstrain.config.metrics import EVAL_METRICS, EVAL_SET_NAME, set_metric
@@ -89,6 +90,7 @@ def check_values(cfg: RunConfig) -> list[str]:
             f"lora.target_modules: a list of module names or 'all-linear', got {cfg.lora.target_modules!r}"
         )
     p += check_moe_keys(cfg)
+    p += check_adapter_variants(cfg)
     if cfg.objective.name != "sft" and cfg.data.format != "preference":
         p.append(
             f"objective.name: '{cfg.objective.name}' needs preference data (chosen and rejected answers); "
@@ -211,4 +213,51 @@ def check_eval_metrics(cfg: RunConfig) -> list[str]:
         )
     if metric in ("eval_exact_match", "eval_token_f1") and not generate:
         p.append(f"train.best_metric: {best} needs generated answers; set train.eval_generate (e.g. 64)")
+    return p
+
+
+INITS = "true, false, gaussian, pissa, pissa_niter_K (K >= 1 subspace iterations), olora"
+
+
+def init_problem(init: bool | str) -> str | None:
+    """What is wrong with a lora.init_lora_weights value (PEFT's names), None when dstrain runs it."""
+    if isinstance(init, bool) or init in ("gaussian", "pissa", "olora"):
+        return None
+    if re.fullmatch(r"pissa_niter_[1-9][0-9]*", init):
+        return None
+    if init == "loftq":
+        return (
+            "lora.init_lora_weights: loftq is not supported (it needs a LoftQ-quantised copy of the base and "
+            "PEFT's loftq_config); with model.load_in_4bit use olora (or true), or pissa on an unquantised base"
+        )
+    return f"lora.init_lora_weights: {init!r} is not one of {INITS}"
+
+
+def check_adapter_variants(cfg: RunConfig) -> list[str]:
+    """DoRA, rsLoRA, PiSSA/OLoRA and LoRA+ (model/variants.py) where PEFT and dstrain run them."""
+    init, ratio = cfg.lora.init_lora_weights, cfg.lora.loraplus_lr_ratio
+    problem = init_problem(init)
+    p = [problem] if problem else []
+    pissa = isinstance(init, str) and init.startswith("pissa")
+    mutating = pissa or init == "olora"  # these subtract the initial adapter from the base weights
+    if ratio is not None and not ratio > 0:
+        p.append(f"lora.loraplus_lr_ratio: must be > 0 (lora_B's LR over lora_A's, e.g. 16), got {ratio}")
+    if pissa and cfg.model.load_in_4bit:
+        p.append(
+            f"lora.init_lora_weights: {init} takes the SVD of each full-precision weight and PEFT refuses it "
+            "on 4-bit weights; with model.load_in_4bit use olora (PEFT re-quantises its residual), or train "
+            "PiSSA on the unquantised base"
+        )
+    if cfg.lora.target_parameters and (cfg.lora.use_dora or mutating):
+        what = "lora.use_dora" if cfg.lora.use_dora else f"lora.init_lora_weights: {init}"
+        p.append(
+            f"{what}: PEFT adapts the 3-D expert weights of lora.target_parameters with plain LoRA only; "
+            "drop lora.target_parameters or the variant"
+        )
+    if mutating and cfg.data.format == "preference":
+        p.append(
+            f"lora.init_lora_weights: {init} moves the top of each base weight into the adapter, so the "
+            "adapter-disabled model that preference training and eval score against (rewards, margins, "
+            "eval_pref_acc) is no longer the original model; use true or gaussian on preference data"
+        )
     return p

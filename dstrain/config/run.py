@@ -58,6 +58,14 @@ class LoraConfig:
     target_modules: str | list[str] = "all-linear"  # all-linear never adapts an MoE router
     # MoE experts stored as 3-D parameters (PEFT target_parameters), e.g. ["mlp.experts.gate_up_proj"]
     target_parameters: list[str] = field(default_factory=list)
+    # PEFT's adapter variants, with PEFT's names and meanings (model/variants.py):
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature, LoRA steers the direction
+    use_rslora: bool = False  # rsLoRA: scaling alpha / sqrt(r) instead of alpha / r
+    # true (A Kaiming-uniform, B zero), false, gaussian, pissa, pissa_niter_K, olora. PiSSA and OLoRA move
+    # the top of each base weight into the adapter; checkpoints hold the equivalent LoRA of the original base
+    init_lora_weights: bool | str = True
+    # LoRA+: lora_B (and, as in PEFT, every 1-D adapter weight) at this multiple of the learning rate
+    loraplus_lr_ratio: float | None = None
 
 
 @dataclass

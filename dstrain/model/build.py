@@ -33,7 +33,7 @@ from transformers import (
 
 from dstrain.config.run import LoraConfig, ModelConfig
 from dstrain.errors import ConfigError, DstrainError
-from dstrain.model import moe, quant
+from dstrain.model import moe, quant, variants
 
 BUILTIN_PREFIX = "builtin:"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -253,12 +253,15 @@ def load_random_init(path: Path, cfg: ModelConfig, kwargs: dict[str, Any]) -> Pr
         return load_pretrained(Path(tmp), dtype, quantization(cfg), kwargs)
 
 
-def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+def add_lora(
+    model: PreTrainedModel, cfg: LoraConfig, initial: dict[str, torch.Tensor] | None = None
+) -> PeftModel:
     """Wrap `model` with fresh LoRA adapters; only they require gradients.
 
     `all-linear` never adapts an MoE router (it decides which experts see a token; adapting it shifts the
     load balance the model was trained to) nor separately stored routed experts: experts are adapted
-    only when lora.target_parameters names their 3-D weights.
+    only when lora.target_parameters names their 3-D weights. `initial`: a resumed PiSSA/OLoRA run's
+    initial adapter, from which the residual base is rebuilt (model/variants.py).
     """
     peft_config = PeftLoraConfig(
         r=cfg.r,
@@ -266,6 +269,9 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         lora_dropout=cfg.dropout,
         target_modules=lora_targets(model, cfg),
         target_parameters=list(cfg.target_parameters) or None,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=variants.peft_init(cfg.init_lora_weights),
         task_type="CAUSAL_LM",
     )
     try:
@@ -277,6 +283,7 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         raise ConfigError(  # PEFT only warns, and the run would train no expert at all
             [f"lora.target_parameters: {cfg.target_parameters} match no parameter of {type(model).__name__}"]
         )
+    variants.settle_initial(peft_model, cfg.init_lora_weights, initial)
     return peft_model
 
 
@@ -302,7 +309,11 @@ def enable_gradient_checkpointing(model: PeftModel, reentrant: bool) -> None:
 
 
 def build_model(
-    model_cfg: ModelConfig, lora_cfg: LoraConfig, zero_stage: int, ds_config: dict | None = None
+    model_cfg: ModelConfig,
+    lora_cfg: LoraConfig,
+    zero_stage: int,
+    ds_config: dict | None = None,
+    initial: dict[str, torch.Tensor] | None = None,
 ) -> PeftModel:
     """Base (4-bit with `load_in_4bit`) + LoRA, with gradient checkpointing when configured.
 
@@ -316,7 +327,7 @@ def build_model(
     zero_init = (
         zero3_init(ds_config) if zero_stage == 3 and ds_config and not model_cfg.load_in_4bit else None
     )
-    model = add_lora(load_base_model(model_cfg), lora_cfg)
+    model = add_lora(load_base_model(model_cfg), lora_cfg, initial)
     # the dir itself, also for a builtin (the installed package's copy) or a 4-bit random init (which
     # transformers knows by the temporary dir it was loaded back from)
     model.peft_config["default"].base_model_name_or_path = base_reference(str(model_dir(model_cfg)))

@@ -20,6 +20,7 @@ from torch import nn
 
 from dstrain.errors import DstrainError
 from dstrain.model.quant import tensor_bytes, weight_bytes
+from dstrain.model.variants import dora_shape
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = 512 * 1024**2  # CUDA context + allocator slack, outside what PyTorch can allocate
@@ -47,6 +48,8 @@ class ModelShape:
     kv_dim: int
     vocab: int
     partitioned: bool = False  # built under zero.Init: no rank ever held the whole model
+    dora_outputs: int = 0  # DoRA: output features of one layer's adapted linears (variants.dora_shape)
+    dora_workspace: int = 0  # DoRA: elements of the largest weight-norm computation, live for a moment
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,10 @@ def model_shape(peft_model: nn.Module) -> ModelShape:
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
+    dora_outputs, dora_workspace = dora_shape(peft_model, config.num_hidden_layers)
     return ModelShape(
+        dora_outputs=dora_outputs,
+        dora_workspace=dora_workspace,
         frozen_bytes=frozen,
         trainable_numel=trainable,
         trainable_elem=elem or 4,
@@ -121,11 +127,12 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup) -> int:
     on, saves its own dropped copy of every linear's input plus a 1-byte mask: (6h + I)(B + 1). Eager
     attention also keeps the softmax probabilities: heads x seq^2 per row (fp32, plus a B copy if B < 4).
     Measured on CPU (h 512, seq 512, saved-tensor hooks): 18 units of T*h*4 without dropout (formula: 19),
-    30.5 with (formula: 30).
+    30.5 with (formula: 30). DoRA keeps two more outputs of every adapted linear (the base and the LoRA
+    output, which the magnitude's gradient needs): 2 x its output features.
     """
     tokens = setup.micro * setup.seq
     b = setup.compute_elem
-    per_token = b * (8 * shape.hidden + 4 * shape.intermediate)
+    per_token = b * (8 * shape.hidden + 4 * shape.intermediate + 2 * shape.dora_outputs)
     if setup.lora_dropout:
         per_token += (b + 1) * (6 * shape.hidden + shape.intermediate)
     size = tokens * per_token
@@ -181,6 +188,10 @@ def estimate(shape: ModelShape, setup: Setup) -> list[Term]:
         gathered = shape.largest_module_bytes + setup.prefetch_bucket * setup.compute_elem
         terms.append(Term("ZeRO-3 gathered layer", gathered, "device"))
     terms.append(Term("activations", activation_bytes(shape, setup), "device"))
+    if shape.dora_workspace:
+        terms.append(
+            Term("DoRA weight norm (transient)", shape.dora_workspace * shape.trainable_elem, "device")
+        )
     terms.append(Term("logits + loss", logits_bytes(shape, setup), "device"))
     if setup.cuda:
         terms.append(Term("CUDA context", CUDA_CONTEXT_BYTES, "device"))

@@ -31,6 +31,7 @@ from dstrain.metrics.device import device_stats, max_over_ranks, mfu
 from dstrain.metrics.meter import StepMeter
 from dstrain.model import selfcheck
 from dstrain.model.ulysses import plain_attention
+from dstrain.model.variants import group_lr_metrics
 from dstrain.objectives.losses import sft_loss
 from dstrain.objectives.normalize import StepUnits, host_units, pair_contribution, sft_contribution
 from dstrain.objectives.preference import mean_over_pairs, score_pairs
@@ -164,6 +165,7 @@ def log_train(run: Run, tally: Tally, state: TrainerState, meter: StepMeter, ste
     # the LR this step's update used, and the epoch its samples came from (state.epoch is the next step's)
     lr = tally.step_lrs[0] if tally.step_lrs else eng.current_lr(run.engine)
     row.update(step=state.step, lr=lr, epoch=max(0, state.step - 1) // run.steps_per_epoch)
+    row.update(group_lr_metrics(tally.step_lrs))  # LoRA+: lr/lora_B, the B group's LR in this update
     row.update(max_over_ranks(device_stats()))  # a collective: every rank logs the same steps
     utilisation = mfu(row["tokens_per_s"], run.num_params, run.plan.devices)
     if utilisation is not None:

@@ -16,7 +16,10 @@ from dstrain.distributed.collectives import agreed, all_gather_bytes
 from dstrain.errors import DistributedError
 
 if TYPE_CHECKING:
+    import torch
+
     from dstrain.checkpoint.resume import ResumePoint
+    from dstrain.config.run import RunConfig
     from dstrain.training.prepare import Prepared
 
 
@@ -50,6 +53,19 @@ def archive_newer_checkpoints(ckpt: Path, output_dir: Path) -> list[str]:
         path.rename(aside / path.name)
     layout.write_latest(root, ckpt.name)
     return [f"rolled back to {ckpt.name}: moved {', '.join(p.name for p in newer)} to {aside}"]
+
+
+def initial_adapter(resume: ResumePoint | None, cfg: RunConfig) -> dict[str, torch.Tensor] | None:
+    """A resumed PiSSA/OLoRA run's initial adapter, read back out of the checkpoint's converted adapter: the
+    residual base is rebuilt from it (model/variants.py). None for a fresh run or any other init."""
+    from dstrain.checkpoint import load
+    from dstrain.model import variants
+
+    if resume is None or not variants.mutates_base(cfg.lora.init_lora_weights):
+        return None
+    with agreed(f"reading {resume.ckpt}"):  # the build after it is a collective under ZeRO-3
+        adapter = load.read_adapter(resume.ckpt)
+    return variants.initial_from_plain_lora(adapter)
 
 
 def new_state(world_size: int, prepared: Prepared) -> TrainerState:

@@ -16,7 +16,13 @@ from dstrain.config.zero import zero_stage
 from dstrain.distributed.env import DistEnv
 from dstrain.training import model_facts
 from dstrain.training.phases import StartupClock, phase
-from dstrain.training.restore import agree_on_checkpoint, archive_newer_checkpoints, new_state, restore
+from dstrain.training.restore import (
+    agree_on_checkpoint,
+    archive_newer_checkpoints,
+    initial_adapter,
+    new_state,
+    restore,
+)
 from dstrain.training.rundir import space_warning
 from dstrain.training.session import Run, Tally
 
@@ -63,7 +69,7 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
     seed_everything(cfg.train.seed)
     with phase(stop, "the model and engine build"):
         peft_model, ds_engine, memory_table = build(
-            cfg, prepared, env, resume.optimizer if resume else None, clock
+            cfg, prepared, env, resume.optimizer if resume else None, clock, initial_adapter(resume, cfg)
         )
     # Then one seed per rank: dropout masks should differ across data-parallel ranks.
     seed_everything(cfg.train.seed + 1 + env.rank)
@@ -149,19 +155,21 @@ def build(
     env: DistEnv,
     optimizer: str | None = None,
     clock: StartupClock | None = None,
+    initial: dict[str, torch.Tensor] | None = None,
 ) -> tuple[PeftModel, DeepSpeedEngine, Any]:
     """The PEFT model, the memory check (before the engine allocates), and the DeepSpeed engine over it.
 
-    `optimizer`: the Adam implementation a resumed run started with (dstrain.engine.choose_optimizer)."""
+    `optimizer`: the Adam implementation a resumed run started with (dstrain.engine.choose_optimizer);
+    `initial`: a resumed PiSSA/OLoRA run's initial adapter (training.restore.initial_adapter)."""
     clock = clock or StartupClock()
     from dstrain import engine
     from dstrain.distributed.collectives import agreed
-    from dstrain.model import memory
+    from dstrain.model import memory, variants
     from dstrain.model.build import build_model
     from dstrain.model.supervised import SupervisedLM
 
     groups = start_sequence_parallel(cfg)
-    peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds), prepared.ds)
+    peft_model = build_model(cfg.model, cfg.lora, zero_stage(prepared.ds), prepared.ds, initial)
     with agreed("the memory check"):  # fail on every rank at once
         table = memory.check(cfg, prepared.ds, prepared.plan.micro, env.world_size, peft_model)
         if groups is not None:
@@ -173,7 +181,9 @@ def build(
     implementation = engine.choose_optimizer(prepared.ds, optimizer)
     if env.local_rank == 0:  # the op is built once per node; the other local ranks wait for it silently
         say_op_build(engine.optimizer_op(prepared.ds, implementation))
-    ds_engine = engine.create_engine(lm, prepared.ds, implementation, mpu=groups)
+    lr, ratio = prepared.ds["optimizer"]["params"]["lr"], cfg.lora.loraplus_lr_ratio
+    params = variants.optimizer_groups(lm.named_parameters(), lr, ratio)  # LoRA+: two LR groups
+    ds_engine = engine.create_engine(lm, prepared.ds, implementation, mpu=groups, param_groups=params)
     clock.lap("engine")
     return peft_model, ds_engine, table
 
@@ -371,6 +381,7 @@ def data_ranks(plan: Any) -> str:
 def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) -> str:
     from dstrain import __version__
     from dstrain.eval.sets import describe_sets
+    from dstrain.model import variants
     from dstrain.model.build import count_parameters
 
     trainable, total = count_parameters(peft_model)
@@ -380,7 +391,7 @@ def describe(cfg: RunConfig, prepared: Prepared, peft_model: torch.nn.Module) ->
     skipped += f", {cleaned} changed by cleaning (data.clean)" if cleaned else ""
     base = f" ({'4-bit NF4' if cfg.model.load_in_4bit else cfg.model.dtype} base)"
     return (
-        f"dstrain: {cfg.model.path}{base} + LoRA r={cfg.lora.r} ({trainable:,} of {total:,} params trainable), "
+        f"dstrain: {cfg.model.path}{base} + {variants.describe(cfg.lora)} ({trainable:,} of {total:,} params trainable), "
         f"ZeRO-{zero_stage(prepared.ds)}, world {plan.devices}, global batch {plan.global_batch} = micro "
         f"{plan.micro} x accumulation {plan.accumulation} x {data_ranks(plan)}, {len(prepared.train)} train / "
         f"{describe_sets(prepared.eval)}, {prepared.total_steps} steps{skipped}; dstrain {__version__}"

@@ -10,6 +10,8 @@ against references dstrain did not write:
 - `export --merge` loads in `AutoModelForCausalLM` and gives the adapted model's logits;
 - one generation eval runs (greedy decoding through the model's own forward).
 QLoRA: one optimizer step of each dense family in 4-bit, through dstrain's model build and head.
+Two rows are adapter variants on a plain family (DoRA, PiSSA): the same checks with their lora keys; the
+PiSSA row's adapter is the converted plain LoRA that PEFT loads onto the original base.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def train_family(tmp_path: Path, files: dict[str, Path], name: str) -> tuple[Pat
         tmp_path,
         files,
         model={"path": str(model_dir)},  # every other model setting at its default
-        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0, **FAMILIES[name].lora},
         data=DATA_LIMITS,
         train={
             "max_steps": 6,
@@ -100,7 +102,8 @@ def test_family_trains_against_its_own_logits(tmp_path, files, name):
     adapted = PeftModel.from_pretrained(base, str(ckpt)).eval()
     assert close(own_loss(adapted, model_dir, files["eval"]), evals[-1]["eval_loss"]), name
 
-    merged_dir, _ = export_checkpoint(ckpt, tmp_path / "merged", merge=True)
+    merged_dir = tmp_path / "merged"  # export_checkpoint returns the checkpoint it used, not this dir
+    export_checkpoint(ckpt, merged_dir, merge=True)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     ids = torch.randint(4, 2048, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -108,7 +111,7 @@ def test_family_trains_against_its_own_logits(tmp_path, files, name):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
 
 
-DENSE = [name for name, family in FAMILIES.items() if family.dense]
+DENSE = [name for name, family in FAMILIES.items() if family.four_bit]
 
 
 @pytest.mark.parametrize("name", DENSE)
@@ -116,7 +119,7 @@ def test_qlora_step_for_each_dense_family(tmp_path, name):
     """The 4-bit base through dstrain's build and head: one step changes the adapter and lowers the loss."""
     model_dir = write_family(name, tmp_path / "model")
     cfg = ModelConfig(path=str(model_dir), load_in_4bit=True)
-    model = build_model(cfg, LoraConfig(r=4, alpha=8, dropout=0.0), zero_stage=2)
+    model = build_model(cfg, LoraConfig(r=4, alpha=8, dropout=0.0, **FAMILIES[name].lora), zero_stage=2)
     lm = SupervisedLM(model, logits_chunk_tokens=16).train()
     tokenizer = load_tokenizer(cfg)
     example = tokenize_record(tokenizer, parse_text(first_record(), "sft-rag"), DATA)
