@@ -99,6 +99,21 @@ def check_values(cfg: RunConfig) -> list[str]:
     p += check_eval_metrics(cfg)
     if cfg.objective.name != "sft" and cfg.data.packing:
         p.append("data.packing: packs SFT rows only; set data.packing=false for preference objectives")
+    p += check_objective_values(cfg)
+    flash = cfg.model.attn_implementation == "flash_attention_2"
+    if cfg.data.share_prompt and cfg.data.format == "preference" and flash:
+        p.append(
+            "data.share_prompt: keeps the two answers apart with a 4D attention mask, which flash_attention_2 "
+            "does not take; use model.attn_implementation=sdpa (or eager), or set data.share_prompt=false"
+        )
+    if not cfg.output_dir.strip():
+        p.append("output_dir: must not be empty")
+    return p
+
+
+def check_objective_values(cfg: RunConfig) -> list[str]:
+    """The objective's own numbers: smoothing, beta, and a reference pass only where one is used."""
+    p: list[str] = []
     if not 0.0 <= cfg.objective.label_smoothing < 0.5:
         p.append(f"objective.label_smoothing: must be in [0, 0.5), got {cfg.objective.label_smoothing}")
     if cfg.objective.name == "ipo" and cfg.objective.label_smoothing:
@@ -110,14 +125,6 @@ def check_values(cfg: RunConfig) -> list[str]:
         )
     if cfg.objective.beta <= 0:
         p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
-    flash = cfg.model.attn_implementation == "flash_attention_2"
-    if cfg.data.share_prompt and cfg.data.format == "preference" and flash:
-        p.append(
-            "data.share_prompt: keeps the two answers apart with a 4D attention mask, which flash_attention_2 "
-            "does not take; use model.attn_implementation=sdpa (or eager), or set data.share_prompt=false"
-        )
-    if not cfg.output_dir.strip():
-        p.append("output_dir: must not be empty")
     return p
 
 
