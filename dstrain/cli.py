@@ -169,7 +169,7 @@ def export(
 @app.command("validate-data")
 def validate_data(
     path: Annotated[Path, typer.Argument(help="JSONL, JSON array or Parquet file to check")],
-    format: Annotated[str, typer.Option("--format", help="preference | sft-rag | messages")],
+    format: Annotated[str, typer.Option("--format", help="preference | sft-rag | messages | kto")],
 ) -> None:
     """Check every record; print PATH:LINE: reason per problem and a summary. Exit 1 on any problem.
 
@@ -177,9 +177,10 @@ def validate_data(
     the unchanged file then reuses (so a clean file is not validated twice).
     """
     from dstrain.data.index import index_file, iter_bad
+    from dstrain.data.records import FORMATS
 
-    if format not in ("preference", "sft-rag", "messages"):
-        fail(DstrainError(f"--format must be preference, sft-rag or messages, got {format!r}"), code=1)
+    if format not in FORMATS:
+        fail(DstrainError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}"), code=1)
     if not path.is_file():
         why = (
             "a directory; pass one JSONL or Parquet file (or a JSON array)"
@@ -204,7 +205,7 @@ def validate_data(
 @app.command()
 def convert(
     sources: Annotated[list[Path], typer.Argument(help="upstream files: JSONL or a JSON array")],
-    to: Annotated[str, typer.Option("--to", help="preference | sft-rag | messages")],
+    to: Annotated[str, typer.Option("--to", help="preference | sft-rag | messages | kto")],
     out: Annotated[Path, typer.Option("--out", help="the JSONL file to write (appears only when complete)")],
     from_: Annotated[
         str,
@@ -226,6 +227,10 @@ def convert(
     passages_from: Annotated[
         str | None, typer.Option("--passages-from", help="rageval: prediction | ground_truth")
     ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="ddr -> kto: answers scoring at least this are desirable (0.5)"),
+    ] = None,
 ) -> None:
     """Convert upstream RAG data (DDR, KBAlign, RAGEval, RAFT, Alpaca, ShareGPT) to a dstrain format.
 
@@ -234,7 +239,7 @@ def convert(
     from dstrain.data.convert.pipeline import convert_command
     from dstrain.data.convert.registry import Options
 
-    opts = Options(pick_by, min_margin, strip_wrapper, final_answer, passages_from)
+    opts = Options(pick_by, min_margin, strip_wrapper, final_answer, passages_from, threshold)
     try:
         code = convert_command(sources, from_, to, out, strict, opts)
     except DstrainError as exc:

@@ -13,6 +13,12 @@ if TYPE_CHECKING:
 
 MIN_HEARTBEAT_TIMEOUT_S = 10
 
+# Formats laid out as (prompt, answer, answer) rows: preference pairs, and KTO examples (each answer beside
+# the mismatched answer that estimates KTO's reference point); data.share_prompt lays them out in one row.
+PAIR_FORMATS = ("preference", "kto")
+# Objectives that compare the policy with the adapter-disabled reference (the rest are reference-free).
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "dpo_nll", "kto")
+
 # Keys whose value must be >= 1, and >= 0 (check_values; tests check every one names a config key).
 AT_LEAST_ONE = (
     "train.sequence_parallel_size",
@@ -84,33 +90,67 @@ def check_values(cfg: RunConfig) -> list[str]:
             f"lora.target_modules: a list of module names or 'all-linear', got {cfg.lora.target_modules!r}"
         )
     p += check_moe_keys(cfg)
-    if cfg.objective.name != "sft" and cfg.data.format != "preference":
-        p.append(
-            f"objective.name: '{cfg.objective.name}' needs preference data (chosen and rejected answers); "
-            f"data.format is '{cfg.data.format}': use objective.name=sft, or data.format=preference"
-        )
+    p += check_objective_data(cfg)
     p += check_eval_metrics(cfg)
     if cfg.objective.name != "sft" and cfg.data.packing:
         p.append("data.packing: packs SFT rows only; set data.packing=false for preference objectives")
-    if not 0.0 <= cfg.objective.label_smoothing < 0.5:
-        p.append(f"objective.label_smoothing: must be in [0, 0.5), got {cfg.objective.label_smoothing}")
-    if cfg.objective.name == "ipo" and cfg.objective.label_smoothing:
-        p.append("objective.label_smoothing: IPO has no smoothed form; set it to 0 (conservative DPO is dpo)")
-    if cfg.objective.precompute_reference and cfg.objective.name not in ("dpo", "ipo", "dpo_nll"):
-        p.append(
-            f"objective.precompute_reference: '{cfg.objective.name}' uses no reference model; "
-            "it applies to dpo, ipo and dpo_nll"
-        )
-    if cfg.objective.beta <= 0:
-        p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
+    p += check_objective_values(cfg)
     flash = cfg.model.attn_implementation == "flash_attention_2"
-    if cfg.data.share_prompt and cfg.data.format == "preference" and flash:
+    if cfg.data.share_prompt and cfg.data.format in PAIR_FORMATS and flash:
         p.append(
             "data.share_prompt: keeps the two answers apart with a 4D attention mask, which flash_attention_2 "
             "does not take; use model.attn_implementation=sdpa (or eager), or set data.share_prompt=false"
         )
     if not cfg.output_dir.strip():
         p.append("output_dir: must not be empty")
+    return p
+
+
+def check_objective_data(cfg: RunConfig) -> list[str]:
+    """Each objective against the data it trains on: pairs for the preference objectives, KTO's own
+    unpaired format (or pairs, each giving one desirable and one undesirable example) for kto."""
+    name, fmt = cfg.objective.name, cfg.data.format
+    if name == "kto" and fmt not in PAIR_FORMATS:
+        return [
+            f"objective.name: 'kto' needs labelled answers: data.format=kto (an answer and label: true|false "
+            f"per record) or data.format=preference (each pair gives one of each); data.format is '{fmt}'"
+        ]
+    if name not in ("sft", "kto") and fmt != "preference":
+        return [
+            f"objective.name: '{name}' needs preference data (chosen and rejected answers); "
+            f"data.format is '{fmt}': use objective.name=sft, or data.format=preference"
+        ]
+    if fmt == "kto" and name != "kto":
+        return [
+            f"data.format: kto records (one answer, labelled desirable or not) train objective.name=kto; "
+            f"objective.name is '{name}'"
+        ]
+    return []
+
+
+def check_objective_values(cfg: RunConfig) -> list[str]:
+    """The objective's numbers, and the options that apply to some objectives only."""
+    p: list[str] = []
+    obj = cfg.objective
+    if not 0.0 <= obj.label_smoothing < 0.5:
+        p.append(f"objective.label_smoothing: must be in [0, 0.5), got {obj.label_smoothing}")
+    if obj.name == "ipo" and obj.label_smoothing:
+        p.append("objective.label_smoothing: IPO has no smoothed form; set it to 0 (conservative DPO is dpo)")
+    if obj.name in ("orpo", "kto") and obj.label_smoothing:
+        p.append(f"objective.label_smoothing: applies to dpo and simpo, not to '{obj.name}'; set it to 0")
+    if obj.precompute_reference and obj.name not in REFERENCE_OBJECTIVES:
+        p.append(
+            f"objective.precompute_reference: '{obj.name}' uses no reference model; "
+            f"it applies to {', '.join(REFERENCE_OBJECTIVES)}"
+        )
+    if obj.beta <= 0:
+        p.append(f"objective.beta: must be > 0, got {obj.beta}")
+    weights = (obj.desirable_weight, obj.undesirable_weight)
+    for key, value in zip(("desirable_weight", "undesirable_weight"), weights, strict=True):
+        if not value >= 0:  # `not >=` also catches NaN
+            p.append(f"objective.{key}: must be >= 0, got {value}")
+    if weights == (0.0, 0.0):
+        p.append("objective.desirable_weight, undesirable_weight: both 0, KTO would train on nothing")
     return p
 
 
@@ -147,8 +187,10 @@ def check_eval_metrics(cfg: RunConfig) -> list[str]:
             "train.eval_generate: scores answers of sft-rag or preference eval data; messages data has no "
             "single reference answer (set train.eval_generate=0)"
         )
-    if best in ("eval_pref_acc", "eval_reward_margin") and cfg.data.format != "preference":
+    if best == "eval_pref_acc" and cfg.data.format != "preference":
         p.append(f"train.best_metric: {best} needs preference eval data; use eval_loss")
+    if best == "eval_reward_margin" and cfg.data.format not in PAIR_FORMATS:
+        p.append(f"train.best_metric: {best} needs preference or kto eval data; use eval_loss")
     if best in ("eval_exact_match", "eval_token_f1") and not generate:
         p.append(f"train.best_metric: {best} needs generated answers; set train.eval_generate (e.g. 64)")
     return p

@@ -177,6 +177,7 @@ class MicroBatch:
     samples: int  # good examples; bad ones were dropped (data.on_error decides what that means)
     bad: list[BadRecord]
     indices: list[int] = field(default_factory=list)  # pair batches: each pair's corpus index, in row order
+    desirable: torch.Tensor | None = None  # KTO batches: each example's label [B] (True: desirable)
 
 
 def collate(examples: Sequence[Example], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:

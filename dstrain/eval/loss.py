@@ -1,5 +1,6 @@
 """Eval loop: token-weighted mean loss over the held-out set, sharded across ranks; for preference data also
-the preference accuracy (share of pairs whose implicit reward margin is > 0) and the mean reward margin."""
+the preference accuracy (share of pairs whose implicit reward margin is > 0) and the mean reward margin; for
+KTO the objective's mean loss per example and its reward margin (eval/unpaired.py)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from dstrain import engine as eng
 from dstrain.config.run import ObjectiveConfig
 from dstrain.data.batches import Example, MicroBatch
+from dstrain.data.kto import KtoExample
 from dstrain.data.loader import eval_batches
 from dstrain.data.pairs import PairExample
 from dstrain.distributed.collectives import all_reduce_sum
 from dstrain.distributed.sequence import rank_in_group
 from dstrain.distributed.stop import interruptible
-from dstrain.objectives.preference import score_pairs
+from dstrain.eval.unpaired import evaluate_examples
+from dstrain.objectives.preference import nll_weight, score_pairs, uses_reference
 
 
 @torch.no_grad()
 def evaluate(
     engine: DeepSpeedEngine,
-    examples: list[Example] | list[PairExample],
+    examples: list[Example] | list[PairExample] | list[KtoExample],
     micro: int,
     rank: int,
     world: int,
@@ -35,6 +38,9 @@ def evaluate(
     the shared-prompt layout (data/pairs.py); `interrupted` is asked before each batch (training.phases)."""
     batches = interruptible(eval_batches(examples, micro, rank, world, pad_id, share_prompt), interrupted)
     with eng.evaluating(engine):
+        if isinstance(examples[0], KtoExample):
+            size = max(example.index for example in examples) + 1
+            return evaluate_examples(engine, batches, objective, size, examples[0].paired)
         if isinstance(examples[0], PairExample):
             return _evaluate_pairs(engine, batches, objective)
         return {"eval_loss": _evaluate_tokens(engine, batches)}
@@ -58,12 +64,15 @@ def _evaluate_tokens(engine: DeepSpeedEngine, batches: Iterator[MicroBatch]) -> 
 def _evaluate_pairs(
     engine: DeepSpeedEngine, batches: Iterator[MicroBatch], objective: ObjectiveConfig
 ) -> dict[str, float]:
-    """eval_loss is the objective's mean loss per pair (for sft: NLL per chosen token; dpo_nll's NLL term per
-    chosen token of the whole set, as training normalises it over the global batch), plus pair metrics."""
+    """eval_loss is the objective's mean loss per pair (for sft: NLL per chosen token; the NLL term of dpo_nll
+    and orpo per chosen token of the whole set, as training normalises it over the global batch), plus pair
+    metrics (orpo: its own rewards, β × mean log-prob per token, give the margin)."""
     # [loss sum, chosen nll sum, chosen tokens, margin sum, correct, pairs]
     totals = torch.zeros(6, dtype=torch.float64)
     for batch in batches:
-        policy, reference, tokens = eng.forward(engine, batch.inputs, pairs=True)
+        policy, reference, tokens = eng.forward(
+            engine, batch.inputs, pairs=True, reference=uses_reference(objective)
+        )
         scores = score_pairs(objective, policy, reference, tokens, batch_nll=False)
         valid = scores.valid
         chosen_tokens = tokens[: len(valid)] * valid
@@ -82,9 +91,7 @@ def _evaluate_pairs(
     if objective.name == "sft":
         eval_loss = per_token_nll
     else:
-        eval_loss = loss / count + (
-            objective.nll_weight * per_token_nll if objective.name == "dpo_nll" else 0.0
-        )
+        eval_loss = loss / count + nll_weight(objective) * per_token_nll
     return {
         "eval_loss": eval_loss,
         "eval_pref_acc": correct / count,

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from dstrain.config.checks import PAIR_FORMATS
 from dstrain.config.run import RunConfig, dump_yaml
 from dstrain.config.zero import (
     BatchPlan,
@@ -27,6 +28,7 @@ from dstrain.config.zero import (
 )
 from dstrain.data.batches import Example
 from dstrain.data.index import index_file
+from dstrain.data.kto import MIN_RECORDS, KtoExample, examples_per_record
 from dstrain.data.loader import TokenizedCorpus, steps_per_epoch
 from dstrain.data.pairs import PairExample
 from dstrain.data.records import BadRecord, check_bad, expand_paths
@@ -44,7 +46,7 @@ class Prepared:
     plan: BatchPlan
     tokenizer: PreTrainedTokenizerBase
     train: TokenizedCorpus  # read and tokenised on demand
-    eval: list[Example] | list[PairExample]
+    eval: list[Example] | list[PairExample] | list[KtoExample]
     skipped: int  # bad training records found by the index (more may surface at tokenisation)
     steps_per_epoch: int
     total_steps: int
@@ -101,7 +103,7 @@ def check_attention(cfg: RunConfig) -> list[str]:
     from dstrain.model.windows import mask_problems
 
     sequence = cfg.train.sequence_parallel_size > 1
-    if not (sequence or cfg.data.packing or (cfg.data.share_prompt and cfg.data.format == "preference")):
+    if not (sequence or cfg.data.packing or (cfg.data.share_prompt and cfg.data.format in PAIR_FORMATS)):
         return []
     try:
         config = AutoConfig.from_pretrained(
@@ -160,11 +162,15 @@ def index_split(patterns: list[str], what: str, cfg: RunConfig) -> Corpus:
     return corpus
 
 
-def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Example] | list[PairExample]:
+def load_eval(
+    tokenizer: PreTrainedTokenizerBase, cfg: RunConfig
+) -> list[Example] | list[PairExample] | list[KtoExample]:
     """The eval set, tokenised up front (it is read at every eval); over-long records are bad records too."""
-    # Preference data is always evaluated as pairs: preference accuracy is reported whatever the objective.
+    # Preference data is always evaluated as pairs (preference accuracy is reported whatever the objective),
+    # except under KTO, which scores each answer as an example of its own.
     pairs = cfg.data.format == "preference"
-    dataset = TokenizedCorpus(index_split(cfg.data.eval, "data.eval", cfg), tokenizer, cfg.data, pairs)
+    corpus = index_split(cfg.data.eval, "data.eval", cfg)
+    dataset = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs, kto=kto_examples(cfg, corpus, "data.eval"))
     limit = min(len(dataset), cfg.data.max_eval_samples or len(dataset))
     items = [dataset[i] for i in range(limit)]
     examples = [item for item in items if not isinstance(item, BadRecord)]
@@ -173,6 +179,19 @@ def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[Exampl
     if not examples:
         raise DataError("data.eval: every record was skipped as bad; fix the eval file or drop data.eval")
     return examples
+
+
+def kto_examples(cfg: RunConfig, corpus: Corpus, what: str) -> int:
+    """KTO examples per record of `corpus` (data/kto.py), 0 for other objectives; KTO's mismatched answers
+    come from other records, so a KTO split needs at least two."""
+    if cfg.objective.name != "kto":
+        return 0
+    if len(corpus) < MIN_RECORDS:
+        raise DataError(
+            f"{what}: {len(corpus)} usable record(s); KTO needs at least {MIN_RECORDS}, as its reference "
+            "point pairs each prompt with another record's answer"
+        )
+    return examples_per_record(cfg.data.format)
 
 
 def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
@@ -195,7 +214,8 @@ def prepare(
         why = "data.format=messages" if cfg.data.format == "messages" else "data.chat_template=true"
         raise ConfigError([f"{why} needs a chat template, and the tokenizer of {cfg.model.path} has none"])
     corpus = index_split(cfg.data.train, "data.train", cfg)
-    train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=cfg.objective.name != "sft")
+    kto = kto_examples(cfg, corpus, "data.train")
+    train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=cfg.objective.name != "sft", kto=kto)
     eval_set = load_eval(tokenizer, cfg) if cfg.data.eval else []
     # preflight validated the JSON: the batch plan alone gives the schedule length, then resolve once.
     per_epoch = steps_per_epoch(

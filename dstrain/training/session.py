@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from dstrain.config.run import DataConfig, ObjectiveConfig, TrainConfig
     from dstrain.config.zero import BatchPlan
     from dstrain.data.batches import Example, MicroBatch
+    from dstrain.data.kto import KtoExample
     from dstrain.data.pairs import PairExample
     from dstrain.data.records import BadRecord
     from dstrain.distributed.stop import StopRequest
@@ -39,7 +40,7 @@ class Run:
     engine: DeepSpeedEngine  # an opaque handle: only dstrain.engine calls it
     peft_model: PeftModel
     batches: Iterator[MicroBatch]
-    eval_examples: list[Example] | list[PairExample]
+    eval_examples: list[Example] | list[PairExample] | list[KtoExample]
     steps_per_epoch: int
     total_steps: int
     output_dir: Path
