@@ -1,7 +1,8 @@
 """ORPO and KTO against TRL 1.16's own loss code on identical log-probs (as test_objectives_trl.py does for DPO,
 IPO, SimPO): `ORPOTrainer.get_batch_loss_metrics` and `KTOTrainer._compute_loss`, called unbound on trainers
 made with `object.__new__` that carry only the attributes the methods read, with stand-in models whose
-outputs are built from the numbers dstrain sees. Everything in float64 on CPU.
+outputs are built from the numbers dstrain sees. Everything in float64 on CPU. Under global normalisation
+(objectives/normalize.py) the micro batches' shares of one global batch must add up to TRL on the whole batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from dstrain.config.run import ObjectiveConfig
 from dstrain.objectives.kto import kto_loss, mismatched_sums, reference_point, score_examples
 from dstrain.objectives.losses import preference_loss
-from dstrain.objectives.preference import score_pairs
+from dstrain.objectives.normalize import StepUnits, example_contribution, pair_contribution
+from dstrain.objectives.preference import nll_weight, score_pairs
 from dstrain.training.objective import kto_means, orpo_means
 
 with warnings.catch_warnings():  # TRLExperimentalWarning: ORPO lives under trl.experimental in 1.16
@@ -251,3 +253,73 @@ def test_kto_closed_form():
     (grad,) = torch.autograd.grad(loss.sum(), r)
     torch.testing.assert_close(grad, torch.tensor([-2.0 * 0.2 / 4, 0.2 / 4], dtype=torch.float64))
     assert not rewards.requires_grad
+
+
+# ------------------------------------------- global normalisation: micro batches add up to the whole batch
+
+SPLIT = (slice(0, 2), slice(2, 3), slice(3, 6))  # one global batch of 6 as micro batches of 2, 1 and 3
+
+
+def _rows(values: torch.Tensor, rows: slice, filler: bool) -> torch.Tensor:
+    """A micro batch's rows [2b] (answers, then second answers) of per-row values [2B], with a filler pair
+    (no tokens, garbage log-probs) appended when asked: it must count for nothing."""
+    half = values.shape[0] // 2
+    pad = torch.full((int(filler),), -7.0 if values.is_floating_point() else 0).to(values.dtype)
+    return torch.cat([values[:half][rows], pad, values[half:][rows], pad])
+
+
+def test_orpo_micro_batch_shares_add_up_to_trl_on_the_global_batch():
+    """objective.loss_normalization=global: each micro batch's pair_contribution (its pairs over the global
+    batch's 6, its chosen NLL over the global batch's chosen tokens) sums to TRL's loss on all 6 pairs at once,
+    and so does the gradient."""
+    batch, logits = _orpo_batch(seed=5)
+    trainer = object.__new__(ORPOTrainer)
+    trainer.__dict__.update(
+        beta=0.1,
+        is_encoder_decoder=False,
+        padding_value=0,
+        aux_loss_enabled=False,
+        accelerator=_Accelerator(),
+    )
+    trl_loss, _ = ORPOTrainer.get_batch_loss_metrics(trainer, _LogitsLM(logits), batch)
+    policy, tokens = _row_logps(logits, torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
+    objective = ObjectiveConfig(name="orpo", beta=0.1)
+    units = StepUnits(tokens=tokens[:B].sum(), pairs=torch.tensor(B), scale=len(SPLIT))
+    shares = []
+    for i, rows in enumerate(SPLIT):
+        mine = _rows(policy, rows, filler=i == 1), _rows(tokens, rows, filler=i == 1)
+        scores = score_pairs(objective, mine[0], None, mine[1], batch_nll=False)
+        shares.append(pair_contribution(scores, units, nll_weight(objective)))
+    ours = torch.stack(shares).sum()
+    torch.testing.assert_close(ours, trl_loss, **ORPO_TOL)
+    (ours_grad,) = torch.autograd.grad(ours, logits, retain_graph=True)
+    (trl_grad,) = torch.autograd.grad(trl_loss, logits)
+    torch.testing.assert_close(ours_grad, trl_grad, **ORPO_TOL)
+
+
+def test_kto_micro_batch_shares_add_up_to_trl_on_the_global_batch():
+    """objective.loss_normalization=global: one reference point from every micro batch's mismatched sums (as
+    training/objective.step_units all-reduces them), each micro batch's example_contribution over the global
+    batch's 6 examples: the shares sum to TRL's loss on all 6 examples at once, and so does the gradient."""
+    data = _kto_batch(seed=8, kl_shift=1.5)
+    trl_loss, metrics = _trl_kto(data, 0.2, (1.0, 1.33))
+    objective = ObjectiveConfig(name="kto", beta=0.2, desirable_weight=1.0, undesirable_weight=1.33)
+    policy = torch.cat([data["policy"], data["policy_kl"]])
+    reference = torch.cat([data["ref"], data["ref_kl"]])
+    tokens = torch.cat([data["answer_mask"].sum(1), data["kl_mask"].sum(1)])
+    micro = []  # (policy, reference, tokens, labels) of each micro batch; the filler is labelled desirable
+    for i, rows in enumerate(SPLIT):
+        labels = torch.cat([data["label"][rows], torch.ones(int(i == 1), dtype=torch.bool)])
+        micro.append((*(_rows(v, rows, i == 1) for v in (policy, reference, tokens)), labels))
+    kl = reference_point(*torch.stack([mismatched_sums(p, ref, t) for p, ref, t, _ in micro]).sum(0))
+    assert float(kl) == pytest.approx(metrics["kl"][0], abs=1e-12) and float(kl) > 0
+    units = StepUnits(tokens=tokens[:B].sum(), pairs=torch.tensor(B), scale=len(SPLIT))
+    shares = []
+    for p, ref, t, labels in micro:
+        terms = score_examples(objective, p, ref, t, labels, kl)
+        shares.append(example_contribution(terms.loss, terms.valid, units))
+    ours = torch.stack(shares).sum()
+    torch.testing.assert_close(ours, trl_loss, **TOL)
+    (ours_grad,) = torch.autograd.grad(ours, data["per_token"], retain_graph=True)
+    (trl_grad,) = torch.autograd.grad(trl_loss, data["per_token"])
+    torch.testing.assert_close(ours_grad, trl_grad, **TOL)
