@@ -124,14 +124,13 @@ def write_task(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for split, records in generate(tokenizer, spec).items():
-        kinds = (("sft", as_sft), ("preference", as_preference), ("kto", None))
-        for kind, convert in kinds:
+        kinds = {
+            "sft": map(as_sft, records),
+            "preference": map(as_preference, records),
+            "kto": (as_kto(r, desirable=i % 2 == 0) for i, r in enumerate(records)),  # half of each label
+        }
+        for kind, rows in kinds.items():
             path = out_dir / f"{kind}_{split}.jsonl"
-            rows = (
-                [as_kto(r, i % 2 == 0) for i, r in enumerate(records)]
-                if convert is None
-                else map(convert, records)
-            )
             lines = (json.dumps(row, ensure_ascii=False) for row in rows)
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
             paths[f"{kind}_{split}"] = path
