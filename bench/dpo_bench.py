@@ -2,6 +2,7 @@
 
     python bench/dpo_bench.py                 # full: 1,000 preference pairs, vocab 3,000 and 32,000 (CPU)
     python bench/dpo_bench.py --quick         # toy sizes, a few minutes: checks every path works
+    python bench/dpo_bench.py --variants dstrain orpo   # ORPO's step time against DPO's
 
 Generated preference RAG records (SPEC s.2: query, 3-5 long retrieved passages shared by both answers, a
 chosen and a rejected answer), a random-init Qwen2-shaped model (hidden 256, 4 layers) with the bundled
@@ -17,6 +18,8 @@ own `deepspeed --num_gpus N` launch:
                     global-batch normalisation)
   trl               trl.DPOTrainer(ref_model=None) with a LoRA peft_config: the reference is the policy with
                     the adapter disabled, 2 rows per pair
+  orpo              dstrain with objective.name=orpo (beta = ORPO's lambda), shared prompt: no reference pass.
+                    Printed: its step time over dstrain DPO's (same steps of the same pairs)
 
 With --out, the JSON is rewritten after every row ("complete": false until the last).
 
@@ -40,11 +43,17 @@ import bench_model as bm
 import bench_report as br
 import bench_workload as bw
 
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dstrain": ("dstrain", {"data.share_prompt": True}),
-    "dstrain-unshared": ("dstrain", {"data.share_prompt": False}),
-    "dstrain-micro": ("dstrain", {"data.share_prompt": True, "objective.loss_normalization": "micro_batch"}),
-    "trl": ("dpo-trl", {}),
+# name: (runner, run options, objective)
+VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "dstrain": ("dstrain", {"data.share_prompt": True}, "dpo"),
+    "dstrain-unshared": ("dstrain", {"data.share_prompt": False}, "dpo"),
+    "dstrain-micro": (
+        "dstrain",
+        {"data.share_prompt": True, "objective.loss_normalization": "micro_batch"},
+        "dpo",
+    ),
+    "trl": ("dpo-trl", {}, "dpo"),
+    "orpo": ("dstrain", {"data.share_prompt": True}, "orpo"),
 }
 
 
@@ -97,9 +106,9 @@ def bench_vocab(
     )
     results: dict[str, bc.Throughput | None] = {}
     for name in br.run_order(args.variants, args.order):
-        runner, options = VARIANTS[name]
+        runner, options, objective = VARIANTS[name]
         results[name] = bc.run_variant(
-            f"dpo-{name}-v{vocab}", runner, work, work_dir, options, args.nproc, args.timeout, objective="dpo"
+            f"dpo-{name}-v{vocab}", runner, work, work_dir, options, args.nproc, args.timeout, objective
         )
         if progress:
             progress({"vocab": vocab, "steps": steps, "params": params, "results": br.as_dicts(results)})
@@ -140,6 +149,10 @@ def bench_vocab(
         if name in results
     }
     print("ratios (pairs/s): " + ", ".join(f"{k} {v}" for k, v in ratios.items()) + "  (target: >= 1.5x)")
+    if results.get("orpo") and results.get("dstrain"):
+        # equal steps of equal pairs: the step-time ratio is the inverse of the pairs/s ratio
+        ratios["orpo/dpo step time"] = br.ratio(results["dstrain"], results["orpo"], pairs=True)
+        print(f"orpo step time / dstrain dpo step time: {ratios['orpo/dpo step time']}")
     return {
         "vocab": vocab,
         "steps": steps,

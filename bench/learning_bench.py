@@ -7,9 +7,12 @@ of the passages. Three real `dstrain train` runs (one process, ZeRO-2, CPU, LoRA
   dpo_nll, dpo  held-out preference accuracy (implicit reward margin > 0) and mean reward margin, beta 0.5;
        chosen = the code in the passage, rejected = a code no passage mentions. The chance level printed beside
        it is the base model's own preference (log-prob of chosen > rejected): at step 0 every margin is 0.
+  kto  on the unpaired records (each answer the grounded code, desirable, or the hallucinated one, not; half
+       of each), beta 0.5: the held-out desirable-minus-undesirable reward margin and eval loss (not plotted).
+       Not reliable on this task at these settings (BENCHMARKS.md, KTO learning check): run it with --runs kto.
 
 Run:  python bench/learning_bench.py [--out bench/results] [--sft-steps 1500] [--dpo-nll-steps 800]
-                                    [--dpo-steps 1500]
+                                    [--dpo-steps 1500] [--kto-steps 600] [--runs sft dpo_nll dpo [kto]]
 Writes learning.png (the curves) and learning.json (every eval row) under --out; prints the table recorded in
 BENCHMARKS.md.
 """
@@ -82,13 +85,13 @@ def plot(runs: dict[str, list[dict]], chance: float, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    sft = runs["sft"]
+    sft = runs.get("sft", [])
     steps = [r["step"] for r in sft]
     left.plot(steps, [r["eval_exact_match"] for r in sft], marker="o", label="exact match")
     left.plot(steps, [r["eval_token_f1"] for r in sft], marker=".", label="token F1")
     left.set(title="SFT: greedy answers on held-out records", xlabel="step", ylim=(-0.02, 1.02))
     left.legend()
-    for name in PREFERENCE:
+    for name in (n for n in PREFERENCE if n in runs):
         rows = runs[name]
         right.plot([r["step"] for r in rows], [r["eval_pref_acc"] for r in rows], marker="o", label=name)
     right.axhline(chance, color="grey", linestyle="--", label=f"base model's own preference ({chance:.0%})")
@@ -103,6 +106,7 @@ METRICS = {
     "sft": ("eval_exact_match", "eval_token_f1"),
     "dpo_nll": ("eval_pref_acc", "eval_reward_margin"),
     "dpo": ("eval_pref_acc", "eval_reward_margin"),
+    "kto": ("eval_reward_margin", "eval_loss"),
 }
 
 
@@ -114,10 +118,18 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=1500)
     parser.add_argument("--dpo-nll-steps", type=int, default=800)
     parser.add_argument("--dpo-steps", type=int, default=1500)
+    parser.add_argument("--kto-steps", type=int, default=600)
+    parser.add_argument("--runs", nargs="+", choices=list(METRICS), default=["sft", "dpo_nll", "dpo"])
     parser.add_argument("--train-records", type=int, default=24_000)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = {"sft": args.sft_steps, "dpo_nll": args.dpo_nll_steps, "dpo": args.dpo_steps}
+    steps = {
+        "sft": args.sft_steps,
+        "dpo_nll": args.dpo_nll_steps,
+        "dpo": args.dpo_steps,
+        "kto": args.kto_steps,
+    }
+    steps = {name: n for name, n in steps.items() if name in args.runs}
     runs: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +144,7 @@ def main() -> None:
     (args.out / "learning.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     print("| run | steps | wall s | metric | step 0 | final | best |")
     print("|---|---|---|---|---|---|---|")
-    for name, metrics in METRICS.items():
+    for name, metrics in ((n, m) for n, m in METRICS.items() if n in runs):
         rows = runs[name]
         for metric in metrics:
             values = [r[metric] for r in rows]

@@ -221,7 +221,9 @@ def export(
 @app.command("validate-data")
 def validate_data(
     path: Annotated[Path | None, typer.Argument(help="JSONL, JSON array or Parquet file to check")] = None,
-    format: Annotated[str | None, typer.Option("--format", help="preference | sft-rag | messages")] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="preference | sft-rag | messages | kto")
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="check every training file of this run config, per source")
     ] = None,
@@ -266,7 +268,7 @@ def validate_data(
 @app.command()
 def convert(
     sources: Annotated[list[Path], typer.Argument(help="upstream files: JSONL or a JSON array")],
-    to: Annotated[str, typer.Option("--to", help="preference | sft-rag | messages")],
+    to: Annotated[str, typer.Option("--to", help="preference | sft-rag | messages | kto")],
     out: Annotated[Path, typer.Option("--out", help="the JSONL file to write (appears only when complete)")],
     from_: Annotated[
         str,
@@ -288,6 +290,10 @@ def convert(
     passages_from: Annotated[
         str | None, typer.Option("--passages-from", help="rageval: prediction | ground_truth")
     ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="ddr -> kto: answers scoring at least this are desirable (0.5)"),
+    ] = None,
 ) -> None:
     """Convert upstream RAG data (DDR, KBAlign, RAGEval, RAFT, Alpaca, ShareGPT) to a dstrain format.
 
@@ -296,7 +302,7 @@ def convert(
     from dstrain.data.convert.pipeline import convert_command
     from dstrain.data.convert.registry import Options
 
-    opts = Options(pick_by, min_margin, strip_wrapper, final_answer, passages_from)
+    opts = Options(pick_by, min_margin, strip_wrapper, final_answer, passages_from, threshold)
     try:
         code = convert_command(sources, from_, to, out, strict, opts)
     except DstrainError as exc:

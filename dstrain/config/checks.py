@@ -11,12 +11,18 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from dstrain.config.metrics import EVAL_METRICS, EVAL_SET_NAME, set_metric
-from dstrain.config.sources import check_sources
+from dstrain.config.sources import check_sources, is_mixture
 
 if TYPE_CHECKING:
     from dstrain.config.run import RunConfig
 
 MIN_HEARTBEAT_TIMEOUT_S = 10
+
+# Formats laid out as (prompt, answer, answer) rows: preference pairs, and KTO examples (each answer beside
+# the mismatched answer that estimates KTO's reference point); data.share_prompt lays them out in one row.
+PAIR_ROW_FORMATS = ("preference", "kto")
+# Objectives that compare the policy with the adapter-disabled reference (the rest are reference-free).
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "dpo_nll", "kto")
 
 # Keys whose value must be >= 1, and >= 0 (check_values; tests check every one names a config key).
 AT_LEAST_ONE = (
@@ -91,17 +97,13 @@ def check_values(cfg: RunConfig) -> list[str]:
         )
     p += check_moe_keys(cfg)
     p += check_adapter_variants(cfg)
-    if cfg.objective.name != "sft" and cfg.data.format != "preference":
-        p.append(
-            f"objective.name: '{cfg.objective.name}' needs preference data (chosen and rejected answers); "
-            f"data.format is '{cfg.data.format}': use objective.name=sft, or data.format=preference"
-        )
+    p += check_objective_data(cfg)
     p += check_eval_metrics(cfg)
     if cfg.objective.name != "sft" and cfg.data.packing:
         p.append("data.packing: packs SFT rows only; set data.packing=false for preference objectives")
     p += check_objective_values(cfg)
     flash = cfg.model.attn_implementation == "flash_attention_2"
-    if cfg.data.share_prompt and cfg.data.format == "preference" and flash:
+    if cfg.data.share_prompt and cfg.data.format in PAIR_ROW_FORMATS and flash:
         p.append(
             "data.share_prompt: keeps the two answers apart with a 4D attention mask, which flash_attention_2 "
             "does not take; use model.attn_implementation=sdpa (or eager), or set data.share_prompt=false"
@@ -111,20 +113,57 @@ def check_values(cfg: RunConfig) -> list[str]:
     return p
 
 
+def check_objective_data(cfg: RunConfig) -> list[str]:
+    """Each objective against the data it trains on: pairs for the preference objectives, KTO's own
+    unpaired format (or pairs, each giving one desirable and one undesirable example) for kto."""
+    name, fmt = cfg.objective.name, cfg.data.format
+    if name == "kto" and (is_mixture(cfg.data.train) or isinstance(cfg.data.eval, dict)):
+        # KTO's examples and reference point are laid out per record of one corpus (data/kto.py)
+        return [
+            "objective.name: 'kto' trains on one data source and evaluates one eval set: give data.train as "
+            "a list of paths and data.eval as a list (mixtures and named eval sets take the other objectives)"
+        ]
+    if name == "kto" and fmt not in PAIR_ROW_FORMATS:
+        return [
+            f"objective.name: 'kto' needs labelled answers: data.format=kto (an answer and label: true|false "
+            f"per record) or data.format=preference (each pair gives one of each); data.format is '{fmt}'"
+        ]
+    if name not in ("sft", "kto") and fmt != "preference":
+        return [
+            f"objective.name: '{name}' needs preference data (chosen and rejected answers); "
+            f"data.format is '{fmt}': use objective.name=sft, or data.format=preference"
+        ]
+    if fmt == "kto" and name != "kto":
+        return [
+            f"data.format: kto records (one answer, labelled desirable or not) train objective.name=kto; "
+            f"objective.name is '{name}'"
+        ]
+    return []
+
+
 def check_objective_values(cfg: RunConfig) -> list[str]:
-    """The objective's own numbers: smoothing, beta, and a reference pass only where one is used."""
+    """The objective's numbers, and the options that apply to some objectives only."""
     p: list[str] = []
-    if not 0.0 <= cfg.objective.label_smoothing < 0.5:
-        p.append(f"objective.label_smoothing: must be in [0, 0.5), got {cfg.objective.label_smoothing}")
-    if cfg.objective.name == "ipo" and cfg.objective.label_smoothing:
+    obj = cfg.objective
+    if not 0.0 <= obj.label_smoothing < 0.5:
+        p.append(f"objective.label_smoothing: must be in [0, 0.5), got {obj.label_smoothing}")
+    if obj.name == "ipo" and obj.label_smoothing:
         p.append("objective.label_smoothing: IPO has no smoothed form; set it to 0 (conservative DPO is dpo)")
-    if cfg.objective.precompute_reference and cfg.objective.name not in ("dpo", "ipo", "dpo_nll"):
+    if obj.name in ("orpo", "kto") and obj.label_smoothing:
+        p.append(f"objective.label_smoothing: applies to dpo and simpo, not to '{obj.name}'; set it to 0")
+    if obj.precompute_reference and obj.name not in REFERENCE_OBJECTIVES:
         p.append(
-            f"objective.precompute_reference: '{cfg.objective.name}' uses no reference model; "
-            "it applies to dpo, ipo and dpo_nll"
+            f"objective.precompute_reference: '{obj.name}' uses no reference model; "
+            f"it applies to {', '.join(REFERENCE_OBJECTIVES)}"
         )
-    if cfg.objective.beta <= 0:
-        p.append(f"objective.beta: must be > 0, got {cfg.objective.beta}")
+    if obj.beta <= 0:
+        p.append(f"objective.beta: must be > 0, got {obj.beta}")
+    weights = (obj.desirable_weight, obj.undesirable_weight)
+    for key, value in zip(("desirable_weight", "undesirable_weight"), weights, strict=True):
+        if not value >= 0:  # `not >=` also catches NaN
+            p.append(f"objective.{key}: must be >= 0, got {value}")
+    if weights == (0.0, 0.0):
+        p.append("objective.desirable_weight, undesirable_weight: both 0, KTO would train on nothing")
     return p
 
 
@@ -214,10 +253,11 @@ def check_eval_metrics(cfg: RunConfig) -> list[str]:
         return p + unknown
     best = cfg.train.best_metric
     metric, _, set_name = best.partition("/")
-    if metric in ("eval_pref_acc", "eval_reward_margin") and cfg.data.format != "preference":
-        p.append(
-            f"train.best_metric: {best} needs preference eval data; use {set_metric('eval_loss', set_name)}"
-        )
+    instead = set_metric("eval_loss", set_name)
+    if metric == "eval_pref_acc" and cfg.data.format != "preference":
+        p.append(f"train.best_metric: {best} needs preference eval data; use {instead}")
+    if metric == "eval_reward_margin" and cfg.data.format not in PAIR_ROW_FORMATS:
+        p.append(f"train.best_metric: {best} needs preference or kto eval data; use {instead}")
     if metric in ("eval_exact_match", "eval_token_f1") and not generate:
         p.append(f"train.best_metric: {best} needs generated answers; set train.eval_generate (e.g. 64)")
     return p

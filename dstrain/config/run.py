@@ -22,7 +22,7 @@ from dstrain.config.sources import DataFormat, DataSource
 from dstrain.errors import ConfigError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
-ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll"]
+ObjectiveName = Literal["sft", "dpo", "ipo", "simpo", "dpo_nll", "orpo", "kto"]
 
 DEFAULT_TEMPLATE = "Background:\n{passages}\n\nQuestion: {query}\nAnswer:"
 
@@ -115,16 +115,20 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     name: ObjectiveName = "sft"
+    # dpo, ipo, kto: the KL penalty's beta; orpo: lambda, the weight of the odds-ratio term (TRL's `beta`);
+    # simpo: the reward scale. 0.1 is TRL's default for dpo, orpo and kto alike (simpo's is 2.0).
     beta: float = 0.1
     label_smoothing: float = 0.0  # dpo: conservative DPO's assumed rate of flipped preference labels
     simpo_gamma: float = 0.5  # simpo: target reward margin (TRL's convention)
     nll_weight: float = 1.0  # dpo_nll: weight of the chosen answer's NLL term
+    desirable_weight: float = 1.0  # kto: weight of each desirable example's loss (TRL's name and default)
+    undesirable_weight: float = 1.0  # kto: weight of each undesirable example's loss
     # What a step's loss is normalised over: "global" = the whole global batch (SFT: its supervised tokens;
-    # preference objectives: its real pairs), whatever the split into micro batches, accumulation and ranks;
+    # preference objectives: its real pairs; kto: its examples), whatever the split into micro batches, accumulation and ranks;
     # "micro_batch" = each micro batch's own mean, averaged (what snapshots written before the key keep).
     loss_normalization: Literal["global", "micro_batch"] = "global"
-    # dpo/ipo/dpo_nll: score every training pair under the reference once, before step 1 (cached, reused by
-    # later epochs, resumes and runs on the same data); each step then runs the policy forward only
+    # dpo/ipo/dpo_nll/kto: score every training pair (KTO: example) under the reference once, before step 1
+    # (cached, reused by later epochs, resumes and runs on the same data); each step then runs the policy only
     precompute_reference: bool = False
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 if TYPE_CHECKING:
     from dstrain.config.run import DataConfig, RunConfig
 
-DataFormat = Literal["preference", "sft-rag", "messages"]
+DataFormat = Literal["preference", "sft-rag", "messages", "kto"]
 FORMATS: tuple[str, ...] = get_args(DataFormat)
 PAIR_FORMATS = ("preference",)  # records that hold a chosen and a rejected answer
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq")
@@ -30,9 +30,10 @@ MAX_WEIGHT_SUM = 100_000
 
 
 def formats_for(objective: str) -> tuple[str, ...]:
-    """The record formats `objective` trains on: SFT any (a preference record trains its chosen answer),
-    the preference objectives pairs only."""
-    return FORMATS if objective == "sft" else PAIR_FORMATS
+    """The record formats `objective` trains on in a mixture: SFT any with a reference answer (a preference
+    record trains its chosen answer; kto records are labelled answers, not references), the preference
+    objectives pairs only. KTO trains on one source (config/checks.py)."""
+    return tuple(f for f in FORMATS if f != "kto") if objective == "sft" else PAIR_FORMATS
 
 
 @dataclass

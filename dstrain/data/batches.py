@@ -188,6 +188,7 @@ class MicroBatch:
     bad: list[BadRecord]
     indices: list[int] = field(default_factory=list)  # pair batches: each pair's corpus index, in row order
     sources: SourceBatch | None = None  # a mixture's per-source counts (data/source_batch.py)
+    desirable: torch.Tensor | None = None  # KTO batches: each example's label [B] (True: desirable)
 
 
 def collate(examples: Sequence[Example], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from dstrain.errors import DataError
 INDEX_VERSION = 3  # 3: JSON arrays indexed by element, cleaning (data.clean) in the key, num_cleaned
 PARALLEL_FROM_BYTES = 32 * 1024 * 1024  # below this a process pool costs more than it saves
 KEPT_BAD = 1000  # bad records held in memory per file (all are counted, and all are in the cache's bad.jsonl)
-FIELDS = {"preference": ("query", "retrieval_result", "chosen", "rejected"), "sft-rag": ("query", "retrieval_result", "answer"), "messages": ("messages",)}  # fmt: skip
+FIELDS = {"preference": ("query", "retrieval_result", "chosen", "rejected"), "sft-rag": ("query", "retrieval_result", "answer"), "messages": ("messages",), "kto": ("query", "retrieval_result", "answer", "label")}  # fmt: skip
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dstrain.config.sources import is_mixture
 from dstrain.config.zero import BatchPlan
 from dstrain.data.batches import IGNORE, Example, MicroBatch, collate, tokenize_record
 from dstrain.data.grouping import LengthGroupedOrder
+from dstrain.data.kto import KtoExample, read_example
 from dstrain.data.mixture_order import MixtureOrder
 from dstrain.data.packing import collate_flat, collate_packed
 from dstrain.data.pairs import PairExample, collate_pairs, collate_shared_pairs, tokenize_pair
@@ -63,24 +64,29 @@ class TokenizedCorpus(Dataset):
         cfg: DataConfig,
         pairs: bool = False,
         source_starts: np.ndarray | None = None,
+        kto: int = 0,
     ) -> None:
         self.corpus, self.tokenizer, self.cfg, self.pairs = corpus, tokenizer, cfg, pairs
-        self.source_starts = source_starts
+        self.source_starts = source_starts  # a mixture's; KTO trains on one source (config/checks.py)
+        self.kto = kto  # KTO examples per record (data/kto.py: 1 for kto records, 2 for pairs); 0: no KTO
 
     def __len__(self) -> int:
-        return len(self.corpus)
+        return len(self.corpus) * (self.kto or 1)
 
     def sizes(self) -> np.ndarray:
-        """Each record's stored size (see data/index.py), what data.group_by_length sorts by."""
-        return np.concatenate([f.lengths for f in self.corpus.files]) if self.corpus.files else np.zeros(0)
+        """Each item's stored record size (see data/index.py), what data.group_by_length sorts by."""
+        sizes = np.concatenate([f.lengths for f in self.corpus.files]) if self.corpus.files else np.zeros(0)
+        return np.repeat(sizes, self.kto) if self.kto > 1 else sizes
 
-    def __getitem__(self, index: int) -> Example | PairExample | BadRecord:
+    def __getitem__(self, index: int) -> Example | PairExample | KtoExample | BadRecord:
         try:
+            if self.kto:  # an answer and the mismatched answer KTO's reference point is estimated on
+                return read_example(self.corpus, self.tokenizer, self.cfg, index, self.kto)
             record = self.corpus.read(index)
-        except (
-            UnreadableRecordError
-        ) as exc:  # returned, not raised: a worker's exception reaches the user as a traceback
+        except UnreadableRecordError as exc:  # returned, not raised: a worker's exception is a traceback
             return exc.bad
+        except ValueError as exc:  # a KTO example that does not fit (data/kto.py), a bad record like any
+            return BadRecord(*self.corpus.origin(index // (self.kto or 1)), str(exc), index=index)
         source = 0 if self.source_starts is None else self.source_of(index)
         try:
             if self.pairs:  # preference objectives: prompt, chosen and rejected for one forward
@@ -96,17 +102,19 @@ class TokenizedCorpus(Dataset):
 
 
 def collate_micro(
-    items: Sequence[Example | PairExample | BadRecord],
+    items: Sequence[Example | PairExample | KtoExample | BadRecord],
     pad_id: int,
     pack_to: int = 0,
     pairs: bool = False,
     share_prompt: bool = False,
     flat: bool = False,
     sources: int = 0,
+    kto: bool = False,
 ) -> MicroBatch:
     """Drop bad items, then pad (or with `pack_to` > 0, pack into rows of at most that many tokens); with
     `pairs`, chosen rows then rejected rows, or with `share_prompt` one row per pair (see data/pairs.py);
-    with `flat`, one unpadded row for flash-attention's variable-length path (data/packing.py). A mixture of
+    with `flat`, one unpadded row for flash-attention's variable-length path (data/packing.py); with `kto`,
+    KTO examples as pairs of (answer, mismatched answer) and their labels (data/kto.py). A mixture of
     `sources` sources also gets its per-source counts (data/source_batch.py).
 
     A micro batch whose every item is bad still yields one row (a pad token without labels): every rank
@@ -114,17 +122,17 @@ def collate_micro(
     non-padding tokens the model runs on.
     """
     bad = [item for item in items if isinstance(item, BadRecord)]
+    if kto:
+        examples = [item for item in items if isinstance(item, KtoExample)]
+        batch = collate_pair_rows([e.pair() for e in examples], bad, pad_id, share_prompt)
+        batch.desirable = torch.tensor([e.desirable for e in examples] or [False])  # a filler: not desirable
+        return batch
     if pairs:
         good_pairs = [item for item in items if isinstance(item, PairExample)]
-        rows = good_pairs or [PairExample([pad_id], [], [])]
-        if share_prompt:
-            inputs = collate_shared_pairs(rows, pad_id)
-            tokens = sum(len(p.prompt_ids) + 1 + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
-        else:
-            inputs = collate_pairs(rows, pad_id)
-            tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
-        by_source = pair_sources(good_pairs, sources, share_prompt) if sources else None
-        return MicroBatch(inputs, tokens, len(good_pairs), bad, [p.index for p in good_pairs], by_source)
+        batch = collate_pair_rows(good_pairs, bad, pad_id, share_prompt)
+        if sources:
+            batch.sources = pair_sources(good_pairs, sources, share_prompt)
+        return batch
     good = [item for item in items if isinstance(item, Example)]
     rows = good or [Example([pad_id], [IGNORE])]
     if flat:  # packing under flash_attention_2: one row, variable-length attention
@@ -135,6 +143,20 @@ def collate_micro(
         inputs = collate(rows, pad_id)
     by_source = example_sources(good, inputs, sources, pack_to, flat) if sources else None
     return MicroBatch(inputs, sum(len(e.input_ids) for e in good), len(good), bad, sources=by_source)
+
+
+def collate_pair_rows(
+    good_pairs: list[PairExample], bad: list[BadRecord], pad_id: int, share_prompt: bool
+) -> MicroBatch:
+    """Pair rows (data/pairs.py) of the good pairs; a filler pair without answers when there are none."""
+    rows = good_pairs or [PairExample([pad_id], [], [])]
+    if share_prompt:
+        inputs = collate_shared_pairs(rows, pad_id)
+        tokens = sum(len(p.prompt_ids) + 1 + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
+    else:
+        inputs = collate_pairs(rows, pad_id)
+        tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in good_pairs)
+    return MicroBatch(inputs, tokens, len(good_pairs), bad, [p.index for p in good_pairs])
 
 
 def steps_per_epoch(num_samples: int, plan: BatchPlan) -> int:
@@ -223,6 +245,7 @@ class LoaderOptions:
     flat: bool = False
     pairs: bool = False
     share_prompt: bool = False
+    kto: bool = False
     num_workers: int = 0
     mixture: MixtureOrder | None = None  # a mixture's global batches (data/mixture_order.py), else None
 
@@ -243,6 +266,7 @@ class LoaderOptions:
             flat=data.packing and flash,
             pairs=dataset.pairs,
             share_prompt=data.share_prompt,
+            kto=bool(dataset.kto),
             num_workers=data.num_workers,
         )
 
@@ -281,6 +305,7 @@ def train_loader(
         share_prompt=options.share_prompt,
         flat=options.flat,
         sources=len(options.mixture.sources) if options.mixture is not None else 0,
+        kto=options.kto,
     )
     workers = options.num_workers
     # A private generator: creating the iterator draws a worker seed from it, and drawing from the global
@@ -299,7 +324,7 @@ def train_loader(
 
 
 def eval_batches(
-    examples: Sequence[Example | PairExample],
+    examples: Sequence[Example | PairExample | KtoExample],
     micro: int,
     rank: int,
     world: int,
@@ -311,11 +336,13 @@ def eval_batches(
     Short shares are topped up with a copy of the first example whose labels are all ignored (a pair
     without answers), so it adds nothing to the loss.
     """
-    pairs = isinstance(examples[0], PairExample)
     first = examples[0]
+    pairs, kto = isinstance(first, PairExample), isinstance(first, KtoExample)
     if pairs:
         filler = PairExample(first.prompt_ids, [], [])
+    elif kto:
+        filler = KtoExample(first.prompt_ids, [], [], desirable=False)
     else:
         filler = Example(first.input_ids, [IGNORE] * len(first.input_ids))
     for batch, _ in equal_rank_batches(examples, micro, rank, world, filler):
-        yield collate_micro(batch, pad_id, pairs=pairs, share_prompt=share_prompt)
+        yield collate_micro(batch, pad_id, pairs=pairs, share_prompt=share_prompt, kto=kto)

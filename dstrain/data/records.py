@@ -1,7 +1,8 @@
-"""Read and validate the three record formats; every bad record becomes `path:line: reason`.
+"""Read and validate the record formats; every bad record becomes `path:line: reason`.
 
 Formats (SPEC section 2): preference {query, retrieval_result, chosen, rejected}, sft-rag {query,
-retrieval_result, answer}, messages {messages: [{role, content}]}. UTF-8 with or without BOM, LF or CRLF,
+retrieval_result, answer}, messages {messages: [{role, content}]}, kto {query, retrieval_result, answer,
+label: true|false} (unpaired feedback: the answer is desirable or not). UTF-8 with or without BOM, LF or CRLF,
 blank lines ignored, extra fields ignored; JSON Lines or one top-level JSON array (`json_array`). Every
 string field is cleaned as it is parsed (`clean_text`, data.clean), so all readers see the same text.
 """
@@ -26,12 +27,14 @@ BOM = b"\xef\xbb\xbf"
 
 @dataclass(frozen=True)
 class RagRecord:
-    """sft-rag and preference records. `answer` is the SFT target (the chosen answer for preference data)."""
+    """sft-rag, preference and kto records. `answer` is the SFT target (the chosen answer for preference
+    data); `desirable` is a kto record's label (None for the other formats)."""
 
     query: str
     passages: tuple[str, ...]
     answer: str
     rejected: str | None = None
+    desirable: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,16 @@ def _messages(obj: dict[str, Any], tidy: _Tidy) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
+def _label(obj: dict[str, Any]) -> bool:
+    """A kto record's label: JSON true (desirable) or false (undesirable), nothing that only looks like one."""
+    if "label" not in obj:
+        raise ValueError("missing field 'label' (true for a desirable answer, false for an undesirable one)")
+    value = obj["label"]
+    if not isinstance(value, bool):
+        raise ValueError(f"field 'label' must be true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
 def same_text(a: str, b: str) -> bool:
     """Equal after white space is normalised (runs of it count as one space, none at either end)."""
     return a.split() == b.split()
@@ -215,6 +228,9 @@ def parse_counted(obj: Any, fmt: str, clean: bool = True) -> tuple[Record, bool]
         if same_text(chosen, rejected):
             raise ValueError("chosen equals rejected")
         return RagRecord(query, passages, chosen, rejected), tidy.changed
+    if fmt == "kto":
+        answer = _text(obj, "answer", tidy)
+        return RagRecord(query, passages, answer, desirable=_label(obj)), tidy.changed
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -240,7 +256,9 @@ def record_to_json(record: Record) -> dict[str, Any]:
     if isinstance(record, MessagesRecord):
         return {"messages": [{"role": role, "content": content} for role, content in record.messages]}
     out: dict[str, Any] = {"query": record.query, "retrieval_result": list(record.passages)}
-    if record.rejected is None:
+    if record.desirable is not None:
+        out |= {"answer": record.answer, "label": record.desirable}
+    elif record.rejected is None:
         out["answer"] = record.answer
     else:
         out["chosen"], out["rejected"] = {"text": record.answer}, {"text": record.rejected}

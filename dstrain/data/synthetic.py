@@ -4,13 +4,15 @@ Every record asks for the code of one entity. One passage gives it; the distract
 entities, give none. Entity and code are drawn afresh for every record from vocabulary words of the tokenizer
 (each a single token after a space), so no answer can be memorised: it can only be read out of the passages.
 Preference records pair that code (chosen) with a code of the same pool that no passage mentions (rejected):
-a fluent, well-formed hallucination, which DPO must learn to rank below the grounded answer.
+a fluent, well-formed hallucination, which DPO must learn to rank below the grounded answer. KTO records are
+unpaired: each record carries one of the two, alternately, labelled desirable (the grounded code) or not.
 
 The harder variant, where every distractor passage carries a code of its own and the query's entity must be
 matched, stays at chance for the 2-layer bundled model under LoRA (measured: 28% top-1 among 3 in-context
 codes after 4,000 steps); this task is sized so that a few CPU minutes show learning, not to rank models.
 
-`python -m dstrain.data.synthetic OUT_DIR` writes sft-rag and preference train/eval files for the bundled model.
+`python -m dstrain.data.synthetic OUT_DIR` writes sft-rag, preference and kto train/eval files for the bundled
+model.
 """
 
 from __future__ import annotations
@@ -109,16 +111,27 @@ def as_preference(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def as_kto(record: dict[str, Any], desirable: bool) -> dict[str, Any]:
+    """The grounded code labelled desirable, or the hallucinated one labelled undesirable."""
+    answer = record["answer"] if desirable else record["rejected"]
+    return {**as_sft(record), "answer": answer, "label": desirable}
+
+
 def write_task(
     out_dir: Path, tokenizer: PreTrainedTokenizerBase, spec: TaskSpec = TaskSpec()
 ) -> dict[str, Path]:
-    """sft_{train,eval}.jsonl and preference_{train,eval}.jsonl under out_dir; returns their paths."""
+    """{sft,preference,kto}_{train,eval}.jsonl under out_dir; returns their paths (keys like "kto_train")."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for split, records in generate(tokenizer, spec).items():
-        for kind, convert in (("sft", as_sft), ("preference", as_preference)):
+        kinds = {
+            "sft": map(as_sft, records),
+            "preference": map(as_preference, records),
+            "kto": (as_kto(r, desirable=i % 2 == 0) for i, r in enumerate(records)),  # half of each label
+        }
+        for kind, rows in kinds.items():
             path = out_dir / f"{kind}_{split}.jsonl"
-            lines = (json.dumps(convert(r), ensure_ascii=False) for r in records)
+            lines = (json.dumps(row, ensure_ascii=False) for row in rows)
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
             paths[f"{kind}_{split}"] = path
     return paths
@@ -127,17 +140,19 @@ def write_task(
 def run_config(
     objective: str, files: dict[str, Path], output_dir: Path, steps: int, eval_every: int
 ) -> dict[str, Any]:
-    """The run config of a learning check: `sft` (scored by greedy exact match on held-out answers) or a
-    preference objective (scored by held-out preference accuracy)."""
+    """The run config of a learning check: `sft` (scored by greedy exact match on held-out answers), a
+    preference objective (scored by held-out preference accuracy) or kto on the unpaired records (scored by
+    the held-out desirable-minus-undesirable reward margin)."""
     preference = objective != "sft"
-    split = "preference" if preference else "sft"
+    split = "kto" if objective == "kto" else "preference" if preference else "sft"
+    best = {"sft": "eval_exact_match", "kto": "eval_reward_margin"}.get(objective, "eval_pref_acc")
     return {
         "model": {"path": "builtin:tiny", "dtype": "fp32"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {
             "train": [str(files[f"{split}_train"])],
             "eval": [str(files[f"{split}_eval"])],
-            "format": "preference" if preference else "sft-rag",
+            "format": {"sft": "sft-rag"}.get(split, split),
             "max_seq_len": 128,
             "max_passage_tokens": 96,
         },
@@ -152,7 +167,7 @@ def run_config(
             "global_batch_size": 16,
             "eval_generate": 0 if preference else 10_000,
             "eval_max_new_tokens": 8,
-            "best_metric": "eval_pref_acc" if preference else "eval_exact_match",
+            "best_metric": best,
         },
         "ds_config": asset("demo", "ds_config.json"),
         "output_dir": str(output_dir),

@@ -22,6 +22,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from dstrain.data.batches import IGNORE, Example
+from dstrain.data.kto import KtoExample
 from dstrain.data.pairs import PairExample
 from dstrain.data.prompts import stop_token_ids
 from dstrain.data.sharding import equal_rank_batches
@@ -40,12 +41,18 @@ class GenerationItem:
 
 
 def generation_items(
-    examples: list[Example] | list[PairExample], tokenizer: PreTrainedTokenizerBase, limit: int
+    examples: list[Example] | list[PairExample] | list[KtoExample],
+    tokenizer: PreTrainedTokenizerBase,
+    limit: int,
 ) -> list[GenerationItem]:
-    """Prompt and reference answer of the first `limit` eval samples (for pairs: the chosen answer)."""
+    """Prompt and reference answer of the first `limit` eval samples (for pairs: the chosen answer; for KTO
+    examples: the desirable ones)."""
     items = []
+    examples = [e for e in examples if not isinstance(e, KtoExample) or e.desirable]
     for example in examples[:limit]:
-        if isinstance(example, PairExample):
+        if isinstance(example, KtoExample):
+            prompt, answer = example.prompt_ids, example.answer_ids
+        elif isinstance(example, PairExample):
             prompt, answer = example.prompt_ids, example.chosen_ids
         else:
             start = next(i for i, label in enumerate(example.labels) if label != IGNORE)

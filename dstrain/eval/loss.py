@@ -1,6 +1,7 @@
 """Eval loop: token-weighted mean loss over the held-out sets, sharded across ranks; for preference data also
-the preference accuracy (share of pairs whose implicit reward margin is > 0) and the mean reward margin.
-Named sets (eval/sets.py) report the same metrics each, as `eval_loss/<name>`, ..."""
+the preference accuracy (share of pairs whose implicit reward margin is > 0) and the mean reward margin; for
+KTO the objective's mean loss per example and its reward margin (eval/unpaired.py). Named sets
+(eval/sets.py) report the same metrics each, as `eval_loss/<name>`, ..."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from dstrain import engine as eng
 from dstrain.config.run import ObjectiveConfig
 from dstrain.data.batches import Example, MicroBatch
+from dstrain.data.kto import KtoExample
 from dstrain.data.loader import eval_batches
 from dstrain.data.pairs import PairExample
 from dstrain.distributed.collectives import all_reduce_sum
 from dstrain.distributed.sequence import rank_in_group
 from dstrain.distributed.stop import interruptible
 from dstrain.eval.sets import EvalSet, metrics_by_set
-from dstrain.objectives.preference import score_pairs
+from dstrain.eval.unpaired import evaluate_examples
+from dstrain.objectives.preference import nll_weight, score_pairs, uses_reference
 
 
 @torch.no_grad()
@@ -40,7 +43,14 @@ def evaluate_sets(
     after the other; the per-set sums then cross the ranks in one all-reduce. `share_prompt`: pairs in the
     shared-prompt layout (data/pairs.py); `interrupted` is asked before each batch (training.phases).
     """
-    pairs = isinstance(sets[0].examples[0], PairExample)
+    first = sets[0].examples[0]
+    if isinstance(first, KtoExample):  # one set: config/checks.py refuses named sets under kto
+        (only,) = sets
+        shard = eval_batches(only.examples, micro, rank, world, pad_id, share_prompt)
+        with eng.evaluating(engine):
+            size = max(example.index for example in only.examples) + 1
+            return evaluate_examples(engine, interruptible(shard, interrupted), objective, size, first.paired)
+    pairs = isinstance(first, PairExample)
     local = []
     with eng.evaluating(engine):
         for eval_set in sets:
@@ -54,7 +64,7 @@ def evaluate_sets(
 
 def evaluate(
     engine: DeepSpeedEngine,
-    examples: list[Example] | list[PairExample],
+    examples: list[Example] | list[PairExample] | list[KtoExample],
     micro: int,
     rank: int,
     world: int,
@@ -94,7 +104,9 @@ def _pair_sums(
     """This rank's [loss sum, chosen nll sum, chosen tokens, margin sum, correct, pairs]."""
     totals = torch.zeros(6, dtype=torch.float64)
     for batch in batches:
-        policy, reference, tokens = eng.forward(engine, batch.inputs, pairs=True)
+        policy, reference, tokens = eng.forward(
+            engine, batch.inputs, pairs=True, reference=uses_reference(objective)
+        )
         scores = score_pairs(objective, policy, reference, tokens, batch_nll=False)
         valid = scores.valid
         chosen_tokens = tokens[: len(valid)] * valid
@@ -119,9 +131,7 @@ def _pair_metrics(sums: torch.Tensor, objective: ObjectiveConfig) -> dict[str, f
     if objective.name == "sft":
         eval_loss = per_token_nll
     else:
-        eval_loss = loss / count + (
-            objective.nll_weight * per_token_nll if objective.name == "dpo_nll" else 0.0
-        )
+        eval_loss = loss / count + nll_weight(objective) * per_token_nll
     return {
         "eval_loss": eval_loss,
         "eval_pref_acc": correct / count,

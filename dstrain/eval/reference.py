@@ -1,9 +1,10 @@
 """Precomputed reference log-probs (`objective.precompute_reference`).
 
-DPO, IPO and DPO+NLL compare the policy with a fixed reference: here the same model with its adapter
+DPO, IPO, DPO+NLL and KTO compare the policy with a fixed reference: here the same model with its adapter
 disabled. Its log-probs of each training pair never change, so instead of a reference forward in every step
 they can be computed once, in one pass before step 1, and looked up after: each training step then runs the
-policy alone. The table (chosen, rejected) per training record lives in the dstrain cache, keyed by what
+policy alone. The table (chosen, rejected) per training record (KTO: (answer, mismatched answer) per
+example, the mismatched answer fixed per example by data/kto.py, so z0's reference half is in it too) lives in the dstrain cache, keyed by what
 determines it (model, tokenisation settings, the training files' fingerprints), so later epochs, resumes and
 new runs on the same data and model reuse it.
 
@@ -30,7 +31,8 @@ from dstrain.checkpoint.atomic import atomic_file
 from dstrain.config.run import RunConfig
 from dstrain.data.index import cache_root, fingerprint
 from dstrain.data.loader import TokenizedCorpus, collate_micro
-from dstrain.data.pairs import PairExample, split_pair
+from dstrain.data.pairs import split_pair
+from dstrain.data.records import BadRecord
 from dstrain.data.sharding import equal_rank_batches
 from dstrain.distributed.collectives import all_ranks_ok, all_reduce_sum
 from dstrain.distributed.sequence import rank_in_group
@@ -51,6 +53,8 @@ def table_key(cfg: RunConfig, dataset: TokenizedCorpus) -> str:
     }
     if data.chat_template:  # 2: answers as the template renders them, through its end-of-turn token
         depends["chat_answers"] = 2
+    if dataset.kto:  # KTO examples: each answer and its mismatched answer (data/kto.py), per record
+        depends["kto_examples"] = {"per_record": dataset.kto, "partner": "half the records away"}
     payload = {
         "version": TABLE_VERSION,
         "model": asdict(cfg.model),
@@ -92,14 +96,16 @@ def store_table(path: Path, table: torch.Tensor) -> None:
 def compute_table(
     engine: DeepSpeedEngine, dataset: TokenizedCorpus, micro: int, rank: int, world: int, pad_id: int
 ) -> torch.Tensor:
-    """[len(dataset), 2] summed log-probs of (chosen, rejected) under the adapter-disabled model."""
+    """[len(dataset), 2] summed log-probs of (chosen, rejected) under the adapter-disabled model (KTO:
+    (answer, mismatched answer))."""
     table = torch.zeros(len(dataset), 2, dtype=torch.float32)
     with eng.evaluating(engine):
         for indices, _ in equal_rank_batches(range(len(dataset)), micro, rank, world):
             items = [dataset[i] for i in indices]
             # Bad records (and an empty batch on a short share) leave a filler pair: the forward still runs.
-            good = [i for i in items if isinstance(i, PairExample)]
-            batch = collate_micro(good, pad_id, pairs=True, share_prompt=dataset.cfg.share_prompt)
+            good = [i for i in items if not isinstance(i, BadRecord)]
+            share = dataset.cfg.share_prompt
+            batch = collate_micro(good, pad_id, pairs=True, share_prompt=share, kto=bool(dataset.kto))
             _, reference, _ = eng.forward(engine, batch.inputs, pairs=True, policy=False)
             chosen, rejected = split_pair(reference.float().cpu())
             for row, index in enumerate(batch.indices):
@@ -120,17 +126,17 @@ def reference_table(
     is_local_main: bool,
 ) -> tuple[torch.Tensor, str]:
     """The table, from the cache when every rank finds it there, else computed (and cached); with a note."""
-    path = table_path(table_key(cfg, dataset))
+    path, what = table_path(table_key(cfg, dataset)), "examples" if dataset.kto else "pairs"
     cached = load_table(path, len(dataset))
     # Computing is a collective: all ranks compute, or none does.
     if all_ranks_ok(cached is not None):
-        return cached, f"reference log-probs of {len(dataset):,} pairs loaded from {path}"
+        return cached, f"reference log-probs of {len(dataset):,} {what} loaded from {path}"
     started = time.perf_counter()
     table = compute_table(engine, dataset, micro, rank, world, pad_id)
     if is_local_main:
         store_table(path, table)
     took = time.perf_counter() - started
-    return table, f"reference log-probs of {len(dataset):,} pairs computed in {took:.1f} s, cached at {path}"
+    return table, f"reference log-probs of {len(dataset):,} {what} computed in {took:.1f} s, cached at {path}"
 
 
 def lookup(table: torch.Tensor, indices: list[int], like: torch.Tensor) -> torch.Tensor:

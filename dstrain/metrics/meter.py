@@ -39,6 +39,8 @@ class StepMeter:
         self.samples = 0
         self.skipped = 0  # records dropped at tokenisation under data.on_error=skip
         self.pairs: torch.Tensor | None = None  # preference objectives: [chosen, rejected, margin, right, n]
+        # objective terms logged as sum / count (orpo's nll_loss, log_odds; kto's rewards by label, kl)
+        self.means: dict[str, torch.Tensor] = {}
         self.router: torch.Tensor | None = None  # MoE: summed weighted router loss of the micro batches
         self.data_wait_s = 0.0
         self.excluded_s = 0.0
@@ -113,6 +115,13 @@ class StepMeter:
         stats = torch.cat([stats, valid.sum()[None]])
         self.pairs = stats if self.pairs is None else self.pairs + stats
 
+    def add_means(self, terms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Named (sum, count) pairs of one micro batch (device tensors, not synced here): each is logged as
+        its sum over the micro batches and ranks since the last log, over its count."""
+        for name, (total, count) in terms.items():
+            pair = torch.stack([total.detach().double(), count.detach().to(total.device, torch.float64)])
+            self.means[name] = pair if name not in self.means else self.means[name] + pair
+
     def add_router(self, loss: torch.Tensor) -> None:
         """One micro batch's weighted router load-balancing loss (MoE; a device tensor, not synced here)."""
         loss = loss.detach().float().reshape(1)
@@ -138,6 +147,8 @@ class StepMeter:
         )
         # the same objective and model on every rank: the same vector length
         extra = [t.to(device, torch.float64) for t in (self.pairs, self.router) if t is not None]
+        names = sorted(self.means)
+        extra += [self.means[name].to(device) for name in names]
         mixed = self.source_sums(device)
         reduced = all_reduce_sum(torch.cat([local, *extra, mixed])).tolist()
         # a mixture's [loss, units, tokens] per source, for training/sources.py to turn into the row's keys
@@ -145,7 +156,13 @@ class StepMeter:
         reduced = reduced[: len(reduced) - len(mixed)]
         loss_sum, finite, tokens, micro, samples, wait, skipped = reduced[:7]
         pairs = reduced[7:12] if self.pairs is not None else []
-        router = {"router_aux_loss": reduced[-1] / micro} if self.router is not None and micro else {}
+        at = 7 + len(pairs)
+        router = {"router_aux_loss": reduced[at] / micro} if self.router is not None and micro else {}
+        at += self.router is not None
+        sums = reduced[at:]
+        means = {name: sums[2 * i] / sums[2 * i + 1] for i, name in enumerate(names) if sums[2 * i + 1]}
+        if not pairs and {"rewards_chosen", "rewards_rejected"} <= means.keys():  # kto, as TRL's margins
+            means["reward_margin"] = means["rewards_chosen"] - means["rewards_rejected"]
         elapsed = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         ranks = micro / max(1, self.micro_batches)
         if self.per_step:  # the steps' sums of shares, over ranks: the same step count on every rank
@@ -163,6 +180,7 @@ class StepMeter:
             **pair_metrics(pairs),
             **router,  # MoE: the weighted load-balancing term added to the loss, mean per micro batch
             **by_source,
+            **means,
         }
 
     def source_sums(self, device: torch.device) -> torch.Tensor:

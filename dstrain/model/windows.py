@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dstrain.config.checks import PAIR_ROW_FORMATS
 from dstrain.config.run import RunConfig
 from dstrain.errors import ConfigError
 
@@ -165,7 +166,7 @@ def record_mask_key(cfg: RunConfig) -> str | None:
     packed row under flash_attention_2, whose kernels apply each layer's window themselves)."""
     if cfg.data.packing and cfg.model.attn_implementation != "flash_attention_2":
         return "data.packing"
-    if cfg.data.share_prompt and cfg.data.format == "preference":
+    if cfg.data.share_prompt and cfg.data.format in PAIR_ROW_FORMATS:
         return "data.share_prompt"
     return None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,9 @@ def sft_loss(nll_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
 # Inputs are per-pair [B] summed log-probs of the answer tokens (policy and frozen reference) and the answer
 # token counts. Each objective matches TRL 1.16 on the same numbers (tests/unit/objectives/test_objectives_trl.py).
 
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "dpo_nll")
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "dpo_nll", "orpo")
+# Objectives whose loss carries the chosen answers' NLL, and its weight (dpo_nll: objective.nll_weight).
+NLL_OBJECTIVES = ("dpo_nll", "orpo")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class PreferenceTerms:
     loss: torch.Tensor  # [B]
     chosen_rewards: torch.Tensor  # [B] implicit reward, detached: it is logged and compared, never trained
     rejected_rewards: torch.Tensor  # [B]
+    log_odds: torch.Tensor | None = None  # [B] orpo: log odds(chosen) - log odds(rejected), detached
 
 
 def _log_ratios(
@@ -116,6 +119,42 @@ def simpo_loss(
     return PreferenceTerms(loss, beta * chosen_avg.detach(), beta * rejected_avg.detach())
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0 without cancellation: log1p(-exp(x)) below -ln 2, log(-expm1(x)) above
+    (Mächler 2012; TRL's ORPO uses the same branch point)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    *,
+    beta: float,
+) -> PreferenceTerms:
+    """ORPO's odds-ratio term (Hong et al. 2024, Eq. 7): -β·logσ(log odds(chosen) - log odds(rejected)).
+
+    odds(y) = p / (1 - p) with log p the answer's mean log-prob per token, so log odds = log p - log(1 - p).
+    No reference model; the full ORPO loss adds the chosen answers' NLL (add_chosen_nll, weight 1). Rewards
+    are β × the mean log-prob per token, as TRL logs them. A pair without answer tokens (a filler) scores a
+    mean log-prob of -1 here, not 0: log(1 - e^0) is -inf, and a NaN would reach the gradient through the
+    mask that drops the pair.
+    """
+    chosen_avg = _mean_logp(policy_chosen, chosen_tokens)
+    rejected_avg = _mean_logp(policy_rejected, rejected_tokens)
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    loss = -beta * F.logsigmoid(log_odds)
+    return PreferenceTerms(loss, beta * chosen_avg.detach(), beta * rejected_avg.detach(), log_odds.detach())
+
+
+def _mean_logp(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean log-prob per answer token, in fp32 at least (TRL upcasts); -1 where there are no tokens."""
+    mean = logps.float() if logps.dtype in (torch.float16, torch.bfloat16) else logps
+    mean = mean / tokens.clamp(min=1)
+    return torch.where(tokens > 0, mean, torch.full_like(mean, -1.0))
+
+
 def add_chosen_nll(
     terms: PreferenceTerms, chosen_nll: torch.Tensor, chosen_tokens: torch.Tensor, *, nll_weight: float
 ) -> PreferenceTerms:
@@ -127,7 +166,7 @@ def add_chosen_nll(
     add nothing to it.
     """
     batch_nll = (chosen_nll * chosen_tokens).sum() / chosen_tokens.sum().clamp(min=1)
-    return PreferenceTerms(terms.loss + nll_weight * batch_nll, terms.chosen_rewards, terms.rejected_rewards)
+    return replace(terms, loss=terms.loss + nll_weight * batch_nll)
 
 
 def preference_loss(
@@ -144,11 +183,14 @@ def preference_loss(
     simpo_gamma: float = 0.5,
     nll_weight: float = 1.0,
     chosen_nll: torch.Tensor | None = None,
+    nll: bool = True,
 ) -> PreferenceTerms:
     """One entry point for every preference objective, so the train step and eval loop score pairs alike.
 
     All tensors are [B]; log-probs are sums over each answer's tokens. `chosen_nll` (per-pair mean NLL of
-    the chosen tokens) is needed by "dpo_nll" only. SimPO ignores the reference log-probs.
+    the chosen tokens) is needed by "dpo_nll" and "orpo" (whose NLL weight is 1). SimPO and ORPO ignore the
+    reference log-probs. `nll=False`: the pair terms without the NLL, which the caller then normalises its
+    own way (objectives/normalize.py).
     """
     if name not in PREFERENCE_OBJECTIVES:
         raise ValueError(f"unknown preference objective {name!r}; valid: {', '.join(PREFERENCE_OBJECTIVES)}")
@@ -164,9 +206,15 @@ def preference_loss(
         return ipo_loss(*logps, *tokens, beta=beta)
     if name == "simpo":
         return simpo_loss(*logps[:2], *tokens, beta=beta, gamma=simpo_gamma, label_smoothing=label_smoothing)
-    if name == "dpo_nll":
-        if chosen_nll is None:
-            raise ValueError("'dpo_nll' needs chosen_nll, the per-pair mean NLL of the chosen tokens")
+    if name == "orpo":
+        if label_smoothing != 0.0:
+            raise ValueError(f"label_smoothing is not defined for 'orpo', got {label_smoothing}")
+        terms = orpo_loss(*logps[:2], *tokens, beta=beta)
+    else:
         terms = dpo_loss(*logps, beta=beta, label_smoothing=label_smoothing)
-        return add_chosen_nll(terms, chosen_nll, chosen_tokens, nll_weight=nll_weight)
-    return dpo_loss(*logps, beta=beta, label_smoothing=label_smoothing)
+    if name not in NLL_OBJECTIVES or not nll:
+        return terms
+    if chosen_nll is None:
+        raise ValueError(f"'{name}' needs chosen_nll, the per-pair mean NLL of the chosen tokens")
+    weight = nll_weight if name == "dpo_nll" else 1.0
+    return add_chosen_nll(terms, chosen_nll, chosen_tokens, nll_weight=weight)

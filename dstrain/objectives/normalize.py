@@ -3,8 +3,9 @@
 "global": the step's gradient is the gradient of (sum of the objective's per-unit losses over the global
 batch) / (units in the global batch), whatever the split into micro batches, accumulation steps, ranks and
 sequence-parallel slices. The units are supervised tokens for SFT (what transformers' `labels=` loss and its
-`num_items_in_batch` compute), real pairs for preference objectives, and chosen-answer tokens for the NLL
-term of dpo_nll. Each micro batch contributes its *sum* over the step's total count; DeepSpeed then divides
+`num_items_in_batch` compute), real pairs for preference objectives, real examples for KTO (collated as
+pairs of answer and mismatched answer, data/kto.py, so they are counted as pairs are), and chosen-answer
+tokens for the NLL term of dpo_nll and orpo. Each micro batch contributes its *sum* over the step's total count; DeepSpeed then divides
 every micro batch's gradient by the accumulation steps and averages over data-parallel ranks, so the loss
 handed to backward is that contribution times `scale` (= accumulation x data-parallel ranks), and the sum
 of the contributions is the step's loss.
@@ -29,8 +30,8 @@ class StepUnits:
     """The global batch's denominators (device tensors, summed over data-parallel ranks) and the factor
     that undoes DeepSpeed's averaging over accumulation steps and ranks."""
 
-    tokens: torch.Tensor  # SFT: supervised tokens; preference: chosen-answer tokens
-    pairs: torch.Tensor  # preference: real pairs (0 for SFT)
+    tokens: torch.Tensor  # SFT: supervised tokens; preference: chosen-answer tokens (kto: answer tokens)
+    pairs: torch.Tensor  # preference: real pairs; kto: real examples (0 for SFT)
     scale: int  # accumulation steps x data-parallel ranks
 
 
@@ -40,7 +41,8 @@ def host_units(inputs: dict[str, torch.Tensor], pairs: bool) -> tuple[int, int]:
     Labels are predicted one position earlier (labels[:, 0] is never a target). Pair batches hold chosen
     rows then rejected rows (data/pairs.collate_pairs), or one row per pair whose `label_rows` names each
     label's answer row, chosen b < B <= rejected (collate_shared_pairs); a pair is real when its chosen answer
-    has a label (a filler pair has none).
+    has a label (a filler pair has none). KTO batches are laid out the same way (the example's answer in the
+    chosen slot, data/kto.py): their pairs are its real examples.
     """
     labels = inputs["labels"]
     labelled = labels[:, 1:] != IGNORE
@@ -60,17 +62,23 @@ def sft_contribution(nll_sum: torch.Tensor, units: StepUnits) -> torch.Tensor:
 
 def pair_contribution(scores: PairScores, units: StepUnits, nll_weight: float = 0.0) -> torch.Tensor:
     """This micro batch's share of the step's mean loss over the global batch's real pairs, plus, with
-    `nll_weight` (dpo_nll), its share of the chosen answers' NLL per chosen token of the global batch.
+    `nll_weight` (dpo_nll, orpo), its share of the chosen answers' NLL per chosen token of the global batch.
 
     `scores` must hold the pair terms without the NLL (score_pairs(..., batch_nll=False)): here the NLL is
     normalised over the whole global batch's chosen tokens, not over each micro batch's.
     """
-    pair_sum = (scores.loss * scores.valid).sum()
-    loss = pair_sum / units.pairs.clamp(min=1).to(pair_sum.dtype)
+    loss = example_contribution(scores.loss, scores.valid, units)
     if nll_weight:
         nll_sum = (scores.chosen_nll * scores.chosen_tokens * scores.valid).sum()
         loss = loss + nll_weight * nll_sum / units.tokens.clamp(min=1).to(nll_sum.dtype)
     return loss
+
+
+def example_contribution(losses: torch.Tensor, valid: torch.Tensor, units: StepUnits) -> torch.Tensor:
+    """This micro batch's share of the step's mean loss over the global batch's real pairs or KTO examples:
+    its per-unit `losses` [B] summed over the real ones (`valid`), over the global count."""
+    total = (losses * valid).sum()
+    return total / units.pairs.clamp(min=1).to(total.dtype)
 
 
 def describe(name: str, normalization: str) -> str:
@@ -80,5 +88,6 @@ def describe(name: str, normalization: str) -> str:
             "loss: each micro batch's own mean, averaged over the step (objective.loss_normalization="
             "micro_batch, as this run started)"
         )
-    units = {"sft": "supervised tokens", "dpo_nll": "real pairs (its NLL term: chosen-answer tokens)"}
+    nll = "real pairs (its NLL term: chosen-answer tokens)"
+    units = {"sft": "supervised tokens", "dpo_nll": nll, "orpo": nll, "kto": "examples"}
     return f"loss: normalised over each global batch's {units.get(name, 'real pairs')} (objective.loss_normalization=global)"

@@ -26,35 +26,40 @@ from dstrain.distributed.stop import EvalInterrupted
 from dstrain.errors import TrainingError
 from dstrain.eval.generation import evaluate_generation
 from dstrain.eval.loss import evaluate_sets
-from dstrain.eval.reference import lookup
 from dstrain.metrics.device import device_stats, max_over_ranks, mfu
 from dstrain.metrics.meter import StepMeter
 from dstrain.model import selfcheck
 from dstrain.model.ulysses import plain_attention
 from dstrain.model.variants import group_lr_metrics
-from dstrain.objectives.losses import sft_loss
-from dstrain.objectives.normalize import StepUnits, host_units, pair_contribution, sft_contribution
-from dstrain.objectives.preference import mean_over_pairs, score_pairs
+from dstrain.objectives.normalize import StepUnits
 from dstrain.training.bad_records import (
     check_bad_fraction,
     count_skipped,
     fail_on_bad_records,
     note_bad_records,
 )
+from dstrain.training.objective import ReferencePoint, micro_loss, step_units
 from dstrain.training.phases import halt_if_requested, stop_agreed
 from dstrain.training.session import Run, Tally
-from dstrain.training.sources import counted_sources, note_positions, pair_losses, source_row
+from dstrain.training.sources import note_positions, source_row
 
 
-def micro_step(run: Run, tally: Tally, meter: StepMeter, batch: MicroBatch, units: StepUnits | None) -> None:
+def micro_step(
+    run: Run,
+    tally: Tally,
+    meter: StepMeter,
+    batch: MicroBatch,
+    units: StepUnits | None,
+    point: ReferencePoint | None = None,
+) -> None:
     """One micro batch: forward, backward, and an optimizer step at the boundary (DeepSpeed decides).
 
     `units`: the step's global-batch denominators (objective.loss_normalization=global), None for the
-    per-micro-batch mean."""
+    per-micro-batch mean; `point`: KTO's reference point and reference log-probs (training/objective.py)."""
     if not tally.head_checked:
         check_head(run, batch)
         tally.head_checked = True
-    loss, logged, router = micro_loss(run, batch, meter, units)
+    loss, logged, router = micro_loss(run, batch, meter, units, point)
     eng.backward(run.engine, loss + router)
     eng.step(run.engine)
     # the ranks of a sequence-parallel group share one micro batch: its first rank counts it
@@ -69,72 +74,11 @@ def micro_step(run: Run, tally: Tally, meter: StepMeter, batch: MicroBatch, unit
         note_bad_records(run, tally, batch.bad)
 
 
-def micro_loss(
-    run: Run, batch: MicroBatch, meter: StepMeter, units: StepUnits | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the loss to backward, this micro batch's term of the logged step loss, the MoE router's weighted
-    load-balancing loss of its policy pass, 0 for a dense model).
-
-    With `units` (global normalisation, objectives/normalize.py) the logged term is the micro batch's share
-    of the global batch's loss and the backward loss is that times `units.scale`; without, both are the
-    micro batch's own mean (SFT's NLL per token, or the mean preference loss per pair)."""
-    if run.objective.name == "sft":
-        nll_sum, num_tokens, router, by_source = forward_sft(run, batch)
-        if batch.sources is not None:  # each rank's part under sequence parallelism: all of them add it
-            meter.add_sources(by_source, *counted_sources(batch.sources, rank_in_group() == 0))
-        if units is None:
-            loss = sft_loss(nll_sum, num_tokens)
-            return loss, loss, router
-        share = sft_contribution(nll_sum, units)
-        return share * units.scale, share, router
-    if run.reference_table is None:
-        policy, reference, tokens, router = eng.forward(run.engine, batch.inputs, pairs=True, aux=True)
-    else:
-        policy, _, tokens, router = eng.forward(
-            run.engine, batch.inputs, pairs=True, reference=False, aux=True
-        )
-        reference = lookup(run.reference_table, batch.indices, policy)
-    scores = score_pairs(run.objective, policy, reference, tokens, batch_nll=units is None)
-    meter.add_pairs(scores.chosen_rewards, scores.rejected_rewards, scores.margin, scores.valid)
-    if batch.sources is not None:  # the group's ranks hold the same pair terms: its first rank adds them
-        first = rank_in_group() == 0
-        per_source = pair_losses(run.objective, scores, batch.sources, global_norm=units is not None)
-        meter.add_sources(per_source if first else None, *counted_sources(batch.sources, first))
-    if units is None:
-        loss = mean_over_pairs(scores.loss, scores.valid)
-        return loss, loss, router
-    nll_weight = run.objective.nll_weight if run.objective.name == "dpo_nll" else 0.0
-    share = pair_contribution(scores, units, nll_weight)
-    return share * units.scale, share, router
-
-
-def forward_sft(run: Run, batch: MicroBatch) -> tuple[torch.Tensor, ...]:
-    """(summed NLL, supervised tokens, router loss, a mixture's summed NLL per source or None)."""
-    if batch.sources is None:
-        return (*eng.forward(run.engine, batch.inputs, aux=True), None)
-    inputs = {**batch.inputs, "label_groups": batch.sources.groups}
-    return eng.forward(run.engine, inputs, aux=True, num_groups=len(batch.sources.units))
-
-
 def fetch_step(run: Run) -> tuple[list[MicroBatch], float]:
     """The micro batches of one optimizer step, read before its first forward, and the time spent waiting."""
     started = time.perf_counter()
     batches = [next(run.batches) for _ in range(run.plan.accumulation)]
     return batches, time.perf_counter() - started
-
-
-def step_units(run: Run, batches: list[MicroBatch]) -> StepUnits | None:
-    """The global batch's token and pair counts: this rank's, counted on the host, summed over the ranks in
-    one small all-reduce that stays on the device (no host sync). None under micro-batch normalisation."""
-    if run.objective.loss_normalization != "global":
-        return None
-    pairs = run.objective.name != "sft"
-    counts = [host_units(batch.inputs, pairs) for batch in batches]
-    local = [sum(c[0] for c in counts), sum(c[1] for c in counts)]
-    if rank_in_group() != 0:  # a sequence-parallel group reads one share of the batch: count it once
-        local = [0, 0]
-    tokens, pair_count = all_reduce_sum(torch.tensor(local, dtype=torch.int64))
-    return StepUnits(tokens, pair_count, run.plan.accumulation * run.plan.world)
 
 
 def check_head(run: Run, batch: MicroBatch) -> None:
@@ -297,12 +241,12 @@ def optimizer_step(run: Run, tally: Tally, state: TrainerState, meter: StepMeter
     """The micro batches of one optimizer step, then the cross-rank decisions on it; True if a stop was asked."""
     batches, waited = fetch_step(run)
     meter.wait(waited)
-    units = step_units(run, batches)
+    units, points = step_units(run, batches)
     tally.step_lrs = eng.current_lrs(
         run.engine
     )  # what this step's update uses (the scheduler moves after it)
-    for batch in batches:
-        micro_step(run, tally, meter, batch, units)
+    for batch, point in zip(batches, points, strict=True):
+        micro_step(run, tally, meter, batch, units, point)
     stop, nonfinite, failed = step_flags(
         run.stop.requested, meter.take_nonfinite(), len(tally.failed_records)
     )

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from dstrain.config.checks import PAIR_ROW_FORMATS
 from dstrain.config.run import RunConfig, dump_yaml
 from dstrain.config.sources import Source, is_mixture, sources_of
 from dstrain.config.zero import (
@@ -29,6 +30,7 @@ from dstrain.config.zero import (
 )
 from dstrain.data.batches import Example
 from dstrain.data.index import index_file
+from dstrain.data.kto import MIN_RECORDS, KtoExample, examples_per_record
 from dstrain.data.loader import TokenizedCorpus, steps_per_epoch
 from dstrain.data.mixture import Origin, SourceSpan
 from dstrain.data.pairs import PairExample
@@ -121,7 +123,7 @@ def check_attention(cfg: RunConfig) -> list[str]:
     from dstrain.model.windows import mask_problems
 
     sequence = cfg.train.sequence_parallel_size > 1
-    if not (sequence or cfg.data.packing or (cfg.data.share_prompt and cfg.data.format == "preference")):
+    if not (sequence or cfg.data.packing or (cfg.data.share_prompt and cfg.data.format in PAIR_ROW_FORMATS)):
         return []
     try:
         config = AutoConfig.from_pretrained(
@@ -202,12 +204,14 @@ def load_eval(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[EvalSe
 
 def load_eval_set(
     tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, patterns: list[str], what: str
-) -> list[Example] | list[PairExample]:
+) -> list[Example] | list[PairExample] | list[KtoExample]:
     """One eval set, tokenised up front (it is read at every eval), its first data.max_eval_samples records;
     over-long records are bad records too."""
     # Preference data is always evaluated as pairs: preference accuracy is reported whatever the objective.
+    # KTO scores each answer as an example of its own.
     pairs = cfg.data.format == "preference"
-    dataset = TokenizedCorpus(index_split(patterns, what, cfg), tokenizer, cfg.data, pairs)
+    corpus = index_split(patterns, what, cfg)
+    dataset = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs, kto=kto_examples(cfg, corpus, what))
     limit = min(len(dataset), cfg.data.max_eval_samples or len(dataset))
     items = [dataset[i] for i in range(limit)]
     examples = [item for item in items if not isinstance(item, BadRecord)]
@@ -218,6 +222,19 @@ def load_eval_set(
             f"{what}: every record was skipped as bad; fix the eval file or drop it from data.eval"
         )
     return examples
+
+
+def kto_examples(cfg: RunConfig, corpus: Corpus, what: str) -> int:
+    """KTO examples per record of `corpus` (data/kto.py), 0 for other objectives; KTO's mismatched answers
+    come from other records, so a KTO split needs at least two."""
+    if cfg.objective.name != "kto":
+        return 0
+    if len(corpus) < MIN_RECORDS:
+        raise DataError(
+            f"{what}: {len(corpus)} usable record(s); KTO needs at least {MIN_RECORDS}, as its reference "
+            "point pairs each prompt with another record's answer"
+        )
+    return examples_per_record(cfg.data.format)
 
 
 def digest(cfg_yaml: str, ds: dict[str, Any]) -> str:
@@ -247,7 +264,8 @@ def load_train(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Toke
     pairs = cfg.objective.name != "sft"
     if not is_mixture(cfg.data.train):
         corpus = index_split(cfg.data.train, "data.train", cfg)
-        return TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=pairs), None
+        kto = kto_examples(cfg, corpus, "data.train")
+        return TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=pairs, kto=kto), None
     corpus, sources, spans, paths = index_sources(cfg)
     starts = np.array([span.start for span in spans], dtype=np.int64)
     train = TokenizedCorpus(corpus, tokenizer, cfg.data, pairs=pairs, source_starts=starts)

@@ -263,12 +263,15 @@ def announce(
     """Rank 0's start-up lines: warnings of the resume, what is trained, the memory estimate, where from."""
     for note in resume.notes if resume else []:
         sink.print(f"[yellow]warning:[/] {note}")
+    from dstrain.data.kto import describe as kto_line
     from dstrain.objectives.normalize import describe as loss_line
 
     sink.print(describe(cfg, prepared, peft_model))
     if prepared.mixture is not None:
         sink.print(prepared.mixture.line(prepared.total_steps))
     sink.print(loss_line(cfg.objective.name, cfg.objective.loss_normalization))
+    if prepared.train.kto:  # what KTO trains on: a preference file's pairs become two examples each
+        sink.print(kto_line(cfg.data.format, len(prepared.train.corpus)))
     sink.print(model_facts.head_line(cfg, peft_model))
     if note := model_facts.router_note(cfg, peft_model):
         sink.print(f"[yellow]warning:[/] {note}")

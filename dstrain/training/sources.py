@@ -21,7 +21,7 @@ from dstrain.config.run import ObjectiveConfig
 from dstrain.data.batches import SourceBatch
 from dstrain.data.mixture import Origin
 from dstrain.data.sources import Mixture
-from dstrain.objectives.preference import PairScores
+from dstrain.objectives.preference import PairScores, nll_weight
 
 
 def initial_sources(mixture: Mixture, files: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -104,11 +104,12 @@ def pair_losses(
     objective: ObjectiveConfig, scores: PairScores, sources: SourceBatch, global_norm: bool
 ) -> torch.Tensor:
     """Each source's summed pair loss [S] over its real pairs (a device tensor). With global normalisation
-    dpo_nll's pair terms leave out the NLL (it is normalised over the batch's tokens): here each pair gets
+    dpo_nll's and orpo's pair terms leave out the NLL (it is normalised over the batch's tokens): here each pair gets
     its own, nll_weight x its chosen answer's NLL per token."""
     per_pair = scores.loss.detach()
-    if objective.name == "dpo_nll" and global_norm:
-        per_pair = per_pair + objective.nll_weight * scores.chosen_nll.detach()
+    weight = nll_weight(objective)  # dpo_nll's and orpo's NLL term
+    if weight and global_norm:
+        per_pair = per_pair + weight * scores.chosen_nll.detach()
     groups = sources.groups.to(per_pair.device)
     totals = torch.zeros(len(sources.units), dtype=torch.float64, device=per_pair.device)
     return totals.index_add(0, groups, (per_pair * scores.valid).double())

@@ -1,4 +1,4 @@
-"""UltraRAG DDR: the scored output (`ddr` -> preference) and the first stage (`ddr-sft` -> sft-rag).
+"""UltraRAG DDR: the scored output (`ddr` -> preference or kto) and the first stage (`ddr-sft` -> sft-rag).
 
 Scored output: `context` lists the sampled answers, each {"text", "temperature", "type", "<metric>_score"}
 (the metric's name varies: rouge_score, ...), and `chosen`/`rejected` are the entries of max/min score.
@@ -10,6 +10,11 @@ Mapping decisions:
 - `--min-margin X` drops pairs whose score margin (chosen - rejected) is below X, measured by `--pick-by`'s
   field, else by the one `*_score` field the pair carries;
 - a pair whose chosen scores below its rejected is dropped (the file's order is not trusted).
+To kto (unpaired feedback), every scored `context` entry becomes one record: its answer is desirable
+(label true) when its score is >= `--threshold` (default 0.5, DDR's scores lie in [0, 1]), undesirable
+(false) below it. The score is `--pick-by`'s field, else the one `*_score` field the entries carry; entries
+without text or a numeric score are left out, and an answer sampled twice (same text, white space
+normalised) is kept once. A sample with no scored entry is dropped.
 First stage: `query`, `retrieval_result`, `ground_truth` -> sft-rag with the ground truth as the answer.
 """
 
@@ -30,10 +35,15 @@ def _is_first_stage(obj: dict) -> bool:
     return keys <= obj.keys() and not isinstance(obj["query"], dict) and not _is_scored(obj)
 
 
-@register("ddr", targets=("preference",), detect=_is_scored)
-def ddr(obj: dict, to: str, opts: Options) -> dict:
+DEFAULT_THRESHOLD = 0.5  # kto: a sampled answer scoring at least this is desirable
+
+
+@register("ddr", targets=("preference", "kto"), detect=_is_scored)
+def ddr(obj: dict, to: str, opts: Options) -> dict | list[dict]:
     """UltraRAG DDR scored output: sampled answers in `context`, chosen/rejected = max/min score."""
     query, passages = text(obj, "query"), strings(obj, "retrieval_result")
+    if to == "kto":
+        return _kto(obj, query, passages, opts)
     if opts.pick_by:
         chosen, rejected = _pick(obj, opts.pick_by)
         metric: str | None = opts.pick_by
@@ -45,6 +55,33 @@ def ddr(obj: dict, to: str, opts: Options) -> dict:
         raise Drop("tie: chosen equals rejected")
     _check_margin(chosen, rejected, metric, opts.min_margin)
     return {"query": query, "retrieval_result": passages, "chosen": {"text": good}, "rejected": {"text": bad}}
+
+
+def _kto(obj: dict, query: str, passages: list[str], opts: Options) -> list[dict]:
+    """One kto record per scored `context` entry: desirable at or above the threshold, undesirable below."""
+    entries = [e for e in obj["context"] if isinstance(e, dict) and isinstance(e.get("text"), str)]
+    entries = [e for e in entries if e["text"].strip()]
+    metric = opts.pick_by or _context_metric(entries)
+    threshold = DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold
+    out: list[dict] = []
+    for entry in entries:
+        score = _score(entry, metric)
+        if score is None or any(same_text(entry["text"], kept["answer"]) for kept in out):
+            continue
+        label = score >= threshold
+        out.append({"query": query, "retrieval_result": passages, "answer": entry["text"], "label": label})
+    if not out:
+        raise Drop(f"no context entry with text and a numeric '{metric}'")
+    return out
+
+
+def _context_metric(entries: list[dict]) -> str:
+    """The one `*_score` field the context entries carry."""
+    names = sorted({k for e in entries for k in e if k.endswith("_score") and _score(e, k) is not None})
+    if len(names) != 1:
+        found = f"several scores ({', '.join(names)})" if names else "no *_score field in context"
+        raise Drop(f"{found}: name the score with --pick-by")
+    return names[0]
 
 
 def _entry(obj: dict, key: str) -> dict:

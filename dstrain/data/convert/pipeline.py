@@ -68,8 +68,9 @@ def pick_family(path: Path, family: str, to: str, report: Report) -> Converter:
     return registry.get(found, to)
 
 
-def convert_one(conv: Converter, value: object, to: str, opts: Options) -> tuple[dict, bool]:
-    """The dstrain record for one upstream value, validated and cleaned as training reads it."""
+def convert_one(conv: Converter, value: object, to: str, opts: Options) -> list[tuple[dict, bool]]:
+    """The dstrain records for one upstream value (usually one), validated and cleaned as training reads
+    them, each with whether cleaning changed it. One that fails validation drops them all."""
     if not isinstance(value, dict):
         raise Drop(f"expected a JSON object, got {type(value).__name__}")
     try:
@@ -77,8 +78,11 @@ def convert_one(conv: Converter, value: object, to: str, opts: Options) -> tuple
     except (KeyError, TypeError, AttributeError, IndexError) as exc:
         # A record of another shape than the forced --from expects: dropped with the field, not a traceback.
         raise Drop(f"not a {conv.name} record ({type(exc).__name__}: {exc})") from None
-    record, changed = parse_counted(converted, to, clean=True)
-    return record_to_json(record), changed
+    out = []
+    for one in converted if isinstance(converted, list) else [converted]:
+        record, changed = parse_counted(one, to, clean=True)
+        out.append((record_to_json(record), changed))
+    return out
 
 
 def convert_file(
@@ -89,15 +93,16 @@ def convert_file(
         try:
             if item.error is not None:
                 raise Drop(item.error)
-            record, changed = convert_one(conv, item.value, to, opts)
+            converted = convert_one(conv, item.value, to, opts)
         except ValueError as exc:  # Drop, or the validation's reason
             where = "" if item.element is None or item.error else f"element {item.element}: "
             report(f"{path}:{item.line}: {where}{exc}")
             summary.dropped[reason_key(str(exc))] += 1
             continue
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        summary.written += 1
-        summary.cleaned += changed
+        for record, changed in converted:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            summary.written += 1
+            summary.cleaned += changed
 
 
 class _NothingWritten(Exception):  # noqa: N818 - control flow: leave no DST behind
@@ -111,6 +116,8 @@ def convert_files(
     opts = opts or Options()
     if opts.passages_from not in (None, "prediction", "ground_truth"):
         raise DataError(f"--passages-from must be prediction or ground_truth, got {opts.passages_from!r}")
+    if opts.threshold is not None and to != "kto":
+        raise DataError(f"--threshold labels DDR answers for --to kto; it does nothing for --to {to}")
     if family != "auto":
         registry.get(family, to)  # a bad --from/--to fails before anything is read
     elif to not in registry.FORMATS:

@@ -1,7 +1,7 @@
 """The converter registry: one small function per upstream family, plus how to recognise its records.
 
-A converter takes one decoded upstream record and returns one record in a dstrain format (a dict), or raises
-`Drop(reason)`. What it returns is validated (and cleaned) exactly as training reads it before it is written,
+A converter takes one decoded upstream record and returns one record in a dstrain format (a dict), or a list
+of them (a DDR sample's scored answers, each a kto record), or raises `Drop(reason)`. What it returns is validated (and cleaned) exactly as training reads it before it is written,
 so a converter only maps fields; it need not check what `dstrain validate-data` checks.
 
 Adding a family is one decorated function (and one test):
@@ -28,14 +28,17 @@ class Drop(ValueError):  # noqa: N818 - it is not an error of the run: a record 
 class Options:
     """Mapping choices that only some families read (each family's module says which)."""
 
-    pick_by: str | None = None  # ddr: re-pick chosen/rejected from `context` by this score field
+    pick_by: str | None = (
+        None  # ddr: re-pick chosen/rejected from `context` by this score field (kto: label by it)
+    )
     min_margin: float | None = None  # ddr: drop pairs whose score margin is below this
     strip_wrapper: bool = False  # kbalign: drop the literal "User: " ... "\nAssistant: " around the prompt
     final_answer: bool = False  # raft: train on the text after <ANSWER>: instead of the whole cot_answer
     passages_from: str | None = None  # rageval: "prediction" | "ground_truth" (default: prediction, else gt)
+    threshold: float | None = None  # ddr -> kto: answers scoring at least this are desirable (default 0.5)
 
 
-Convert = Callable[[dict, str, Options], dict]
+Convert = Callable[[dict, str, Options], dict | list[dict]]
 
 
 @dataclass(frozen=True)

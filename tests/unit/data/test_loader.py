@@ -281,7 +281,7 @@ def test_options_for_run(attention: str, packing: bool, pack_to: int, flat: bool
             max_seq_len=96, packing=packing, seed=4, shuffle_block=8, num_workers=2, group_by_length=False
         ),
     )
-    dataset = SimpleNamespace(pairs=False, sizes=lambda: np.arange(5))
+    dataset = SimpleNamespace(pairs=False, kto=0, sizes=lambda: np.arange(5))
     options = LoaderOptions.for_run(cfg, dataset, pad_id=PAD)
     assert (options.pack_to, options.flat, options.seed, options.shuffle_block) == (pack_to, flat, 4, 8)
     assert (options.num_workers, options.share_prompt, options.group) == (2, True, None)

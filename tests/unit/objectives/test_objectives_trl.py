@@ -335,8 +335,8 @@ def test_gradients_reach_policy_only(name):
 
 def test_unknown_objective_lists_valid_names():
     x = torch.zeros(2)
-    with pytest.raises(ValueError, match="valid: dpo, ipo, simpo, dpo_nll"):
-        preference_loss("orpo", x, x, x, x, x, x, beta=0.1)
+    with pytest.raises(ValueError, match="valid: dpo, ipo, simpo, dpo_nll, orpo"):
+        preference_loss("kto", x, x, x, x, x, x, beta=0.1)
 
 
 def test_invalid_settings_are_refused():
