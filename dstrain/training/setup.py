@@ -15,14 +15,9 @@ from dstrain.config.run import RunConfig
 from dstrain.config.zero import zero_stage
 from dstrain.distributed.env import DistEnv
 from dstrain.training import model_facts
+from dstrain.training import restore as restoring
 from dstrain.training.phases import StartupClock, phase
-from dstrain.training.restore import (
-    agree_on_checkpoint,
-    archive_newer_checkpoints,
-    initial_adapter,
-    new_state,
-    restore,
-)
+from dstrain.training.restore import agree_on_checkpoint, archive_newer_checkpoints, new_state, restore
 from dstrain.training.rundir import space_warning
 from dstrain.training.session import Run, Tally
 
@@ -68,8 +63,9 @@ def start(cfg: RunConfig, resume: ResumePoint | None = None) -> tuple[Run, Tally
     # Same seed on every rank: LoRA's random init must agree (and match a 1-rank run of the same config).
     seed_everything(cfg.train.seed)
     with phase(stop, "the model and engine build"):
+        initial = restoring.initial_adapter(resume, cfg)  # PiSSA/OLoRA resumed: the adapter it began with
         peft_model, ds_engine, memory_table = build(
-            cfg, prepared, env, resume.optimizer if resume else None, clock, initial_adapter(resume, cfg)
+            cfg, prepared, env, resume.optimizer if resume else None, clock, initial
         )
     # Then one seed per rank: dropout masks should differ across data-parallel ranks.
     seed_everything(cfg.train.seed + 1 + env.rank)
