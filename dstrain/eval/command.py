@@ -185,7 +185,7 @@ def score(
     )
     if generate:
         items = generation_items(examples, tokenizer, generate)
-        gen = GenerationEval(tokenizer, items, cfg.train.eval_max_new_tokens, synced=False)
+        gen = GenerationEval(tokenizer, {"": items}, cfg.train.eval_max_new_tokens, synced=False)  # one set
         with engine.evaluating(local):
             result |= evaluate_generation(policy, gen, micro, env.rank, env.world_size)
     return result

@@ -198,7 +198,8 @@ def two_nodes(tmp_path: Path, data: dict[str, Path], frozen_rank: int) -> list[s
     """Two launchers, one rank each (tests/distributed/test_multinode.py); node 0's rank 0 serves the store."""
     config, hostfile, port = run_config(tmp_path, data), write_hostfile(tmp_path), free_port()
     return [
-        start([*node_cmd(hostfile, n, port), "--config", str(config)], tmp_path, frozen_rank) for n in (0, 1)
+        start([*node_cmd(hostfile, n, port), "--config", str(config)], tmp_path, f"{frozen_rank}:4")
+        for n in (0, 1)
     ]
 
 

@@ -80,7 +80,8 @@ def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("ds", ["zero2", "zero3", "zero3_offload"])
+# ZeRO-3 is covered by zero3_offload (partitioned parameters and DeepSpeedCPUAdam's state): one launch pair less
+@pytest.mark.parametrize("ds", ["zero2", "zero3_offload"])
 def test_two_rank_resume_is_bitwise_exact(tmp_path: Path, small_data: dict, ds: str):
     """LoRA dropout on: each rank's RNG stream is restored too. Compared with torch.equal (bitwise, fp32)."""
     cfg = make_config(tmp_path, small_data, "full", ds, dropout=0.1)

@@ -77,8 +77,6 @@ def files(root: Path, objective: str) -> dict[str, Path]:
 # (the all-to-alls rerun in backward), precomputed reference log-probs (one pass per group).
 EXTRA = {
     ("sft", "zero2"): {"data": {"packing": True}},
-    ("sft", "zero3"): {"model": {"gradient_checkpointing": True}},
-    ("dpo", "zero2"): {"data": {"format": "preference", "share_prompt": False}},
     ("dpo", "zero3"): {
         "model": {"gradient_checkpointing": True},
         "objective": {"precompute_reference": True},
@@ -155,11 +153,12 @@ def assert_same_adapter(run: Path, ref: Path) -> None:
     assert_state_close(got, want, ADAPTER_REL_TOL, f"{run.name} vs {ref.name}: final adapter")
 
 
-@pytest.mark.parametrize("ds", ["zero2", "zero3"])
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+# each objective and each ZeRO stage once (the suite's time budget): SFT on ZeRO-2 (whose checkpoint the resume
+# test below reuses), DPO on ZeRO-3 (the gradient path DeepSpeed gets wrong under Ulysses, and shared pairs)
+@pytest.mark.parametrize(("objective", "ds"), [("sft", "zero2"), ("dpo", "zero3")])
 def test_two_ranks_in_one_group_match_one_rank(root, reference, objective, ds):
     run = launch(root, objective, f"{objective}-{ds}-sp2", 2, ds, nproc=2, extra=EXTRA[objective, ds])
-    assert_same_curve(run, reference[objective], tokens=(objective, ds) != ("dpo", "zero2"))
+    assert_same_curve(run, reference[objective], tokens=True)
     assert_same_adapter(run, reference[objective])
     if ds == "zero3":  # the resolved JSON takes ZeRO-3's gradient path that is right under Ulysses
         written = (run / "ds_config.json").read_text()

@@ -16,16 +16,18 @@ from dstrain.train import main
 
 
 def inject(steps: set[int], accumulation_hint: list[int]) -> None:
-    real = loop.sft_loss
+    real = loop.micro_loss  # the objective's output, whichever normalisation the run uses
     calls = {"n": 0}
 
-    def poisoned(nll_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-        loss = real(nll_sum, num_tokens)
+    def poisoned(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, logged, router = real(*args, **kwargs)
         step = calls["n"] // accumulation_hint[0] + 1
         calls["n"] += 1
-        return loss * float("nan") if step in steps else loss
+        if step in steps:
+            return loss * float("nan"), logged * float("nan"), router
+        return loss, logged, router
 
-    loop.sft_loss = poisoned
+    loop.micro_loss = poisoned
 
 
 if __name__ == "__main__":

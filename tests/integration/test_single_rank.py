@@ -111,7 +111,7 @@ def test_checkpoints_are_complete_and_peft_loadable(finished_run):
 
 
 def test_first_step_loss_equals_plain_transformers(finished_run):
-    """The logged loss of step 1 (no update yet) equals transformers' own labels= loss on the same batches."""
+    """The logged loss of step 1 (no update yet) equals transformers' own labels= loss on the step's records."""
     tmp_path, config, _ = finished_run
     cfg = load_config(config)
     prepared = prepare(cfg, world=1)
@@ -119,11 +119,10 @@ def test_first_step_loss_equals_plain_transformers(finished_run):
     order = iter(sampler)
     micro_batches = [next(order) for _ in range(prepared.plan.accumulation)]  # step 1's micro batches
     model = load_base_model(cfg.model).eval()  # fresh LoRA starts at B=0: the base model's function
-    losses = []
-    with torch.no_grad():
-        for indices in micro_batches:
-            batch = collate([prepared.train[i] for i in indices], prepared.tokenizer.pad_token_id)
-            losses.append(model(**batch).loss.item())
-    expected = sum(losses) / len(losses)  # DeepSpeed averages the accumulated micro-batch losses
+    records = [prepared.train[i] for indices in micro_batches for i in indices]
+    with torch.no_grad():  # one padded batch: transformers' mean over every labelled token of the step
+        expected = model(**collate(records, prepared.tokenizer.pad_token_id)).loss.item()
+    # objective.loss_normalization: global, the token-weighted loss of the whole global batch; its sums run in
+    # another order than one padded batch's (fp32)
     logged = next(row["loss"] for row in metrics(tmp_path / "run") if "loss" in row)
-    assert logged == pytest.approx(expected, rel=1e-6)
+    assert logged == pytest.approx(expected, rel=1e-5)
