@@ -2,6 +2,8 @@
 
 import logging as _logging
 
+from dstrain import lean_imports as _lean_imports
+
 __version__ = "0.2.0.dev0"
 
 # The libraries whose versions decide whether a checkpoint's numbers can be reproduced: recorded in every
@@ -12,6 +14,10 @@ TRACKED_PACKAGES = ("torch", "deepspeed", "transformers", "peft", "safetensors")
 # that the optional `kernels` package is missing; it falls back to its own CPU kernel. Nothing to act on,
 # and it would print at the start of every run: quieted before anything imports PEFT.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+# deepspeed's imports of mlflow (autotuning) and Muon (ZeRO's optimizer list): seconds of every rank's start-up
+# for features dstrain does not use (dstrain/lean_imports.py).
+_lean_imports.install()
 
 
 def package_versions() -> dict[str, str]:
