@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dstrain.objectives.losses import PREFERENCE_OBJECTIVES, PreferenceTerms, preference_loss
+from tests.unit.objectives.trl_stubs import SingleProcess, bare_trainer
 
 # TRL is a test dependency (pyproject's [test] extra): a missing TRL fails here rather than skipping.
 with warnings.catch_warnings():  # TRLExperimentalWarning: CPO lives under trl.experimental in 1.16
@@ -26,18 +26,6 @@ from trl.trainer.dpo_trainer import DPOTrainer
 
 TOL = dict(rtol=0.0, atol=1e-9)  # float64 on both sides: agreement is at rounding level (~1e-15)
 B, T, V = 6, 12, 11  # pairs, sequence length (prompt + answer + padding), vocab of the logits path
-
-
-class _Accelerator:
-    """Single process: every gather is the identity."""
-
-    device = torch.device("cpu")
-
-    @staticmethod
-    def gather(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    gather_for_metrics = gather
 
 
 class _FusedHeadLM:
@@ -100,8 +88,8 @@ def _pairs(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _trl_dpo(data: dict, *, beta: float, loss_types: list[str], loss_weights: list[float] | None = None):
     """TRL's loss and logged metrics from `DPOTrainer._compute_loss`, precomputed-reference path."""
-    trainer = object.__new__(DPOTrainer)
-    trainer.__dict__.update(
+    trainer = bare_trainer(
+        DPOTrainer,
         beta=beta,
         loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types),
@@ -110,12 +98,6 @@ def _trl_dpo(data: dict, *, beta: float, loss_types: list[str], loss_weights: li
         ld_alpha=None,
         use_weighting=False,
         precompute_ref_logps=True,
-        aux_loss_enabled=False,
-        accelerator=_Accelerator(),
-        model=SimpleNamespace(training=True),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
     )
     inputs = {
         "input_ids": torch.zeros(2 * B, T, dtype=torch.long),
@@ -197,8 +179,8 @@ def test_simpo_matches_trl_cpo_simpo(beta, gamma, label_smoothing):
     """simpo == trl/experimental/cpo/cpo_trainer.py CPOTrainer.get_batch_loss_metrics (-> concatenated_forward,
     get_batch_logps(average_log_prob=True), cpo_loss), loss_type="simpo", cpo_alpha=0 (pure SimPO)."""
     batch, logits = _simpo_batch(seed=4)
-    trainer = object.__new__(CPOTrainer)
-    trainer.__dict__.update(
+    trainer = bare_trainer(
+        CPOTrainer,
         beta=beta,
         simpo_gamma=gamma,
         label_smoothing=label_smoothing,
@@ -207,8 +189,6 @@ def test_simpo_matches_trl_cpo_simpo(beta, gamma, label_smoothing):
         cpo_alpha=0.0,
         is_encoder_decoder=False,
         pad_token_id=0,
-        aux_loss_enabled=False,
-        accelerator=_Accelerator(),
     )
     trl_loss, metrics = CPOTrainer.get_batch_loss_metrics(trainer, _LogitsLM(logits), batch)
     avg_c, avg_r = CPOTrainer.concatenated_forward(trainer, _LogitsLM(logits), batch)[:2]
@@ -253,7 +233,11 @@ def test_cdpo_matches_trl_cpo_sigmoid_on_log_ratios(label_smoothing):
     data = _pairs(seed=5)
     beta = 0.3
     trainer = SimpleNamespace(
-        beta=beta, label_smoothing=label_smoothing, loss_type="sigmoid", alpha=0.0, accelerator=_Accelerator()
+        beta=beta,
+        label_smoothing=label_smoothing,
+        loss_type="sigmoid",
+        alpha=0.0,
+        accelerator=SingleProcess(),
     )
     trl_losses, trl_chosen, trl_rejected = CPOTrainer.cpo_loss(
         trainer, data["pc"] - data["rc"], data["pr"] - data["rr"]

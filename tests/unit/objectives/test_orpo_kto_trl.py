@@ -8,7 +8,6 @@ outputs are built from the numbers dstrain sees. Everything in float64 on CPU. U
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +19,7 @@ from dstrain.objectives.losses import preference_loss
 from dstrain.objectives.normalize import StepUnits, example_contribution, pair_contribution
 from dstrain.objectives.preference import nll_weight, score_pairs
 from dstrain.training.objective import kto_means, orpo_means
+from tests.unit.objectives.trl_stubs import bare_trainer
 
 with warnings.catch_warnings():  # TRLExperimentalWarning: ORPO lives under trl.experimental in 1.16
     warnings.simplefilter("ignore")
@@ -31,16 +31,6 @@ TOL = dict(rtol=0.0, atol=1e-9)  # float64 on both sides: agreement is at roundi
 # carry float32 rounding (measured here: 2e-8 on the loss), which dstrain's float64 arithmetic does not
 ORPO_TOL = dict(rtol=1e-6, atol=1e-7)
 B, T, V = 6, 12, 11  # pairs (KTO: examples), sequence length, vocab
-
-
-class _Accelerator:
-    """Single process: every gather is the identity."""
-
-    device = torch.device("cpu")
-
-    @staticmethod
-    def gather_for_metrics(tensor):
-        return tensor
 
 
 class _LogitsLM:
@@ -94,13 +84,11 @@ def test_orpo_matches_trl(beta):
     """orpo == trl/experimental/orpo ORPOTrainer.get_batch_loss_metrics (concatenated_forward ->
     get_batch_logps(average_log_prob=True), odds_ratio_loss): loss, rewards, log odds terms and gradient."""
     batch, logits = _orpo_batch(seed=11)
-    trainer = object.__new__(ORPOTrainer)
-    trainer.__dict__.update(
+    trainer = bare_trainer(
+        ORPOTrainer,
         beta=beta,
         is_encoder_decoder=False,
         padding_value=0,
-        aux_loss_enabled=False,
-        accelerator=_Accelerator(),
     )
     trl_loss, metrics = ORPOTrainer.get_batch_loss_metrics(trainer, _LogitsLM(logits), batch)
 
@@ -178,20 +166,14 @@ def _kto_batch(seed: int, kl_shift: float) -> dict:
 
 
 def _trl_kto(data: dict, beta: float, weights: tuple[float, float]):
-    trainer = object.__new__(KTOTrainer)
-    trainer.__dict__.update(
+    trainer = bare_trainer(
+        KTOTrainer,
         beta=beta,
         desirable_weight=weights[0],
         undesirable_weight=weights[1],
         loss_type="kto",
         calculate_KL=True,
         precompute_ref_logps=True,
-        aux_loss_enabled=False,
-        accelerator=_Accelerator(),
-        model=SimpleNamespace(training=True),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
     )
     input_ids = torch.zeros(B, T, dtype=torch.long)
     kl_input_ids = torch.ones(B, T, dtype=torch.long)
@@ -273,13 +255,11 @@ def test_orpo_micro_batch_shares_add_up_to_trl_on_the_global_batch():
     batch's 6, its chosen NLL over the global batch's chosen tokens) sums to TRL's loss on all 6 pairs at once,
     and so does the gradient."""
     batch, logits = _orpo_batch(seed=5)
-    trainer = object.__new__(ORPOTrainer)
-    trainer.__dict__.update(
+    trainer = bare_trainer(
+        ORPOTrainer,
         beta=0.1,
         is_encoder_decoder=False,
         padding_value=0,
-        aux_loss_enabled=False,
-        accelerator=_Accelerator(),
     )
     trl_loss, _ = ORPOTrainer.get_batch_loss_metrics(trainer, _LogitsLM(logits), batch)
     policy, tokens = _row_logps(logits, torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
