@@ -273,13 +273,16 @@ def sft_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) 
     )
 
 
-def preference_rows(work: bw.Workload, tokenizer: Any) -> list[dict[str, str]]:
-    """prompt/chosen/rejected rows, the prompt rendered by dstrain's template (the same text dstrain trains on)."""
+def dpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = bw.load_tokenizer()
 
     def answer(value: Any) -> str:
         return " " + (value["text"] if isinstance(value, dict) else value).strip()
 
-    return [
+    rows = [
         {
             "prompt": bw.rendered_prompt(tokenizer, r, work.max_passage_tokens),
             "chosen": answer(r.get("chosen", r.get("answer"))),
@@ -287,13 +290,6 @@ def preference_rows(work: bw.Workload, tokenizer: Any) -> list[dict[str, str]]:
         }
         for r in records(work)
     ]
-
-
-def dpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    tokenizer = bw.load_tokenizer()
     ds = json.loads(Path(work.ds_config).read_text())
     args = DPOConfig(
         **common_args(work, out, ds),
@@ -307,35 +303,14 @@ def dpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) 
         model=load_model(work),
         ref_model=None,
         args=args,
-        train_dataset=Dataset.from_list(preference_rows(work, tokenizer)),
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora_config(work),
         callbacks=[make_callback(clock)],
     )
 
 
-def orpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
-    """TRL's ORPOTrainer (trl.experimental.orpo in TRL 1.x): no reference model; beta is ORPO's lambda."""
-    from datasets import Dataset
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-    tokenizer = bw.load_tokenizer()
-    ds = json.loads(Path(work.ds_config).read_text())
-    args = ORPOConfig(
-        **common_args(work, out, ds), beta=work.beta, max_length=work.max_seq_len, dataset_num_proc=None
-    )
-    trainer_cls = counting(ORPOTrainer, clock)
-    return trainer_cls(
-        model=load_model(work),
-        args=args,
-        train_dataset=Dataset.from_list(preference_rows(work, tokenizer)),
-        processing_class=tokenizer,
-        peft_config=lora_config(work),
-        callbacks=[make_callback(clock)],
-    )
-
-
-MODES = {"sft-hf": sft_hf, "sft-trl": sft_trl, "dpo-trl": dpo_trl, "orpo-trl": orpo_trl}
+MODES = {"sft-hf": sft_hf, "sft-trl": sft_trl, "dpo-trl": dpo_trl}
 
 
 def main() -> None:
