@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dstrain.objectives.losses import PREFERENCE_OBJECTIVES, PreferenceTerms, preference_loss
-from tests.unit.objectives.trl_stubs import SingleProcess, bare_trainer
+from tests.unit.objectives.trl_stubs import SingleProcess, bare_trainer, paired_batch
 
 # TRL is a test dependency (pyproject's [test] extra): a missing TRL fails here rather than skipping.
 with warnings.catch_warnings():  # TRLExperimentalWarning: CPO lives under trl.experimental in 1.16
@@ -164,12 +164,7 @@ def _simpo_batch(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     input_ids = torch.randint(1, V, (2 * B, T), generator=gen)
     labels = input_ids.masked_fill(mask == 0, -100)
     logits = (2.0 * torch.randn(2 * B, T, V, generator=gen, dtype=torch.float64)).requires_grad_()
-    batch = {}
-    for side, rows in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
-        batch[f"{side}_input_ids"] = input_ids[rows]
-        batch[f"{side}_attention_mask"] = torch.ones_like(input_ids[rows])
-        batch[f"{side}_labels"] = labels[rows]
-    return batch, logits
+    return paired_batch(input_ids, labels, torch.ones_like(input_ids), B), logits
 
 
 @pytest.mark.parametrize(

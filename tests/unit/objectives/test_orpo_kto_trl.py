@@ -19,7 +19,7 @@ from dstrain.objectives.losses import preference_loss
 from dstrain.objectives.normalize import StepUnits, example_contribution, pair_contribution
 from dstrain.objectives.preference import nll_weight, score_pairs
 from dstrain.training.objective import kto_means, orpo_means
-from tests.unit.objectives.trl_stubs import bare_trainer
+from tests.unit.objectives.trl_stubs import bare_trainer, paired_batch
 
 with warnings.catch_warnings():  # TRLExperimentalWarning: ORPO lives under trl.experimental in 1.16
     warnings.simplefilter("ignore")
@@ -63,12 +63,7 @@ def _orpo_batch(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     input_ids = torch.randint(1, V, (2 * B, T), generator=gen)
     labels = input_ids.masked_fill(mask == 0, -100)
     logits = (2.0 * torch.randn(2 * B, T, V, generator=gen, dtype=torch.float64)).requires_grad_()
-    batch = {}
-    for side, rows in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
-        batch[f"{side}_input_ids"] = input_ids[rows]
-        batch[f"{side}_attention_mask"] = mask[rows]
-        batch[f"{side}_labels"] = labels[rows]
-    return batch, logits
+    return paired_batch(input_ids, labels, mask, B), logits
 
 
 def _row_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

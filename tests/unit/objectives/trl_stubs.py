@@ -36,3 +36,13 @@ def bare_trainer(cls: type, **fields: Any) -> Any:
         **fields,
     )
     return trainer
+
+
+def paired_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention: torch.Tensor, pairs: int) -> dict:
+    """Rows [2B] (chosen first, rejected after) as TRL's `chosen_*` / `rejected_*` batch keys."""
+    batch = {}
+    for side, rows in (("chosen", slice(0, pairs)), ("rejected", slice(pairs, 2 * pairs))):
+        batch[f"{side}_input_ids"] = input_ids[rows]
+        batch[f"{side}_attention_mask"] = attention[rows]
+        batch[f"{side}_labels"] = labels[rows]
+    return batch
