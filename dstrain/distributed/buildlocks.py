@@ -18,12 +18,14 @@ import hashlib
 import importlib.util
 import os
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from dstrain.distributed.env import first_on_path
 from dstrain.errors import DistributedError
 
 # Between taking the lock and starting ninja, torch only writes build.ninja: a minute is ample.
@@ -49,6 +51,7 @@ def use_install_cache() -> Path:
     50 s, before the first step). A subdirectory per DeepSpeed install path keeps one build per install.
     Set in the environment, it reaches torch's extension loader at build time and the ranks' children.
     """
+    use_install_ninja()
     chosen = os.environ.get("TORCH_EXTENSIONS_DIR")
     if chosen:
         return Path(chosen)
@@ -58,6 +61,22 @@ def use_install_cache() -> Path:
     root = Path("~/.cache/torch_extensions").expanduser() / f"dstrain-{tag}"
     os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
     return root
+
+
+def use_install_ninja() -> Path | None:
+    """Put the ninja installed beside this interpreter (pip's, a DeepSpeed dependency) first on PATH, and
+    return its directory (None where there is none: whatever ninja PATH finds builds, always the same one).
+
+    torch builds an op with whichever `ninja` PATH finds first, and ninja rebuilds everything whose logged
+    command hash differs. Ninja versions hash differently (1.11 MurmurHash, 1.13 rapidhash), so a run from
+    an activated venv (pip's 1.13) and one without (a system 1.11 in /usr/bin) each find the other's build
+    stale: the op is compiled again, 1.5-3 min before the first step, on every alternation.
+    """
+    scripts = Path(sysconfig.get_path("scripts"))
+    if not (scripts / "ninja").is_file():
+        return None
+    os.environ["PATH"] = first_on_path(str(scripts), os.environ.get("PATH", ""))
+    return scripts
 
 
 def extensions_root() -> Path:

@@ -72,3 +72,9 @@ def env_rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+def first_on_path(directory: str, path: str) -> str:
+    """PATH with `directory` first and nowhere else (os.pathsep-joined, as in the environment)."""
+    rest = [p for p in path.split(os.pathsep) if p and p != directory] if path else []
+    return os.pathsep.join([directory, *rest])

@@ -69,10 +69,10 @@ def run_launcher(cmd: list[str]) -> int:
 
 def launcher_env() -> dict[str, str]:
     """This environment, with its scripts directory (ninja, deepspeed's own tools) first on PATH."""
+    from dstrain.distributed.env import first_on_path
+
     env = os.environ.copy()
-    scripts = sysconfig.get_path("scripts")
-    paths = env.get("PATH", "").split(os.pathsep) if env.get("PATH") else []
-    env["PATH"] = os.pathsep.join([scripts, *(p for p in paths if p != scripts)])
+    env["PATH"] = first_on_path(sysconfig.get_path("scripts"), env.get("PATH", ""))
     return env
 
 

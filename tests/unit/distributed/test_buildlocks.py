@@ -2,7 +2,9 @@
 
 import importlib.machinery
 import os
+import shutil
 import subprocess
+import sysconfig
 import time
 from pathlib import Path
 
@@ -89,3 +91,22 @@ def test_a_chosen_op_cache_is_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert buildlocks.use_install_cache() == tmp_path
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
+
+
+def test_ops_build_with_the_ninja_installed_beside_this_interpreter(monkeypatch):
+    """Ninja 1.11 (a system one) and 1.13 (pip's) hash build commands differently; whichever builds an op,
+    the other finds it stale and compiles again. Every dstrain process must pick the same one: pip's."""
+    scripts = sysconfig.get_path("scripts")
+    assert Path(scripts, "ninja").is_file(), "deepspeed depends on pip's ninja; the test venv has it"
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", scripts]))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")  # restored after the test
+    buildlocks.use_install_cache()
+    assert os.environ["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]
+    assert shutil.which("ninja") == str(Path(scripts, "ninja"))
+
+
+def test_without_a_ninja_beside_the_interpreter_path_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(buildlocks.sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert buildlocks.use_install_ninja() is None
+    assert os.environ["PATH"] == "/usr/bin:/bin"
