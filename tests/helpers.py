@@ -161,6 +161,32 @@ def train_deepspeed(
     return run(deepspeed_cmd("--module", module, "--config", str(config), *args, nproc=nproc), cwd)
 
 
+def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node N --master_port FREE ARGS...` (ARGS: `-m MODULE ...` or `SCRIPT ...`), for
+    tests whose subject is what the ranks compute, not how they were started.
+
+    torchrun is one process that imports torch (3 s); the deepspeed launcher is two that import deepspeed
+    (runner and launch.py, 6-7 s each), so each of these launches starts its ranks about 11 s sooner. The
+    deepspeed launcher keeps the tests about launching itself: signals, failures and frozen ranks, the
+    golden runs, two nodes, Slurm, and every `dstrain train/resume --num-gpus`.
+    """
+    return [
+        str(VENV_BIN / "torchrun"),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
+
+
+def train_ranks(
+    config: Path, *args: str, cwd: Path, nproc: int = 2, module: str = "dstrain.train"
+) -> subprocess.CompletedProcess:
+    """N ranks of `python -m dstrain.train --config CONFIG ...` started by torchrun (`torchrun_cmd`)."""
+    return run(torchrun_cmd("-m", module, "--config", str(config), *args, nproc=nproc), cwd)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -1,4 +1,4 @@
-"""Adapter variants in real 2-rank ZeRO-3 jobs (deepspeed launcher, gloo on CPU). Two runs cover the five:
+"""Adapter variants in real 2-rank ZeRO-3 jobs (started by torchrun, gloo on CPU). Two runs cover the five:
 
 - `pissa`: PiSSA (pissa_niter_4) + DoRA + LoRA+ (ratio 16), ZeRO-3 with CPU offload (DeepSpeedCPUAdam with
   two param groups), LoRA dropout on (DoRA's dropout branch, and the RNG on resume);
@@ -40,7 +40,7 @@ from tests.helpers import (
     dstrain,
     make_small_data,
     metrics,
-    train_deepspeed,
+    train_ranks,
     ulps_at_largest,
     write_config,
 )
@@ -83,7 +83,7 @@ def launch(tmp: Path, name: str) -> Path:
         lora={"r": 8, "alpha": 16, **spec["lora"]},
         train={"max_steps": STEPS, "save_every": MIDDLE, "log_every": 1, **spec["train"]},
     )
-    check(train_deepspeed(config, cwd=tmp))
+    check(train_ranks(config, cwd=tmp))
     return tmp / "full"
 
 

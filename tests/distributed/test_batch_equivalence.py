@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import check, metrics, train_deepspeed, train_losses, train_single, write_config
+from tests.helpers import check, metrics, train_losses, train_ranks, train_single, write_config
 from tests.numerics import assert_steps_close
 
 pytestmark = [pytest.mark.distributed, pytest.mark.numerics]
@@ -31,7 +31,7 @@ def test_two_ranks_match_one_rank_with_doubled_accumulation(tmp_path, small_data
     one = write_config(tmp_path, small_data, name="one", **common)
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*"))
-    check(train_deepspeed(two, cwd=tmp_path, nproc=2))  # micro 4 x accumulation 1 x world 2
+    check(train_ranks(two, cwd=tmp_path, nproc=2))  # micro 4 x accumulation 1 x world 2
     # DeepSpeed's CPU all-reduce leaves a 69 MB RAM-backed file per rank unless dstrain unlinks it
     assert set(shm.glob("deepspeed_allreduce_buffer_*")) <= before
     check(train_single(one, cwd=tmp_path))  # micro 4 x accumulation 2 x world 1
@@ -46,7 +46,7 @@ def test_workers_and_packing_change_nothing_but_speed(tmp_path, small_data):
     common = {"train": {"max_steps": 8, "log_every": 1, "save_every": 0, "global_batch_size": 8}}
     fast = write_config(tmp_path, small_data, name="fast", data={"num_workers": 2, "packing": True}, **common)
     plain = write_config(tmp_path, small_data, name="plain", **common)
-    check(train_deepspeed(fast, cwd=tmp_path, nproc=2))
+    check(train_ranks(fast, cwd=tmp_path, nproc=2))
     check(train_single(plain, cwd=tmp_path))
     fast_rows = [row for row in metrics(tmp_path / "fast") if "loss" in row]
     plain_rows = [row for row in metrics(tmp_path / "plain") if "loss" in row]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.families import write_family
-from tests.helpers import check, dstrain, metrics, train_deepspeed, write_config
+from tests.helpers import check, dstrain, metrics, train_ranks, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -33,7 +33,7 @@ def test_family_on_two_ranks_resumes_on_one(tmp_path: Path, small_data: dict, fa
         ds_config=f"ds_configs/{ds}.json",
         train={"max_steps": STEPS, "save_every": MIDDLE, "global_batch_size": 8, "eval_every": 0},
     )
-    proc = check(train_deepspeed(config, cwd=tmp_path))
+    proc = check(train_ranks(config, cwd=tmp_path))
     assert "log-probs: chunked head" in proc.stdout
     full = tmp_path / "full"
     fork = tmp_path / "on_one"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dstrain.config.zero import find_ds_config
-from tests.helpers import check, metrics, train_deepspeed, train_single, write_config
+from tests.helpers import check, metrics, train_ranks, train_single, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -110,9 +110,7 @@ def run_split(root: Path, objective: str, split: tuple[str, int, int, int]) -> d
         train={"max_steps": 1, "log_every": 1, "save_every": 1, "sequence_parallel_size": sequence},
         ds_config=str(ds_json(root, micro)),
     )
-    launched = (
-        train_single(config, cwd=root) if ranks == 1 else train_deepspeed(config, cwd=root, nproc=ranks)
-    )
+    launched = train_single(config, cwd=root) if ranks == 1 else train_ranks(config, cwd=root, nproc=ranks)
     check(launched)
     run_dir = root / f"{objective}-{name}"
     row = next(r for r in metrics(run_dir) if r.get("step") == 1 and "loss" in r)

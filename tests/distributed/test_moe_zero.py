@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.families import write_family
-from tests.helpers import VENV_BIN, check, deepspeed_cmd, make_small_data, metrics, run, write_config
+from tests.helpers import VENV_BIN, check, make_small_data, metrics, run, torchrun_cmd, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -113,7 +113,7 @@ def launch(config: Path, cwd: Path, nproc: int) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, "-m", "dstrain.train", "--config", str(config)]
     else:
-        cmd = deepspeed_cmd("--module", "dstrain.train", "--config", str(config), nproc=nproc)
+        cmd = torchrun_cmd("-m", "dstrain.train", "--config", str(config), nproc=nproc)
     return check(run(cmd, cwd, timeout=LAUNCH_TIMEOUT_S))
 
 

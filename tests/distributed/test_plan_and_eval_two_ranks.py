@@ -1,4 +1,4 @@
-"""One real 2-rank run (deepspeed launcher, ZeRO-2, gloo on CPU), planned by `dstrain train --dry-run` before
+"""One real 2-rank run (started by torchrun, ZeRO-2, gloo on CPU), planned by `dstrain train --dry-run` before
 it starts and scored by `dstrain eval` after it ends: the plan's numbers are the ones the run printed and
 logged, and eval reproduces the logged eval metrics from the checkpoint, the exported adapter and the merged
 model."""
@@ -14,7 +14,7 @@ import pytest
 from dstrain.checkpoint.export import export_checkpoint
 from dstrain.eval.command import main as eval_main
 from dstrain.model.memory import gib
-from tests.helpers import check, dstrain, make_small_data, metrics, train_deepspeed, write_config
+from tests.helpers import check, dstrain, make_small_data, metrics, train_ranks, write_config
 from tests.unit.checkpoint.test_sizing import TOLERANCE_BYTES
 
 pytestmark = pytest.mark.distributed
@@ -43,7 +43,7 @@ def run(tmp_path_factory) -> dict:
     config = write_config(tmp, files, train=train)
     dry = check(dstrain("train", "--config", str(config), "--dry-run", "--num-gpus", "2", "--json", cwd=tmp))
     assert not (tmp / "run").exists()
-    proc = check(train_deepspeed(config, cwd=tmp))
+    proc = check(train_ranks(config, cwd=tmp))
     return {"tmp": tmp, "files": files, "plan": json.loads(dry.stdout), "stdout": proc.stdout}
 
 

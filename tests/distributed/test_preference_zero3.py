@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from dstrain.config.demo import asset
-from tests.helpers import check, metrics, subset, train_deepspeed, train_single, write_config
+from tests.helpers import check, metrics, subset, train_ranks, train_single, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -50,7 +50,7 @@ def test_dpo_zero3_two_ranks_match_one_rank(tmp_path):
     one = write_config(
         tmp_path, files, name="one", **{**common, "data": {**common["data"], "share_prompt": False}}
     )
-    check(train_deepspeed(two, cwd=tmp_path, nproc=2))
+    check(train_ranks(two, cwd=tmp_path, nproc=2))
     check(train_single(one, cwd=tmp_path))
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert len(two) == len(one)

@@ -1,4 +1,4 @@
-"""QLoRA in real 2-rank DeepSpeed jobs (deepspeed launcher, gloo on CPU): a 4-bit NF4 base with gradient
+"""QLoRA in real 2-rank DeepSpeed jobs (started by torchrun, gloo on CPU): a 4-bit NF4 base with gradient
 checkpointing under ZeRO-2 (fp32 compute) and ZeRO-3 (bf16 compute and storage: the QLoRA + ZeRO-3 setup).
 
 Each run trains a few steps and saves; the saved adapter must be non-empty (not ZeRO-3's [0]-shaped
@@ -24,8 +24,8 @@ from tests.helpers import (
     REPO,
     assert_adapter_logits,
     check,
-    deepspeed_cmd,
     run,
+    torchrun_cmd,
     train_losses,
     ulps_at_largest,
     write_config,
@@ -77,7 +77,7 @@ def test_qlora_with_checkpointing_trains_and_saves_a_loadable_adapter(tmp_path, 
     )
     proc = check(
         run(
-            deepspeed_cmd(str(REPO / "tests" / "distributed" / "probe_logits.py"), "--config", str(config)),
+            torchrun_cmd(str(REPO / "tests" / "distributed" / "probe_logits.py"), "--config", str(config)),
             tmp_path,
         )
     )

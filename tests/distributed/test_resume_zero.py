@@ -25,7 +25,7 @@ from tests.helpers import (
     deepspeed_cmd,
     dstrain,
     metrics,
-    train_deepspeed,
+    train_ranks,
     train_single,
     ulps_at_largest,
     write_config,
@@ -85,7 +85,7 @@ def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_rank_resume_is_bitwise_exact(tmp_path: Path, small_data: dict, ds: str):
     """LoRA dropout on: each rank's RNG stream is restored too. Compared with torch.equal (bitwise, fp32)."""
     cfg = make_config(tmp_path, small_data, "full", ds, dropout=0.1)
-    check(train_deepspeed(cfg, cwd=tmp_path))
+    check(train_ranks(cfg, cwd=tmp_path))
     full = tmp_path / "full"
     fork = fork_at_middle(full, "resumed")
     check(dstrain("resume", str(fork), "--num-gpus", "2", cwd=tmp_path))
@@ -120,7 +120,7 @@ def test_elastic_two_ranks_to_one(tmp_path: Path, small_data: dict):
     raw = yaml.safe_load(cfg.read_text())
     raw["data"].update(on_error="skip", max_bad_fraction=0.1, group_by_length=False)
     cfg.write_text(yaml.safe_dump(raw))
-    check(train_deepspeed(cfg, cwd=tmp_path))
+    check(train_ranks(cfg, cwd=tmp_path))
     fork = fork_at_middle(tmp_path / "full", "on_one")
     proc = check(dstrain("resume", str(fork), cwd=tmp_path))
     assert "world 1, global batch 8 = micro 4 x accumulation 2 x world 1" in proc.stdout

@@ -26,7 +26,7 @@ from tests.helpers import (
     free_port,
     metrics,
     subset,
-    train_deepspeed,
+    train_ranks,
     train_single,
     write_config,
 )
@@ -100,7 +100,7 @@ def launch(
     if nproc == 1:
         check(train_single(config, cwd=root))
     else:
-        check(train_deepspeed(config, cwd=root, nproc=nproc))
+        check(train_ranks(config, cwd=root, nproc=nproc))
     return root / name
 
 

@@ -1,4 +1,4 @@
-"""Real 2-rank DeepSpeed jobs (deepspeed launcher, gloo on CPU) for ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload.
+"""Real 2-rank DeepSpeed jobs (started by torchrun, gloo on CPU) for ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload.
 
 Each trains a few steps and saves; the adapter that PEFT loads back onto a fresh base must reproduce the
 logits of the model that was training, which is exactly what goes wrong when ZeRO-3 partitions are saved
@@ -21,8 +21,8 @@ from tests.helpers import (
     REPO,
     assert_adapter_logits,
     check,
-    deepspeed_cmd,
     run,
+    torchrun_cmd,
     train_losses,
     ulps_at_largest,
     write_config,
@@ -38,7 +38,7 @@ LOGITS_ULPS = 8
 def launch_probe(config: Path, cwd: Path) -> None:
     check(
         run(
-            deepspeed_cmd(str(REPO / "tests" / "distributed" / "probe_logits.py"), "--config", str(config)),
+            torchrun_cmd(str(REPO / "tests" / "distributed" / "probe_logits.py"), "--config", str(config)),
             cwd,
         )
     )
