@@ -112,14 +112,15 @@ def train_and_report(cfg: RunConfig, resume: ResumePoint | None) -> TrainerState
 
 
 def finish(wired: Run) -> None:
-    """Rank 0 writes the loss plot, hands it to the trackers (MLflow keeps it) and closes every sink. Agreed:
-    a full disk at the very end fails every rank here, not in the shutdown barrier."""
+    """Rank 0 writes the loss plot (train.plot), hands it to the trackers (MLflow keeps it) and closes every
+    sink. Agreed: a full disk at the very end fails every rank here, not in the shutdown barrier."""
     from dstrain.distributed.collectives import agreed
-    from dstrain.metrics.plot import plot_run
 
     with agreed("writing the loss plot and closing the metrics"):
         try:
-            if wired.rank == 0:
+            if wired.rank == 0 and wired.train.plot:
+                from dstrain.metrics.plot import plot_run
+
                 wired.sink.attach(plot_run(wired.output_dir))
         finally:
             wired.sink.close()

@@ -45,7 +45,15 @@ def write_config(tmp_path: Path, files: dict[str, Path], name: str = "run", **se
             "max_seq_len": 256,
             "max_passage_tokens": 160,
         },
-        "train": {"max_steps": 4, "log_every": 1, "save_every": 2, "keep_last": 5, "global_batch_size": 8},
+        # plot off: 1.5 s of matplotlib per run, some 300 runs in the suite; the tests of the plot turn it on
+        "train": {
+            "max_steps": 4,
+            "log_every": 1,
+            "save_every": 2,
+            "keep_last": 5,
+            "global_batch_size": 8,
+            "plot": False,
+        },
         "ds_config": "ds_configs/zero2.json",
         "output_dir": str(tmp_path / name),
     }

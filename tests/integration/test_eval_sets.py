@@ -82,6 +82,7 @@ def named_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
             "keep_last": 2,
             "global_batch_size": 8,
             "best_metric": "eval_loss/rag",
+            "plot": True,  # the per-set panel
         },
         ds_config=str(hot_ds_config(root / "hot.json")),
     )

@@ -43,7 +43,7 @@ def finished_run(tmp_path_factory):
     # Records in shuffled order, not grouped by length: test_first_step_loss_equals_plain_transformers
     # rebuilds step 1's micro batches with the plain sampler.
     files = make_small_data(tmp_path)
-    train = {"max_steps": 4, "save_every": 2, "eval_every": 2}
+    train = {"max_steps": 4, "save_every": 2, "eval_every": 2, "plot": True}  # the whole run dir
     config = write_config(tmp_path, files, train=train, data={"group_by_length": False})
     proc = check(train_single(config, cwd=tmp_path))
     return tmp_path, config, proc
