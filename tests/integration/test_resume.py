@@ -136,6 +136,7 @@ def test_no_pickle_is_written_or_loaded(work: Path, reference: Path):
             assert path.suffix in {".safetensors", ".json", ".yaml"} or path.name == "latest", path
             head = path.read_bytes()[:2]
             assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle / torch.save zip"
+    assert not (reference / "loss.png").exists()  # train.plot: false (tests/helpers.write_config) draws none
     guard = work / "no_pickle"
     guard.mkdir(exist_ok=True)
     (guard / "sitecustomize.py").write_text(
