@@ -193,6 +193,8 @@ def resolve_sequence_parallel(ds: dict[str, Any], cfg: RunConfig, world: int, pr
     zero["reduce_scatter"], zero["contiguous_gradients"] = False, True
 
 
+ADAM_TYPES = ("adam", "adamw")  # DeepSpeed's optimizer names (any case) whose state dstrain checkpoints
+
 # Iterations from the last update's to the end of each decay: DeepSpeed's linear decay reaches its minimum
 # at total_num_steps, its cosine one iteration earlier. "auto" ends the plan just after the last update, so
 # that update still trains above the minimum (update k uses iteration k: training/schedule.py).
@@ -216,6 +218,11 @@ def resolve_schedule(
     lr = optimizer.get("params", {}).get("lr") if isinstance(optimizer, dict) else None
     if not isinstance(optimizer, dict) or "type" not in optimizer:
         problems.append('optimizer: the ZeRO JSON must name an optimizer, e.g. {"type": "AdamW", ...}')
+    elif str(optimizer["type"]).lower() not in ADAM_TYPES:
+        problems.append(
+            f'optimizer.type={optimizer["type"]!r} in the ZeRO JSON: dstrain trains with Adam ("Adam" or '
+            '"AdamW"); its checkpoints hold Adam\'s two moments per parameter, which resume needs exactly'
+        )
     elif not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
         problems.append(f"optimizer.params.lr: must be a non-negative number, got {lr!r}")
     else:

@@ -298,3 +298,22 @@ def test_json_with_bom(tmp_path: Path):
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(_minimal()).encode())
     assert load_ds_config(path)["train_micro_batch_size_per_gpu"] == 4
+
+
+@pytest.mark.parametrize("name", ["Lamb", "Muon", "OneBitAdam"])
+def test_an_optimizer_other_than_adam_is_refused(name):
+    """The checkpoint holds Adam's moments (exp_avg, exp_avg_sq): another optimizer would fail at the first
+    save or resume inexactly, so it is refused at load."""
+    raw = _minimal()
+    raw["optimizer"]["type"] = name
+    problems = _problems(raw)
+    assert len(problems) == 1 and problems[0].startswith(f"optimizer.type={name!r} in the ZeRO JSON"), (
+        problems
+    )
+
+
+@pytest.mark.parametrize("name", ["Adam", "adamw", "AdamW"])
+def test_adam_and_adamw_in_any_case_are_taken(name):
+    raw = _minimal()
+    raw["optimizer"]["type"] = name
+    resolve_ds_config(raw, _cfg(), 1, 100)  # no ConfigError
