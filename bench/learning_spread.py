@@ -63,7 +63,7 @@ VARIANTS = {
 NEEDS = {"default": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 # The metric each test asserts first, the other it reports, and the bar the test sets today (its asserts).
 METRICS = {"sft": ("eval_exact_match", "eval_token_f1"), "dpo_nll": ("eval_pref_acc", "eval_reward_margin")}
-BARS = {"sft": ("eval_exact_match", 0.8), "dpo_nll": ("eval_pref_acc", 0.7)}
+BARS = {"sft": ("eval_exact_match", 0.5), "dpo_nll": ("eval_pref_acc", 0.6)}  # test_learning.py's bars
 
 
 @dataclass

@@ -45,7 +45,10 @@ def test_sft_raises_heldout_exact_match(tmp_path, task):
     first, last = evals[0], evals[-1]
     assert first["step"] == 0 and last["step"] == SFT_STEPS
     assert first["eval_exact_match"] <= 0.05, first  # the base model does not answer in this format
-    assert last["eval_exact_match"] >= 0.8, evals
+    # Bar from bench/learning_spread.py (BENCHMARKS.md, "Learning spread"): 5 seeds x 2 kernel sets here, 9 of
+    # 10 runs at 0.96-1.00, the AVX-512 machine 0.68-0.75 under three kernel sets; one run in ten
+    # here never left the plateau (0.01, eval loss 3.37 from 9.24): a failure of this bar means that.
+    assert last["eval_exact_match"] >= 0.5, evals
     assert last["eval_token_f1"] >= last["eval_exact_match"]
 
 
@@ -55,9 +58,10 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path, task):
     # adapter-disabled reference: at step 0 every margin is exactly 0, so no pair counts as preferred yet
     assert first["eval_pref_acc"] == 0.0 and first["eval_reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert last["step"] == DPO_STEPS
-    # Where the 2-layer model lands at 800 steps depends on the trajectory, not on a fault: torch AdamW and
-    # DeepSpeed's FusedAdam agree to 1e-6 on the loss at step 100 of this run, yet ended at 0.83 and 0.99
-    # (BENCHMARKS.md, learning check); at the defaults 0.76-0.84, 0.90 by step 1,200. 0.7 is far above the
-    # base model's 0.0 and the 0.5 of a model that prefers neither answer.
-    assert last["eval_pref_acc"] >= 0.7, evals
+    # Where the 2-layer model lands at 800 steps depends on the trajectory, not on a fault (torch AdamW and
+    # FusedAdam agree to 1e-6 at step 100, yet ended at 0.83 and 0.99). bench/learning_spread.py, 5 seeds x
+    # 2 kernel sets: 0.77-1.00, margin 3.96-9.56 (BENCHMARKS.md, "Learning spread"); the AVX-512
+    # machine 0.69. 0.6 is well below those and 2 sigma above the 0.5 of a model that prefers neither
+    # answer (100 held-out pairs).
+    assert last["eval_pref_acc"] >= 0.6, evals
     assert last["eval_reward_margin"] > 1.0, evals
