@@ -2,7 +2,7 @@
 
     python bench/dpo_bench.py                 # full: 1,000 preference pairs, vocab 3,000 and 32,000 (CPU)
     python bench/dpo_bench.py --quick         # toy sizes, a few minutes: checks every path works
-    python bench/dpo_bench.py --variants dstrain orpo   # ORPO's step time against DPO's
+    python bench/dpo_bench.py --variants dstrain orpo trl-orpo   # ORPO against DPO and TRL's ORPOTrainer
 
 Generated preference RAG records (SPEC s.2: query, 3-5 long retrieved passages shared by both answers, a
 chosen and a rejected answer), a random-init Qwen2-shaped model (hidden 256, 4 layers) with the bundled
@@ -20,6 +20,7 @@ own `deepspeed --num_gpus N` launch:
                     the adapter disabled, 2 rows per pair
   orpo              dstrain with objective.name=orpo (beta = ORPO's lambda), shared prompt: no reference pass.
                     Printed: its step time over dstrain DPO's (same steps of the same pairs)
+  trl-orpo          trl.experimental.orpo.ORPOTrainer with a LoRA peft_config (TRL 1.x), 2 rows per pair
 
 With --out, the JSON is rewritten after every row ("complete": false until the last).
 
@@ -54,6 +55,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
     "trl": ("dpo-trl", {}, "dpo"),
     "orpo": ("dstrain", {"data.share_prompt": True}, "orpo"),
+    "trl-orpo": ("orpo-trl", {}, "orpo"),
 }
 
 
@@ -153,6 +155,9 @@ def bench_vocab(
         # equal steps of equal pairs: the step-time ratio is the inverse of the pairs/s ratio
         ratios["orpo/dpo step time"] = br.ratio(results["dstrain"], results["orpo"], pairs=True)
         print(f"orpo step time / dstrain dpo step time: {ratios['orpo/dpo step time']}")
+    if results.get("orpo") and results.get("trl-orpo"):
+        ratios["orpo/trl-orpo"] = br.ratio(results["orpo"], results["trl-orpo"], pairs=True)
+        print(f"pairs/s, dstrain orpo / trl ORPOTrainer: {ratios['orpo/trl-orpo']}")
     return {
         "vocab": vocab,
         "steps": steps,

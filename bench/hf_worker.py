@@ -81,17 +81,28 @@ def make_callback(clock: Clock) -> Any:
     return TimingCallback()
 
 
+def batch_size(inputs: dict) -> tuple[Any, int]:
+    """(real tokens, rows) of one batch: one sequence per row (SFT, TRL's DPOTrainer), or ORPOTrainer's
+    `chosen_*`/`rejected_*` pair (prompt + answer each, 2 rows per pair). Tokens stay a device tensor: summed
+    there, no host sync added to the baseline's step."""
+    if "input_ids" in inputs:
+        mask = inputs.get("attention_mask")
+        tokens = mask.sum() if mask is not None else inputs["input_ids"].numel()
+        return tokens, int(inputs["input_ids"].shape[0])
+    sides = ("chosen", "rejected")
+    tokens = sum(inputs[f"{side}_attention_mask"].sum() for side in sides)
+    return tokens, sum(int(inputs[f"{side}_input_ids"].shape[0]) for side in sides)
+
+
 def counting(trainer_cls: type, clock: Clock) -> type:
     """`trainer_cls` whose training_step counts the batch's real tokens and rows after warm-up."""
 
     class Counting(trainer_cls):  # type: ignore[misc, valid-type]
         def training_step(self, model, inputs, *args, **kwargs):
             if clock.step >= clock.warmup:
-                mask = inputs.get("attention_mask")
-                # summed on the device: no host sync added to the baseline's step
-                tokens = mask.sum() if mask is not None else inputs["input_ids"].numel()
+                tokens, rows = batch_size(inputs)
                 clock.tokens = clock.tokens + tokens
-                clock.rows += int(inputs["input_ids"].shape[0])
+                clock.rows += rows
             return super().training_step(model, inputs, *args, **kwargs)
 
         def _maybe_log_save_evaluate(self, *args, **kwargs):
@@ -273,16 +284,13 @@ def sft_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) 
     )
 
 
-def dpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
-    tokenizer = bw.load_tokenizer()
+def preference_rows(work: bw.Workload, tokenizer: Any) -> list[dict[str, str]]:
+    """prompt/chosen/rejected rows, the prompt rendered by dstrain's template (the same text dstrain trains on)."""
 
     def answer(value: Any) -> str:
         return " " + (value["text"] if isinstance(value, dict) else value).strip()
 
-    rows = [
+    return [
         {
             "prompt": bw.rendered_prompt(tokenizer, r, work.max_passage_tokens),
             "chosen": answer(r.get("chosen", r.get("answer"))),
@@ -290,6 +298,13 @@ def dpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) 
         }
         for r in records(work)
     ]
+
+
+def dpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = bw.load_tokenizer()
     ds = json.loads(Path(work.ds_config).read_text())
     args = DPOConfig(
         **common_args(work, out, ds),
@@ -303,14 +318,35 @@ def dpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) 
         model=load_model(work),
         ref_model=None,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(preference_rows(work, tokenizer)),
         processing_class=tokenizer,
         peft_config=lora_config(work),
         callbacks=[make_callback(clock)],
     )
 
 
-MODES = {"sft-hf": sft_hf, "sft-trl": sft_trl, "dpo-trl": dpo_trl}
+def orpo_trl(work: bw.Workload, options: dict[str, Any], out: str, clock: Clock) -> Any:
+    """TRL's ORPOTrainer (trl.experimental.orpo in TRL 1.x): no reference model; beta is ORPO's lambda."""
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tokenizer = bw.load_tokenizer()
+    ds = json.loads(Path(work.ds_config).read_text())
+    args = ORPOConfig(
+        **common_args(work, out, ds), beta=work.beta, max_length=work.max_seq_len, dataset_num_proc=None
+    )
+    trainer_cls = counting(ORPOTrainer, clock)
+    return trainer_cls(
+        model=load_model(work),
+        args=args,
+        train_dataset=Dataset.from_list(preference_rows(work, tokenizer)),
+        processing_class=tokenizer,
+        peft_config=lora_config(work),
+        callbacks=[make_callback(clock)],
+    )
+
+
+MODES = {"sft-hf": sft_hf, "sft-trl": sft_trl, "dpo-trl": dpo_trl, "orpo-trl": orpo_trl}
 
 
 def main() -> None:
@@ -352,7 +388,7 @@ def main() -> None:
         rank = 0
     if rank == 0:
         tokens, rows, peak = totals.tolist()
-        pairs = int(rows) // 2 if args.mode.startswith("dpo") else 0
+        pairs = int(rows) // 2 if args.mode.startswith(("dpo", "orpo")) else 0
         result = {
             "seconds": clock.ended - clock.started - clock.excluded,
             "tokens": int(tokens),
