@@ -6,7 +6,7 @@
 - ZeRO imports the Muon optimizer on every run, only to ask whether the client optimizer is one
   (`isinstance(optimizer, MuonWithAuxAdam)` in ZeRO-1/2's gradient reduction, ZeRO-3's and the bf16
   optimizer's set-up, the ZeRO-ready list). That module compiles its kernels with `torch.compile` at
-  import, which loads torch's inductor: 1-2 s on every rank. dstrain trains with Adam only (its
+  import, which loads torch's inductor: about 4 s of CPU on every rank here. dstrain trains with Adam (its
   checkpoints hold Adam's moments; a ZeRO JSON naming another optimizer is refused at load), so those
   modules get stand-ins (`MuonStandIn`): a `MuonWithAuxAdam` no optimizer is an instance of, a
   `muon_update` only Muon's parameters would reach. Used, either says how to get the real ones.
