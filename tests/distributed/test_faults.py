@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.distributed.test_multinode import node_cmd, write_hostfile
-from tests.helpers import VENV_BIN, child_env, free_port, metrics, write_config
+from tests.helpers import child_env, deepspeed_cmd, free_port, metrics, torchrun_cmd, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -95,9 +95,7 @@ def cleanup(jobs: list[subprocess.Popen], victim: psutil.Process) -> None:
 
 
 def start_deepspeed_job(tmp_path, config) -> subprocess.Popen:
-    port = str(free_port())
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module", "dstrain.train"]
-    return start([*cmd, "--config", str(config)], tmp_path)
+    return start(deepspeed_cmd("--module", "dstrain.train", "--config", str(config)), tmp_path)
 
 
 def test_killed_rank_ends_deepspeed_job_with_its_name(tmp_path, small_data):
@@ -122,8 +120,7 @@ def test_killed_rank_0_ends_two_node_job_with_its_name(tmp_path, small_data):
 
 def test_killed_rank_ends_torchrun_job_with_its_name(tmp_path, small_data):
     config = long_run(tmp_path, small_data)
-    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    job = start([*cmd, "-m", "dstrain.train", "--config", str(config)], tmp_path)
+    job = start(torchrun_cmd("-m", "dstrain.train", "--config", str(config)), tmp_path)
     took, [(code, err)] = inject_and_wait(tmp_path / "run", [job], rank=1, sig=signal.SIGKILL)
     assert code != 0
     assert took < BOUND_S

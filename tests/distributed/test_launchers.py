@@ -14,25 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import VENV_BIN, check, child_env, free_port, metrics, run, write_config
+from tests.helpers import VENV_BIN, check, child_env, metrics, run, train_ranks, write_config
 
 pytestmark = pytest.mark.distributed
 
 
 def test_torchrun_two_ranks(tmp_path, small_data):
     config = write_config(tmp_path, small_data, train={"max_steps": 3, "save_every": 0})
-    cmd = [
-        str(VENV_BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "dstrain.train",
-        "--config",
-        str(config),
-    ]
-    check(run(cmd, tmp_path))
+    check(train_ranks(config, cwd=tmp_path))
     rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "adapter_model.safetensors").is_file()
