@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors import SafetensorError
@@ -71,8 +72,18 @@ def test_a_real_read_only_filesystem(tmp_path):
             (ro / "metrics.jsonl").write_text("x")
 
 
-def test_free_bytes_looks_at_the_nearest_existing_parent(tmp_path):
-    assert storage.free_bytes(tmp_path / "not" / "yet") == shutil.disk_usage(tmp_path).free
+def test_free_bytes_looks_at_the_nearest_existing_parent(tmp_path, monkeypatch):
+    # The filesystem's free space moves while other tests write, so the probe is recorded, not compared live.
+    asked = []
+    usage = shutil.disk_usage(tmp_path)
+
+    def recording(path):
+        asked.append(Path(path))
+        return type(usage)(usage.total, usage.used, 12345)
+
+    monkeypatch.setattr(shutil, "disk_usage", recording)
+    assert storage.free_bytes(tmp_path / "not" / "yet") == 12345
+    assert asked == [tmp_path]
 
 
 def test_human_sizes():
