@@ -18,7 +18,7 @@ import pytest
 from tests.diskfull import LORA, TRAIN, assert_checkpoints, probe_env
 from tests.helpers import deepspeed_cmd, run, write_config
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.solo]
 
 # A hang guard, not a speed test: far below the 600 s collective timeout a peer would otherwise wait out.
 BOUND_S = 300

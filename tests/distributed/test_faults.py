@@ -16,7 +16,7 @@ import pytest
 from tests.distributed.test_multinode import node_cmd, write_hostfile
 from tests.helpers import child_env, deepspeed_cmd, free_port, metrics, torchrun_cmd, write_config
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.solo]
 
 # The acceptance bound from the kill to the last launcher's exit: a hang guard, not a speed test. Without
 # failure detection the survivors wait out the 600 s collective timeout (or forever, for a frozen rank).

@@ -37,7 +37,7 @@ from tests.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.solo]
 
 PROBE = Path(__file__).parent / "freeze_probe"
 TIMEOUT_S = 10  # distributed.heartbeat_timeout_s at its minimum

@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import VENV_BIN, check, child_env, metrics, run, train_ranks, write_config
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.solo]
 
 
 def test_torchrun_two_ranks(tmp_path, small_data):

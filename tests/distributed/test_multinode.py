@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import VENV_BIN, child_env, free_port, metrics, write_config
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.solo]
 
 
 def write_hostfile(tmp_path: Path) -> Path:

@@ -154,6 +154,7 @@ def rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
     ]
 
 
+@pytest.mark.solo  # a signal timed against the ranks' progress
 def test_sigterm_to_the_ranks_saves_and_exits_zero(tmp_path: Path, small_data: dict):
     """Slurm preemption signals every task: each rank finishes the step, they agree, save once, exit 0."""
     cfg = write_config(

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import REPO, deepspeed_cmd, write_config
 from tests.stop_helpers import checkpoints, finish, leftovers, probed_env, start_probed, wait_held
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.solo]
 
 
 def test_sigterm_to_one_rank_during_the_build_stops_every_rank(tmp_path, small_data):

@@ -12,11 +12,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test here is `slurm` and `distributed` (multi-task job steps); the markers live in pyproject."""
+    """Every test here is `slurm`, `distributed` (multi-task job steps) and `solo` (one cluster, requeues on
+    Slurm's clock); the markers live in pyproject."""
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.slurm)
             item.add_marker(pytest.mark.distributed)
+            item.add_marker(pytest.mark.solo)
 
 
 @pytest.fixture(scope="session")
