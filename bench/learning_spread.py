@@ -16,8 +16,9 @@ ATEN_CPU_CAPABILITY=avx512 on an AVX2-only CPU and dies of SIGILL in the first k
 report the capability asked for; a variant that fails either is refused with that reason.
 
 Run:  python bench/learning_spread.py [--seeds 5] [--variants default,avx2,avx512] [--lowered]
-                                      [--objectives sft,dpo_nll] [--jobs 2] [--out bench/results]
-      (--sft-steps / --dpo-steps / --train-records / --eval-records shrink it for a smoke run)
+                                      [--objectives sft,dpo_nll,kto] [--jobs 2] [--out bench/results]
+      (--sft-steps / --dpo-steps / --kto-steps / --train-records / --eval-records shrink it for a smoke run)
+kto, as in the test, trains on the merged export of the same variant's and seed's sft run, so it needs sft.
 Writes learning_spread.json (every run's eval rows, the variants' environments, the machine) under --out and
 prints the table recorded in BENCHMARKS.md: per objective, metric and variant the min / median / max over the
 seeds, and the worst of all against the tests' bar.
@@ -43,10 +44,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests/ holds the learning tests' settings and the machine facts
 
-from dstrain.config.run import ModelConfig  # noqa: E402
+from dstrain.config.run import ModelConfig, apply_overrides  # noqa: E402
 from dstrain.data.synthetic import TaskSpec, run_config, write_task  # noqa: E402
 from dstrain.model.build import load_tokenizer  # noqa: E402
-from tests.integration.test_learning import DPO_STEPS, SFT_STEPS  # noqa: E402
+from tests.integration.test_learning import (  # noqa: E402
+    DPO_BAR,
+    DPO_STEPS,
+    KTO_BAR,
+    KTO_STEPS,
+    SFT_BAR,
+    SFT_STEPS,
+)
 from tests.numerics import machine_facts  # noqa: E402
 
 VARIANTS = {
@@ -62,8 +70,17 @@ VARIANTS = {
 # The CPU flags each ATen capability needs (torch's own check for AVX-512: F, BW, VL, DQ).
 NEEDS = {"default": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 # The metric each test asserts first, the other it reports, and the bar the test sets today (its asserts).
-METRICS = {"sft": ("eval_exact_match", "eval_token_f1"), "dpo_nll": ("eval_pref_acc", "eval_reward_margin")}
-BARS = {"sft": ("eval_exact_match", 0.5), "dpo_nll": ("eval_pref_acc", 0.6)}  # test_learning.py's bars
+# kto runs on the merged export of the same variant's and seed's sft run, as the test does.
+METRICS = {
+    "sft": ("eval_exact_match", "eval_token_f1"),
+    "dpo_nll": ("eval_pref_acc", "eval_reward_margin"),
+    "kto": ("eval_reward_margin", "eval_loss"),
+}
+BARS = {
+    "sft": ("eval_exact_match", SFT_BAR),
+    "dpo_nll": ("eval_pref_acc", DPO_BAR),
+    "kto": ("eval_reward_margin", KTO_BAR),
+}
 
 
 @dataclass
@@ -114,12 +131,39 @@ def check_variants(names: list[str]) -> dict[str, str]:
     return picked
 
 
-def train(work: Path, files: dict[str, Path], variant: str, seed: int, objective: str, steps: int) -> Run:
-    """One `dstrain train` of the learning test's config, seeded, under the variant's kernels."""
+def merged_sft(work: Path, variant: str, seed: int) -> str:
+    """`dstrain export --merge` of this variant's and seed's SFT run: the base (and reference) of its KTO run."""
+    out = work / f"sft-{variant}-seed{seed}-merged"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dstrain.cli",
+        "export",
+        str(work / f"sft-{variant}-seed{seed}"),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [*cmd, "--merge"], cwd=work, env=variant_env(variant), capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise RuntimeError(
+            f"export of sft-{variant}-seed{seed} failed (exit {proc.returncode})\n{proc.stderr[-3000:]}"
+        )
+    return str(out)
+
+
+def train(
+    work: Path, files: dict[str, Path], variant: str, seed: int, objective: str, steps: int, sets: list[str]
+) -> Run:
+    """One `dstrain train` of the learning test's config (with `sets`, `--set` overrides: a recipe probe),
+    seeded, under the variant's kernels."""
     name = f"{objective}-{variant}-seed{seed}"
-    config = run_config(objective, files, work / name, steps, eval_every=max(steps // 5, 1))
+    base = merged_sft(work, variant, seed) if objective == "kto" else "builtin:tiny"
+    config = run_config(objective, files, work / name, steps, eval_every=max(steps // 5, 1), model_path=base)
     config["train"]["seed"] = 42 + seed
     config["data"]["seed"] = seed
+    apply_overrides(config, sets)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     started = time.perf_counter()
@@ -177,6 +221,15 @@ def worst_against_bars(runs: list[Run]) -> list[str]:
     return lines
 
 
+def task_fields(items: list[str]) -> dict[str, int]:
+    """`--task passages=1` -> {"passages": 1}; only TaskSpec's integer fields, named."""
+    allowed = {"passages", "codes", "entities"}
+    fields = dict(item.split("=", 1) for item in items)
+    if set(fields) - allowed:
+        sys.exit(f"learning_spread: --task takes {sorted(allowed)}, got {sorted(set(fields) - allowed)}")
+    return {key: int(value) for key, value in fields.items()}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,13 +238,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--variants", default="default,avx2" + (",avx512" if avx512 else ""))
     parser.add_argument("--lowered", action="store_true", help="add the lowered variant (see above)")
-    parser.add_argument("--objectives", default="sft,dpo_nll")
+    parser.add_argument("--objectives", default="sft,dpo_nll,kto")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one core each)")
     parser.add_argument("--sft-steps", type=int, default=SFT_STEPS)
     parser.add_argument("--dpo-steps", type=int, default=DPO_STEPS)
+    parser.add_argument("--kto-steps", type=int, default=KTO_STEPS)
     parser.add_argument("--train-records", type=int, default=SFT_STEPS * 16)  # as the tests' task
     parser.add_argument("--eval-records", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override every run's config, as `dstrain train --set` (a recipe probe, e.g. lora.r=64)",
+    )
+    parser.add_argument(
+        "--task",
+        dest="task",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a TaskSpec field of the generated task (passages, codes, entities), e.g. passages=1",
+    )
     return parser.parse_args()
 
 
@@ -204,15 +274,24 @@ def main() -> None:
     if unknown:
         sys.exit(f"learning_spread: unknown variant or objective {unknown}")
     picked = check_variants(variants)
-    steps = {"sft": args.sft_steps, "dpo_nll": args.dpo_steps}
-    plan = [(v, s, o) for o in args.objectives.split(",") for v in variants for s in range(args.seeds)]
+    objectives = args.objectives.split(",")
+    if "kto" in objectives and "sft" not in objectives:
+        sys.exit("learning_spread: kto trains on the sft runs' exports; add sft to --objectives")
+    steps = {"sft": args.sft_steps, "dpo_nll": args.dpo_steps, "kto": args.kto_steps}
+    # kto after every sft run (its base), the rest in any order
+    first = [(v, s, o) for o in objectives if o != "kto" for v in variants for s in range(args.seeds)]
+    then = [(v, s, "kto") for v in variants for s in range(args.seeds)] if "kto" in objectives else []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        spec = TaskSpec(train=args.train_records, eval=args.eval_records)
+        spec = TaskSpec(train=args.train_records, eval=args.eval_records, **task_fields(args.task))
         files = write_task(work / "task", load_tokenizer(ModelConfig()), spec)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            runs = list(pool.map(lambda job: train(work, files, *job, steps[job[2]]), plan))
+            runs = [
+                run
+                for plan in (first, then)
+                for run in pool.map(lambda job: train(work, files, *job, steps[job[2]], args.sets), plan)
+            ]
     table = spread_table(runs, variants)
     summary = worst_against_bars(runs)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +299,8 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "machine": machine_facts(),
         "variants": {v: {"env": VARIANTS[v], "picked": picked[v]} for v in variants},
-        "task": {"train": args.train_records, "eval": args.eval_records},
+        "task": {"train": args.train_records, "eval": args.eval_records, **task_fields(args.task)},
+        "sets": args.sets,
         "wall_s": time.perf_counter() - started,
         "runs": [asdict(r) for r in runs],
         "table": table,

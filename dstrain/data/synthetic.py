@@ -138,16 +138,22 @@ def write_task(
 
 
 def run_config(
-    objective: str, files: dict[str, Path], output_dir: Path, steps: int, eval_every: int
+    objective: str,
+    files: dict[str, Path],
+    output_dir: Path,
+    steps: int,
+    eval_every: int,
+    model_path: str = "builtin:tiny",
 ) -> dict[str, Any]:
     """The run config of a learning check: `sft` (scored by greedy exact match on held-out answers), a
     preference objective (scored by held-out preference accuracy) or kto on the unpaired records (scored by
-    the held-out desirable-minus-undesirable reward margin)."""
+    the held-out desirable-minus-undesirable reward margin). `model_path`: the base, e.g. an SFT run's
+    `dstrain export --merge` for KTO, which (as in TRL's recipe) starts from a model that already answers."""
     preference = objective != "sft"
     split = "kto" if objective == "kto" else "preference" if preference else "sft"
     best = {"sft": "eval_exact_match", "kto": "eval_reward_margin"}.get(objective, "eval_pref_acc")
     return {
-        "model": {"path": "builtin:tiny", "dtype": "fp32"},
+        "model": {"path": model_path, "dtype": "fp32"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {
             "train": [str(files[f"{split}_train"])],
