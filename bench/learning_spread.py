@@ -134,18 +134,9 @@ def check_variants(names: list[str]) -> dict[str, str]:
 def merged_sft(work: Path, variant: str, seed: int) -> str:
     """`dstrain export --merge` of this variant's and seed's SFT run: the base (and reference) of its KTO run."""
     out = work / f"sft-{variant}-seed{seed}-merged"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dstrain.cli",
-        "export",
-        str(work / f"sft-{variant}-seed{seed}"),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(
-        [*cmd, "--merge"], cwd=work, env=variant_env(variant), capture_output=True, text=True
-    )
+    sft_run = str(work / f"sft-{variant}-seed{seed}")
+    cmd = [sys.executable, "-m", "dstrain.cli", "export", sft_run, "--out", str(out), "--merge"]
+    proc = subprocess.run(cmd, cwd=work, env=variant_env(variant), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(
             f"export of sft-{variant}-seed{seed} failed (exit {proc.returncode})\n{proc.stderr[-3000:]}"

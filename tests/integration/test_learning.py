@@ -98,6 +98,7 @@ def test_kto_on_the_sft_model_raises_the_heldout_reward_margin(tmp_path, task, s
     # the reference is the merged SFT model itself (adapter disabled): at step 0 policy = reference
     assert first["eval_reward_margin"] == pytest.approx(0.0, abs=1e-6), first
     assert last["step"] == KTO_STEPS
-    # Bar from bench/learning_spread.py (BENCHMARKS.md, "Learning spread"), well below the worst run there.
+    # Bar from bench/learning_spread.py (BENCHMARKS.md, "KTO learning check"): 4 seeds x 2 kernel sets, the
+    # 7 runs on a base that learned reached 1.33-1.83 at step 200; the one on the stuck base 0.30.
     assert last["eval_reward_margin"] >= KTO_BAR, evals
     assert last["eval_loss"] < first["eval_loss"], evals
