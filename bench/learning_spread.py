@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))  # tests/ holds the learning tests' settings and t
 
 from dstrain.config.run import ModelConfig, apply_overrides  # noqa: E402
 from dstrain.data.synthetic import TaskSpec, run_config, write_task  # noqa: E402
+from dstrain.errors import ConfigError  # noqa: E402
 from dstrain.model.build import load_tokenizer  # noqa: E402
 from tests.integration.test_learning import (  # noqa: E402
     DPO_BAR,
@@ -215,6 +216,8 @@ def worst_against_bars(runs: list[Run]) -> list[str]:
 def task_fields(items: list[str]) -> dict[str, int]:
     """`--task passages=1` -> {"passages": 1}; only TaskSpec's integer fields, named."""
     allowed = {"passages", "codes", "entities"}
+    if bad := [item for item in items if "=" not in item]:
+        sys.exit(f"learning_spread: --task takes FIELD=VALUE, got {bad}")
     fields = dict(item.split("=", 1) for item in items)
     if set(fields) - allowed:
         sys.exit(f"learning_spread: --task takes {sorted(allowed)}, got {sorted(set(fields) - allowed)}")
@@ -272,10 +275,15 @@ def main() -> None:
     # kto after every sft run (its base), the rest in any order
     first = [(v, s, o) for o in objectives if o != "kto" for v in variants for s in range(args.seeds)]
     then = [(v, s, "kto") for v in variants for s in range(args.seeds)] if "kto" in objectives else []
+    fields = task_fields(args.task)
+    try:
+        apply_overrides({}, args.sets)  # a malformed --set fails here, once, not in every run's thread
+    except ConfigError as exc:
+        sys.exit(f"learning_spread: {exc}")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        spec = TaskSpec(train=args.train_records, eval=args.eval_records, **task_fields(args.task))
+        spec = TaskSpec(train=args.train_records, eval=args.eval_records, **fields)
         files = write_task(work / "task", load_tokenizer(ModelConfig()), spec)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             runs = [
@@ -290,7 +298,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "machine": machine_facts(),
         "variants": {v: {"env": VARIANTS[v], "picked": picked[v]} for v in variants},
-        "task": {"train": args.train_records, "eval": args.eval_records, **task_fields(args.task)},
+        "task": {"train": args.train_records, "eval": args.eval_records, **fields},
         "sets": args.sets,
         "wall_s": time.perf_counter() - started,
         "runs": [asdict(r) for r in runs],
